@@ -1,0 +1,44 @@
+"""The `speechless` command line: one Typer app with a sub-app per area (data, stage1, tokenize, hub, config)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from speechless.commands import config_cmd, data, hub, stage1, tokenize
+from speechless.errors import SpeechlessError
+from speechless.log import console
+
+app = typer.Typer(
+    name="speechless",
+    help="Teach Gemma to understand speech in a low-resource language, without recorded speech instructions.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data.app, name="data", help="Build, import and validate speech corpora (JSONL manifests).")
+app.add_typer(stage1.app, name="stage1", help="Stage 1: train and evaluate the speech tokenizer (RVQ on Gemma 4 encoder activations).")
+app.add_typer(tokenize.app, name="tokenize", help="Turn audio into stage-1 semantic tokens.")
+app.add_typer(hub.app, name="hub", help="The versioned checkpoint store: local folder (default) or the Hugging Face Hub.")
+app.add_typer(config_cmd.app, name="config", help="Show a stage's config schema or resolve a config file.")
+
+
+def run(args: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code: 2 for usage/config errors, 1 for runtime failures, 0 on success."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="speechless", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except SpeechlessError as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]; re-run the same command to resume")
+        return 130
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,144 @@
+"""Typed configuration: one pydantic schema per stage, YAML files, and `--set a.b=c` overrides.
+
+Every field documents itself with the docstring below it (pydantic's `use_attribute_docstrings`). Unknown keys are
+rejected with the valid keys listed; values are type-checked; the resolved config is saved beside every output.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from speechless.errors import UsageError
+
+Schema = TypeVar("Schema", bound="Section")
+
+
+class Section(BaseModel):
+    """Base of every config section: strict keys, documented fields."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+def _section_type(annotation: Any) -> type[Section] | None:
+    """The Section class inside an annotation such as `Foo`, `Foo | None`, or None when the field is a leaf."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            found = _section_type(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _check_keys(schema: type[Section], data: Any, where: str, prefix: str = "") -> None:
+    """Reject unknown keys with the valid ones listed (and a 'did you mean' for near misses)."""
+    if not isinstance(data, dict):
+        return
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in schema.model_fields:
+            valid = sorted(schema.model_fields)
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            section = prefix.rstrip(".") or "the top level"
+            raise UsageError(f"{where}: unknown key '{dotted}'{hint}; valid keys under {section}: {', '.join(valid)}")
+        sub = _section_type(schema.model_fields[key].annotation)
+        if sub is not None:
+            _check_keys(sub, value, where, f"{dotted}.")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split 'a.b=c' into (['a', 'b'], value), the value read as YAML (so 3 is int, 1e-3 float, [1,2] a list)."""
+    if "=" not in item:
+        raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UsageError(f"--set {item!r}: empty key; expected KEY=VALUE, e.g. --set train.steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise UsageError(f"{path}: config file not found") from exc
+    except IsADirectoryError as exc:
+        raise UsageError(f"{path}: is a folder; pass a YAML config file") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"{path}:{line} not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a mapping of config sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def validate(schema: type[Schema], data: dict, where: str) -> Schema:
+    """Validate `data` against `schema`, turning the first problem into one clear line."""
+    _check_keys(schema, data, where)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        got = first.get("input")
+        raise UsageError(f"{where}: key '{key}': {first['msg']} (got {got!r})") from exc
+
+
+def load_config(schema: type[Schema], path: str | os.PathLike | None, overrides: list[str] | None = None) -> Schema:
+    """Load a YAML file (or the schema's defaults when `path` is None), apply overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    where = str(path) if path is not None else "defaults"
+    if overrides:
+        _check_keys(schema, apply_overrides({}, overrides), "--set")
+        data = apply_overrides(data, overrides)
+        where += " with --set"
+    return validate(schema, data, where)
+
+
+def to_yaml(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def describe(schema: type[Section], prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every leaf key: the config reference printed by `speechless config show`."""
+    rows = []
+    for name, field in schema.model_fields.items():
+        sub = _section_type(field.annotation)
+        if sub is not None:
+            rows.extend(describe(sub, f"{prefix}{name}."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((f"{prefix}{name}", repr(default), (field.description or "").strip()))
+    return rows
