@@ -1,0 +1,268 @@
+"""The Gemma 4 audio encoder and the forward hook that captures the vectors stage 1 quantizes.
+
+Stage 1 quantizes the INPUT of the audio tower's `output_proj` (1024-d at full size): the conformer's last hidden
+states, before the projection into the LLM's multimodal space. A forward hook captures it; padded frames are dropped
+with the encoder's own frame mask (4x subsampling of the mel mask).
+
+Sources, all giving a `Gemma4AudioModel` in eval mode and a content hash of its weights (the "revision" every
+downstream artifact records):
+- a JSON file holding a `Gemma4AudioConfig` (or a full Gemma 4 config with `audio_config`): random weights from a
+  fixed seed, for the offline demo and tests;
+- a local folder or Hub repo of a standalone `Gemma4AudioModel`;
+- a local folder or Hub repo of a full Gemma 4 checkpoint (`google/gemma-4-e2b-it`): only the tensors under
+  `model.audio_tower.` are read, from only the shards that hold them; the LLM is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from speechless.audio import MAX_WINDOW_S, SAMPLE_RATE
+from speechless.config import Section
+from speechless.errors import RuntimeFailure, UsageError
+
+AUDIO_TOWER_PREFIX = "model.audio_tower."
+FRAMES_PER_SECOND = 25  # 40 ms per encoder frame after 4x subsampling of 10 ms mel hops
+
+
+class EncoderConfig(Section):
+    source: str = "configs/encoder/tiny_gemma4_audio.json"
+    """Where the Gemma 4 audio tower comes from: a Hub id or local folder of a full Gemma 4 checkpoint (only the audio
+    tower is read), of a standalone `Gemma4AudioModel`, or a JSON file with a `Gemma4AudioConfig` for a random-weight
+    model (the demo's)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit sha) for a Hub source; the resolved commit sha is recorded."""
+    random_seed: int = 0
+    """Seed for the random weights of a config-file source (same seed, same torch: same weights)."""
+    hook_module: str = "output_proj"
+    """Module whose INPUT is captured (dotted path inside the audio tower)."""
+    batch_size: int = 8
+    """Rows per encoder forward. Every batch is padded to exactly this many rows and to its length bucket, so a
+    window's vectors depend only on its own audio, never on which windows share its batch: kernels pick their
+    algorithm by shape, and a fixed shape keeps codes bitwise reproducible (`tokenize` == stage 1's JSONL)."""
+    length_bucket_s: float = 2.0
+    """Windows are padded up to a multiple of this many seconds and batched only with windows of the same bucket."""
+    max_window_s: float = MAX_WINDOW_S
+    """Audio longer than this is split into equal windows of at most this length (Gemma's feature extractor would
+    silently truncate at 30 s); each window is encoded on its own and the split is recorded in the output."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Encoder compute dtype; captured vectors are always returned as float32."""
+
+
+@dataclass(frozen=True)
+class LoadedEncoder:
+    model: torch.nn.Module
+    feature_extractor: object
+    revision: str
+    """sha256 over the audio tower's weights (names, shapes, bytes): identical weights, identical revision."""
+    source_commit: str | None
+    """Hub commit sha of the source, when it came from the Hub."""
+    dim: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"encoder.device: unknown device {name!r}; use auto, cpu or cuda[:N]") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"encoder.device: {name!r} requested but CUDA is not available; use auto or cpu")
+    return device
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _config_fields(config_dict: dict) -> dict:
+    """Config keys for the constructor: no model_type, no `_comment`-style annotations."""
+    return {k: v for k, v in config_dict.items() if k != "model_type" and not k.startswith("_")}
+
+
+def _audio_config_from(config_dict: dict, where: str):
+    from transformers import Gemma4AudioConfig
+
+    model_type = config_dict.get("model_type")
+    if model_type == "gemma4":
+        audio = config_dict.get("audio_config")
+        if not audio:
+            raise UsageError(f"{where}: this Gemma 4 checkpoint has no audio tower (only E2B/E4B have one); use google/gemma-4-e2b-it")
+        return Gemma4AudioConfig(**_config_fields(audio)), True
+    if model_type in (None, "gemma4_audio"):
+        return Gemma4AudioConfig(**_config_fields(config_dict)), False
+    raise UsageError(f"{where}: model_type {model_type!r} is not a Gemma 4 audio encoder (expected gemma4 or gemma4_audio)")
+
+
+def _load_tower_tensors(folder: Path, full_checkpoint: bool, fetch=None) -> dict[str, torch.Tensor]:
+    """Read the audio tower's tensors from safetensors files, opening only the shards that hold them."""
+    from safetensors import safe_open
+
+    fetch = fetch or (lambda name: folder / name)
+    prefix = AUDIO_TOWER_PREFIX if full_checkpoint else ""
+    index_path = fetch("model.safetensors.index.json") if (full_checkpoint or (folder / "model.safetensors.index.json").exists()) else None
+    if index_path is not None and Path(index_path).exists():
+        weight_map = json.loads(Path(index_path).read_text())["weight_map"]
+        shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
+    else:
+        shards = ["model.safetensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        path = Path(fetch(shard))
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    if key.startswith(prefix):
+                        tensors[key[len(prefix):]] = handle.get_tensor(key)
+        except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+            raise RuntimeFailure(f"{path}: cannot read safetensors shard ({exc}); re-download the checkpoint") from exc
+    if not tensors:
+        raise UsageError(f"{folder}: no audio tower weights found (looked for keys starting with {prefix or 'any'!r})")
+    return tensors
+
+
+def _build(audio_config, tensors: dict[str, torch.Tensor] | None, seed: int, where: str) -> torch.nn.Module:
+    from transformers import Gemma4AudioModel
+
+    torch.manual_seed(seed)
+    model = Gemma4AudioModel(audio_config)
+    if tensors is not None:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise UsageError(f"{where}: audio tower weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def load_encoder(cfg: EncoderConfig) -> LoadedEncoder:
+    """Load the audio tower described by `cfg` (see the module docstring for the sources)."""
+    from transformers import Gemma4AudioFeatureExtractor
+
+    source = cfg.source
+    path = Path(source)
+    commit = None
+    feature_extractor = Gemma4AudioFeatureExtractor()
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise UsageError(f"encoder.source: config file {source} not found")
+        audio_config, _ = _audio_config_from(json.loads(path.read_text()), source)
+        model = _build(audio_config, None, cfg.random_seed, source)
+    elif path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise UsageError(f"encoder.source: {source} has no config.json; point to a Gemma 4 checkpoint folder")
+        audio_config, full = _audio_config_from(json.loads(config_file.read_text()), source)
+        model = _build(audio_config, _load_tower_tensors(path, full), cfg.random_seed, source)
+        if (path / "preprocessor_config.json").is_file():
+            feature_extractor = Gemma4AudioFeatureExtractor.from_pretrained(str(path))
+    elif re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) and not path.exists():
+        model, feature_extractor, commit = _load_from_hub(source, cfg)
+    else:
+        raise UsageError(f"encoder.source: {source!r} is neither a config .json, a local folder nor a Hub id (owner/name)")
+    device = resolve_device(cfg.device)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    revision = weights_sha256(model)
+    _hooked_module(model, cfg.hook_module)  # fail early on a wrong hook path
+    model = model.to(device=device, dtype=dtype)
+    dim = _hooked_module(model, cfg.hook_module).in_features
+    return LoadedEncoder(model, feature_extractor, revision, commit, dim, device, dtype)
+
+
+def _load_from_hub(repo_id: str, cfg: EncoderConfig):
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from transformers import Gemma4AudioFeatureExtractor
+
+    def fetch(name: str) -> Path:
+        try:
+            return Path(hf_hub_download(repo_id, name, revision=cfg.revision))
+        except EntryNotFoundError:
+            return Path("/nonexistent") / name
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+            raise RuntimeFailure(f"encoder.source: cannot download {name} from {repo_id} ({type(exc).__name__}); check the id, network and HF_TOKEN") from exc
+
+    config_file = fetch("config.json")
+    if not config_file.exists():
+        raise UsageError(f"encoder.source: {repo_id} has no config.json")
+    commit = config_file.parent.name  # hf cache layout: snapshots/<commit sha>/config.json
+    audio_config, full = _audio_config_from(json.loads(config_file.read_text()), repo_id)
+    model = _build(audio_config, _load_tower_tensors(config_file.parent, full, fetch), cfg.random_seed, repo_id)
+    preprocessor = fetch("preprocessor_config.json")
+    feature_extractor = Gemma4AudioFeatureExtractor.from_pretrained(str(preprocessor.parent)) if preprocessor.exists() else Gemma4AudioFeatureExtractor()
+    return model, feature_extractor, commit
+
+
+def _hooked_module(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    try:
+        module = model.get_submodule(dotted)
+    except AttributeError as exc:
+        names = [name for name, _ in model.named_children()]
+        raise UsageError(f"encoder.hook_module: no module {dotted!r} in the audio tower; top-level modules: {', '.join(names)}") from exc
+    if not hasattr(module, "in_features"):
+        raise UsageError(f"encoder.hook_module: {dotted!r} is not a Linear layer; stage 1 captures the input of a projection like output_proj")
+    return module
+
+
+@dataclass(frozen=True)
+class AudioWindow:
+    """One encoder input: a window of one utterance's audio."""
+
+    key: tuple[int, int]  # (utterance position, window index)
+    samples: np.ndarray
+
+
+def encode_windows(encoder: LoadedEncoder, windows: Sequence[AudioWindow], cfg: EncoderConfig) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
+    """Yield (key, float32 vectors [frames, dim]) for every window, in fixed-shape batches.
+
+    Windows are grouped by length bucket (little padding) and each batch is padded to exactly `cfg.batch_size` rows
+    of the bucket's length with silent filler rows: every forward a window takes part in has the same shape, which
+    keeps its output bitwise independent of its batch companions.
+    """
+    captured: list[torch.Tensor] = []
+    handle = _hooked_module(encoder.model, cfg.hook_module).register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
+    bucket = max(128, int(round(cfg.length_bucket_s * SAMPLE_RATE / 128)) * 128)  # the extractor pads to 128 samples
+    filler = np.zeros(SAMPLE_RATE // 10, dtype=np.float32)
+    by_bucket: dict[int, list[AudioWindow]] = {}
+    for window in windows:
+        by_bucket.setdefault(-(-max(len(window.samples), 1) // bucket) * bucket, []).append(window)
+    try:
+        for padded_length in sorted(by_bucket):
+            group = by_bucket[padded_length]
+            for start in range(0, len(group), cfg.batch_size):
+                batch = group[start:start + cfg.batch_size]
+                audio = [w.samples for w in batch] + [filler] * (cfg.batch_size - len(batch))
+                features = encoder.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length",
+                                                     max_length=padded_length, truncation=False, pad_to_multiple_of=128)
+                captured.clear()
+                with torch.inference_mode():
+                    output = encoder.model(
+                        features["input_features"].to(encoder.device, encoder.dtype),
+                        attention_mask=features["input_features_mask"].to(encoder.device),
+                    )
+                vectors = captured[0].float().cpu()
+                frame_mask = output.attention_mask.cpu()
+                for row, window in enumerate(batch):
+                    valid = vectors[row][frame_mask[row]]
+                    if not torch.isfinite(valid).all():
+                        raise RuntimeFailure(f"encoder produced non-finite vectors for utterance #{window.key[0]}; check the audio and encoder weights")
+                    yield window.key, valid.clone()
+    finally:
+        handle.remove()

@@ -1,0 +1,91 @@
+"""Semantic-token rows: the JSONL that stage 1 writes and stages 2-3 read.
+
+One utterance a line: `id`, `text`, `codes` (one list of ints per codebook level, each `frames` long), `codes_str`
+(the compact string form), `frames`, `windows` ([start_s, end_s, frames] per encoder window) and `stage1_revision`
+(the stage-1 checkpoint the codes belong to: codes from another checkpoint mean nothing to it).
+
+Compact string form: one space-separated group per 40 ms frame; a group is the frame's codes, level 0 first, each in
+fixed-width lower-case hex (3 digits for 2048 codes). E.g. two frames of 8 levels: "00a1f3...07c 1b2...".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from speechless.errors import UsageError
+from speechless.io import write_jsonl
+
+
+def hex_width(codebook_size: int) -> int:
+    return max(1, (codebook_size - 1).bit_length() + 3 >> 2)
+
+
+def codes_to_string(codes: torch.Tensor | Sequence[Sequence[int]], codebook_size: int) -> str:
+    """[frames, levels] codes -> compact string."""
+    width = hex_width(codebook_size)
+    rows = codes.tolist() if isinstance(codes, torch.Tensor) else codes
+    return " ".join("".join(format(code, f"0{width}x") for code in frame) for frame in rows)
+
+
+def string_to_codes(text: str, num_quantizers: int, codebook_size: int) -> list[list[int]]:
+    """Compact string -> [frames, levels] codes; a malformed string is a UsageError saying what is wrong."""
+    width = hex_width(codebook_size)
+    frames = []
+    for position, group in enumerate(text.split()):
+        if len(group) != width * num_quantizers:
+            raise UsageError(f"token string: frame {position} has {len(group)} characters, expected {width * num_quantizers} ({num_quantizers} codes x {width} hex digits)")
+        try:
+            frame = [int(group[i:i + width], 16) for i in range(0, len(group), width)]
+        except ValueError as exc:
+            raise UsageError(f"token string: frame {position} is not hexadecimal: {group!r}") from exc
+        if max(frame) >= codebook_size:
+            raise UsageError(f"token string: frame {position} has a code >= codebook size {codebook_size}")
+        frames.append(frame)
+    return frames
+
+
+def token_row(utt_id: str, text: str, codes: torch.Tensor, windows: list, codebook_size: int, stage1_revision: str) -> dict:
+    """codes: [frames, levels] -> one JSONL row (codes stored level-major: one list per codebook)."""
+    return {
+        "id": utt_id,
+        "text": text,
+        "frames": int(codes.shape[0]),
+        "codes": codes.T.tolist(),
+        "codes_str": codes_to_string(codes, codebook_size),
+        "windows": windows,
+        "stage1_revision": stage1_revision,
+    }
+
+
+def write_token_jsonl(path: Path, rows: list[dict]) -> None:
+    write_jsonl(path, rows)
+
+
+def read_token_jsonl(path: Path, expect_revision: str | None = None) -> list[dict]:
+    """Read token rows, checking each line's shape and (optionally) that it belongs to the expected stage-1 revision."""
+    rows = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as exc:
+        raise UsageError(f"{path}: token file not found") from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}:{number}: not valid JSON ({exc.msg}); the file may be half-written, re-create it") from exc
+        for key in ("id", "codes", "stage1_revision"):
+            if key not in row:
+                raise UsageError(f"{path}:{number}: missing field '{key}'")
+        if expect_revision is not None and row["stage1_revision"] != expect_revision:
+            raise UsageError(f"{path}:{number}: tokens come from stage-1 revision {row['stage1_revision'][:12]}, expected {expect_revision[:12]}; re-tokenize with the matching stage-1 checkpoint")
+        lengths = {len(level) for level in row["codes"]}
+        if len(lengths) > 1:
+            raise UsageError(f"{path}:{number}: field 'codes': levels have different lengths {sorted(lengths)}")
+        rows.append(row)
+    return rows
