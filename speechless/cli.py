@@ -32,7 +32,7 @@ def run(args: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except SpeechlessError as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        console.print("error:", str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]; re-run the same command to resume")

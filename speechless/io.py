@@ -12,10 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
 from speechless.errors import RuntimeFailure, UsageError
 
 
@@ -70,15 +66,20 @@ def read_json(path: str | os.PathLike) -> Any:
         raise RuntimeFailure(f"{path}: not valid JSON ({exc}); the file is corrupt, re-create it") from exc
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Save a safetensors file atomically (contiguous CPU copies; metadata values must be strings)."""
+    from safetensors.torch import save_file  # torch is imported lazily: commands that only write JSON start fast
+
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(cpu, str(tmp), metadata=metadata)
 
 
-def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_tensors(path: str | os.PathLike) -> dict:
     """Load a safetensors file; a missing or corrupt file is a clear error, never a pickle fallback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: file not found")

@@ -1,4 +1,44 @@
-"""placeholder: filled in by its owner."""
+"""`speechless config show|resolve`: the config reference and resolved configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
+from speechless.commands.options import ConfigOption, SetOption
+from speechless.log import emit
+
 app = typer.Typer(no_args_is_help=True)
+
+
+def _schemas() -> dict:
+    from stages.stage1_rvq import Stage1Config
+
+    return {"stage1": Stage1Config}
+
+
+def _schema(stage: str):
+    from speechless.errors import UsageError
+
+    schemas = _schemas()
+    if stage not in schemas:
+        raise UsageError(f"unknown stage {stage!r}; choose one of {', '.join(schemas)}")
+    return schemas[stage]
+
+
+@app.command()
+def show(stage: Annotated[str, typer.Argument(help="Stage whose schema to print: stage1.")]) -> None:
+    """Print every config key of a stage with its default and documentation."""
+    from speechless.config import describe
+
+    emit("\n".join(f"{key} = {default}\n    {doc}" for key, default, doc in describe(_schema(stage))))
+
+
+@app.command()
+def resolve(stage: Annotated[str, typer.Argument(help="Stage: stage1.")], config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Validate a config file (+ overrides) and print the resolved YAML."""
+    from speechless.config import load_config, to_yaml
+
+    emit(to_yaml(load_config(_schema(stage), config, list(set_ or []))))

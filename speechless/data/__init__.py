@@ -1,0 +1,27 @@
+"""The data layer: JSONL manifests, a synthetic espeak-ng corpus, and Hugging Face dataset import.
+
+`speechless.data.manifest` is imported here; `speechless.data.synth` and `speechless.data.hf_import` are imported on
+use (the latter pulls in `datasets`).
+"""
+
+from speechless.data.manifest import (
+    MANIFEST_FIELDS,
+    ManifestEntry,
+    Problem,
+    manifest_sha256,
+    read_manifest,
+    summarize,
+    validate_manifest,
+    write_manifest,
+)
+
+__all__ = [
+    "MANIFEST_FIELDS",
+    "ManifestEntry",
+    "Problem",
+    "manifest_sha256",
+    "read_manifest",
+    "summarize",
+    "validate_manifest",
+    "write_manifest",
+]

@@ -1,0 +1,88 @@
+"""Quantizer metrics, computed in fixed-size chunks so N can be millions of vectors.
+
+`quantizer_metrics(x, x_hat, codes, codebook_size)` returns plain Python numbers (JSON-ready):
+  mse              mean over all elements of (x - x_hat)^2, in the units of x
+  nmse             mse / mean per-dimension variance of x (0 = perfect, 1 = as bad as predicting the mean)
+  cosine           mean over vectors of cos(x, x_hat) (inflated when x has a large common mean)
+  centered_cosine  mean over vectors of cos(x - mu, x_hat - mu), mu = mean of x over the set
+  utilization      per level: share of the codebook_size codes used at least once
+                   (bounded by 1 - exp(-N / codebook_size) even for perfectly uniform use)
+  perplexity       per level: exp(entropy of the code-usage distribution), at most codebook_size
+  num_vectors      N
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from speechless.errors import UsageError
+
+_CHUNK = 65_536
+
+
+def _check(x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
+    if x.ndim != 2 or x_hat.shape != x.shape:
+        raise UsageError(f"quantizer_metrics: x and x_hat must both be (N, D); got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+    if codes.ndim != 2 or codes.shape[0] != x.shape[0]:
+        raise UsageError(f"quantizer_metrics: codes must be (N, Q) with N = {x.shape[0]}; got {tuple(codes.shape)}")
+    if x.shape[0] == 0:
+        raise UsageError("quantizer_metrics: no vectors given")
+
+
+def code_usage(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """(Q, codebook_size) int64 counts of each code per level."""
+    q = codes.shape[1]
+    counts = torch.zeros(q, codebook_size, dtype=torch.long)
+    for start in range(0, codes.shape[0], _CHUNK):
+        block = codes[start:start + _CHUNK].to("cpu", torch.long)
+        if block.numel() and (int(block.min()) < 0 or int(block.max()) >= codebook_size):
+            raise UsageError(f"quantizer_metrics: code ids must lie in [0, {codebook_size}); got {int(block.min())}..{int(block.max())}")
+        for level in range(q):
+            counts[level] += torch.bincount(block[:, level], minlength=codebook_size)
+    return counts
+
+
+def usage_stats(counts: torch.Tensor) -> tuple[list[float], list[float]]:
+    """(utilization, perplexity) per level from (Q, K) counts."""
+    utilization, perplexity = [], []
+    for row in counts.to(torch.float64):
+        total = row.sum()
+        utilization.append(float((row > 0).to(torch.float64).mean()))
+        p = row[row > 0] / total
+        perplexity.append(float(torch.exp(-(p * p.log()).sum())))
+    return utilization, perplexity
+
+
+@torch.no_grad()
+def quantizer_metrics(x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor, codebook_size: int,
+                      chunk: int = _CHUNK) -> dict:
+    """Reconstruction and code-usage metrics of a quantizer on a set of vectors (see the module docstring)."""
+    _check(x, x_hat, codes)
+    n, d = x.shape
+    # pass 1: mean and second moment of x (float64 accumulators)
+    total = torch.zeros(d, dtype=torch.float64)
+    for start in range(0, n, chunk):
+        total += x[start:start + chunk].to(torch.float64).sum(0)
+    mu = total / n
+    sq_err = var_sum = cos_sum = ccos_sum = 0.0
+    for start in range(0, n, chunk):
+        xb = x[start:start + chunk].to(torch.float64)
+        hb = x_hat[start:start + chunk].to(torch.float64)
+        sq_err += float(((xb - hb) ** 2).sum())
+        var_sum += float(((xb - mu) ** 2).sum())
+        cos_sum += float(torch.nn.functional.cosine_similarity(xb, hb, dim=1, eps=1e-12).sum())
+        ccos_sum += float(torch.nn.functional.cosine_similarity(xb - mu, hb - mu, dim=1, eps=1e-12).sum())
+    mse = sq_err / (n * d)
+    variance = var_sum / (n * d)
+    utilization, perplexity = usage_stats(code_usage(codes, codebook_size))
+    return dict(
+        mse=mse,
+        nmse=mse / variance if variance > 0 else math.nan,
+        cosine=cos_sum / n,
+        centered_cosine=ccos_sum / n,
+        utilization=utilization,
+        perplexity=perplexity,
+        num_vectors=n,
+    )

@@ -1,0 +1,96 @@
+"""A trained stage-1 speech tokenizer: the Gemma 4 audio encoder plus the RVQ, loaded from a checkpoint folder.
+
+`SpeechTokenizer.load` takes a local run folder or a store reference (`stage1@v2`), reads `config.json` (the RVQ
+settings and the encoder it was trained on) and the weights, rebuilds the encoder, and refuses an encoder whose
+weights differ from the ones stage 1 saw (codes would silently mean something else).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from speechless.data.manifest import ManifestEntry
+from speechless.encoder import EncoderConfig, LoadedEncoder, load_encoder
+from speechless.errors import UsageError
+from speechless.features import UtteranceVectors, encode_entries
+from speechless.io import read_json, sha256_file
+from speechless.rvq import SpeechRVQ
+from speechless.store import StoreConfig, is_store_ref, open_store
+from speechless.tokens import token_row
+
+WEIGHT_FILES = {"final": "model.safetensors", "best": "model.best.safetensors", "averaged": "model.averaged.safetensors"}
+
+
+def resolve_checkpoint(ref: str, store_cfg: StoreConfig | None = None) -> Path:
+    """A local folder as is; a store reference (`stage1@v2`, `stage1@latest`) downloaded from the store."""
+    if Path(ref).is_dir():
+        return Path(ref)
+    if is_store_ref(ref):
+        return open_store(store_cfg).download(ref)
+    raise UsageError(f"{ref}: not a checkpoint folder nor a store reference like stage1@v1 (see `speechless hub list`)")
+
+
+def entries_for_files(files: Sequence[Path]) -> list[ManifestEntry]:
+    """Bare audio files as manifest entries (id = file name without extension; no transcript)."""
+    entries = []
+    for path in files:
+        if not Path(path).is_file():
+            raise UsageError(f"{path}: audio file not found")
+        entries.append(ManifestEntry(id=Path(path).stem, audio_filepath=Path(path).resolve(), duration=0.0, text="", split=""))
+    if len({e.id for e in entries}) < len(entries):
+        raise UsageError("two audio files share a name; tokenize them in separate calls or through a manifest")
+    return entries
+
+
+def tokens_from_vectors(rvq: SpeechRVQ, utterances: Sequence[UtteranceVectors], revision: str) -> list[dict]:
+    """Quantize every utterance in one batch-invariant call and build its token row."""
+    if not utterances:
+        return []
+    codes = rvq.encode(torch.cat([u.vectors for u in utterances]))
+    rows, start = [], 0
+    for utterance in utterances:
+        end = start + len(utterance.vectors)
+        rows.append(token_row(utterance.id, utterance.text, codes[start:end], utterance.windows, rvq.codebook_size, revision))
+        start = end
+    return rows
+
+
+@dataclass
+class SpeechTokenizer:
+    folder: Path
+    rvq: SpeechRVQ
+    encoder: LoadedEncoder
+    encoder_cfg: EncoderConfig
+    revision: str
+    """sha256 of the weights file: the identity of these codes, recorded in every token row."""
+
+    @classmethod
+    def load(cls, ref: str, weights: str = "final", store_cfg: StoreConfig | None = None, device: str | None = None) -> SpeechTokenizer:
+        folder = resolve_checkpoint(ref, store_cfg)
+        if weights not in WEIGHT_FILES:
+            raise UsageError(f"--weights {weights!r}: choose one of {', '.join(WEIGHT_FILES)}")
+        config = read_json(folder / "config.json")
+        if "encoder" not in config:
+            raise UsageError(f"{folder / 'config.json'}: no 'encoder' section; this is not a stage-1 speechless checkpoint")
+        recorded = dict(config["encoder"])
+        expected_revision = recorded.pop("weights_sha256")
+        recorded.pop("source_commit", None)
+        encoder_cfg = EncoderConfig(**recorded)
+        if device is not None:
+            encoder_cfg.device = device
+        rvq = SpeechRVQ.load(folder, weights=WEIGHT_FILES[weights])
+        encoder = load_encoder(encoder_cfg)
+        if encoder.revision != expected_revision:
+            raise UsageError(
+                f"encoder {encoder_cfg.source}: weights differ from those this tokenizer was trained on "
+                f"({encoder.revision[:12]} != {expected_revision[:12]}); use the same encoder checkpoint/seed")
+        if encoder.dim != rvq.dim:
+            raise UsageError(f"{folder}: checkpoint has dim {rvq.dim}, encoder gives {encoder.dim}")
+        return cls(folder, rvq, encoder, encoder_cfg, sha256_file(folder / WEIGHT_FILES[weights]))
+
+    def tokenize(self, entries: Sequence[ManifestEntry]) -> list[dict]:
+        return tokens_from_vectors(self.rvq, encode_entries(entries, self.encoder, self.encoder_cfg), self.revision)

@@ -1,0 +1,357 @@
+"""Stage 1 recipe: the speech tokenizer.
+
+Read top to bottom: setup -> extract encoder activations (cached, resumable) -> initialise the RVQ -> train with
+held-out evaluation and checkpoints (resumable) -> evaluate final/best/averaged -> write the checkpoint folder and
+its token JSONL -> push to the store.
+
+The run folder (`run.out_dir`) is the checkpoint: model*.safetensors, config.json, metrics.json, provenance.json,
+resolved_config.yaml, README.md (model card), tokens/{train,eval}.jsonl. Its `work/` subfolder holds the feature cache
+and resume state; it is never pushed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import speechless
+from speechless import log
+from speechless.config import Section, to_yaml
+from speechless.data.manifest import manifest_sha256, read_manifest
+from speechless.encoder import EncoderConfig, LoadedEncoder, load_encoder
+from speechless.errors import UsageError
+from speechless.features import extract_to_cache, read_cache
+from speechless.io import load_tensors, read_json, save_tensors, sha256_file, write_json, write_text
+from speechless.metrics import quantizer_metrics
+from speechless.rvq import RVQConfig, SpeechRVQ, average_checkpoints
+from speechless.store import StoreConfig, open_store
+from speechless.tokenizer import WEIGHT_FILES, tokens_from_vectors
+from speechless.tokens import write_token_jsonl
+
+
+class RunConfig(Section):
+    out_dir: str = "runs/demo/stage1"
+    """The run folder: the checkpoint files, plus `work/` (feature cache, resume state)."""
+    seed: int = 0
+    """Seed for k-means initialisation, batch sampling and dead-code replacement (a resumed run repeats the same steps)."""
+    push: bool = False
+    """Push the finished checkpoint to the store as the next `stage1@vN`."""
+    message: str = ""
+    """Version message recorded with a push."""
+
+
+class DataConfig(Section):
+    manifest: str = "runs/demo/corpus/all.jsonl"
+    """JSONL manifest (NeMo-style fields) holding the train and eval splits."""
+    train_split: str = "train"
+    """Split whose audio trains the RVQ."""
+    eval_split: str = "dev"
+    """Held-out split for evaluation and best-checkpoint selection (>= 10 x codebook_size frames for a meaningful
+    utilization: 20k frames = 800 s of audio for 2048 codes)."""
+
+
+class FeaturesConfig(Section):
+    shard_size: int = 64
+    """Utterances per feature-cache shard (the unit of resume)."""
+    max_train_vectors: int = 2_000_000
+    """Cap on train frames held in memory for training (uniformly sampled when the corpus has more; 2M x 1024 fp32 = 8 GB)."""
+
+
+class TrainConfig(Section):
+    steps: int = 200
+    """Training steps after initialisation."""
+    batch_size: int = 4096
+    """Vectors (frames) per step."""
+    eval_every: int = 50
+    """Evaluate on the held-out split every N steps (and at the end)."""
+    checkpoint_every: int = 25
+    """Write a resume checkpoint every N steps."""
+    average_last: int = 4
+    """The averaged model is the mean of the last K resume checkpoints' codebooks."""
+
+
+class Stage1Config(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    rvq: RVQConfig = RVQConfig()
+    train: TrainConfig = TrainConfig()
+    store: StoreConfig = StoreConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------- setup
+
+def _training_fingerprint(cfg: Stage1Config) -> str:
+    """What a resume must agree on: everything but the push settings."""
+    relevant = cfg.model_dump(mode="json", exclude={"run": {"push", "message"}, "store": True})
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"speechless {speechless.__version__}" + (f" (git {sha})" if sha else "")
+
+
+def _load_splits(cfg: Stage1Config):
+    entries = read_manifest(cfg.data.manifest)
+    splits = {}
+    for role, name in (("train", cfg.data.train_split), ("eval", cfg.data.eval_split)):
+        chosen = [e for e in entries if e.split == name]
+        if not chosen:
+            found = sorted({e.split for e in entries})
+            raise UsageError(f"{cfg.data.manifest}: no utterances in split '{name}' (data.{role}_split); splits present: {', '.join(found)}")
+        splits[role] = chosen
+    return splits
+
+
+def _stack(utterances, cap: int | None, seed: int) -> torch.Tensor:
+    vectors = torch.cat([u.vectors for u in utterances])
+    if cap is not None and len(vectors) > cap:
+        keep = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(seed))[:cap].sort().values
+        vectors = vectors[keep]
+    return vectors
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+def _save_resume(work: Path, step: int, rvq: SpeechRVQ, optimizer, state: dict, keep: int) -> None:
+    tensors = {f"rvq.{k}": v for k, v in rvq.tensors().items()}
+    if optimizer is not None:
+        for index, slots in optimizer.state_dict()["state"].items():
+            tensors.update({f"optim.{index}.{name}": torch.as_tensor(value) for name, value in slots.items()})
+    save_tensors(work / "checkpoints" / f"step-{step:06d}.safetensors", tensors)
+    state["checkpoints"] = (state.get("checkpoints", []) + [step])[-keep:]
+    state["step"] = step
+    write_json(work / "state.json", state)
+    for old in (work / "checkpoints").glob("step-*.safetensors"):
+        if int(old.stem.split("-")[1]) not in state["checkpoints"]:
+            old.unlink(missing_ok=True)
+
+
+def _load_resume(work: Path, step: int, rvq: SpeechRVQ, optimizer) -> None:
+    tensors = load_tensors(work / "checkpoints" / f"step-{step:06d}.safetensors")
+    rvq.load_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("rvq.")}, source=f"{work} step {step}")
+    if optimizer is not None:
+        saved = optimizer.state_dict()
+        slots: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                slots.setdefault(int(index), {})[name] = value
+        saved["state"] = slots
+        optimizer.load_state_dict(saved)
+
+
+def _averaged_model(work: Path, steps: list[int], cfg: RVQConfig, dim: int) -> SpeechRVQ:
+    """The mean of the last K resume checkpoints' codebooks (one run, so codes stay aligned)."""
+    models = []
+    for step in steps:
+        model = SpeechRVQ(cfg, dim)
+        _load_resume(work, step, model, None)
+        models.append(model)
+    return average_checkpoints(models)
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+
+def evaluate(rvq: SpeechRVQ, vectors: torch.Tensor) -> dict:
+    rvq.eval()
+    codes = rvq.encode(vectors)
+    return quantizer_metrics(vectors, rvq.decode(codes), codes, rvq.codebook_size)
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+
+def train(cfg: Stage1Config) -> dict:
+    """Run stage 1 end to end; returns a summary (paths, metrics, pushed version)."""
+    started = time.time()
+    out = Path(cfg.run.out_dir)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    write_text(out / "resolved_config.yaml", to_yaml(cfg))
+
+    # Setup: data and encoder.
+    splits = _load_splits(cfg)
+    encoder = load_encoder(cfg.encoder)
+    log.info(f"encoder: {cfg.encoder.source} (dim {encoder.dim}, weights {encoder.revision[:12]}, {encoder.device})")
+
+    # Features: the input of output_proj for every valid frame, cached in resumable shards.
+    utterances = {}
+    for role, entries in splits.items():
+        paths = extract_to_cache(entries, encoder, cfg.encoder, work / "features" / role, cfg.features.shard_size)
+        utterances[role] = read_cache(paths)
+    train_vectors = _stack(utterances["train"], cfg.features.max_train_vectors, cfg.run.seed)
+    eval_vectors = _stack(utterances["eval"], None, cfg.run.seed)
+    log.info(f"features: {len(train_vectors)} train frames, {len(eval_vectors)} eval frames, dim {train_vectors.shape[1]}")
+    if len(eval_vectors) < 10 * cfg.rvq.codebook_size:
+        log.warn(f"eval split has {len(eval_vectors)} frames < 10 x codebook_size: utilization is bounded by 1 - exp(-N/K) = "
+                 f"{1 - torch.exp(torch.tensor(-len(eval_vectors) / cfg.rvq.codebook_size)).item():.3f}")
+
+    # Model: initialise from the train features, or resume.
+    rvq = SpeechRVQ(cfg.rvq, dim=encoder.dim)
+    optimizer = rvq.optimizer() if cfg.rvq.learnable_codebook else None
+    fingerprint = _training_fingerprint(cfg)
+    state_file = work / "state.json"
+    state = read_json(state_file) if state_file.exists() else None
+    if state is not None and state.get("fingerprint") != fingerprint:
+        log.warn(f"{work}: resume state was made with another config; training restarts from step 0 (features are reused when still valid)")
+        state = None
+    if state is None:
+        log.info("initialising codebooks (residual k-means on train features)")
+        rvq.initialize(train_vectors, seed=cfg.run.seed)
+        state = {"fingerprint": fingerprint, "history": [], "best": None, "train_seconds": 0.0}
+        _save_resume(work, 0, rvq, optimizer, state, cfg.train.average_last)
+    else:
+        _load_resume(work, state["step"], rvq, optimizer)
+        log.info(f"resuming from step {state['step']} of {cfg.train.steps}")
+
+    # Train: EMA codebook updates (and gradient steps when parameters are trainable), deterministic per step.
+    step = state["step"]
+    with log.progress() as bar:
+        task = bar.add_task("training RVQ", total=cfg.train.steps, completed=step)
+        while step < cfg.train.steps:
+            tick = time.time()
+            step += 1
+            torch.manual_seed(cfg.run.seed * 1_000_003 + step)  # dead-code replacement samples from the global RNG
+            batch = train_vectors[torch.randint(len(train_vectors), (cfg.train.batch_size,))]
+            losses = rvq.train_step(batch, optimizer)
+            state["train_seconds"] += time.time() - tick
+            record = {"step": step, **{f"train_{k}": v for k, v in losses.items()}}
+            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                metrics = evaluate(rvq, eval_vectors)
+                record["eval"] = metrics
+                if state["best"] is None or metrics["mse"] < state["best"]["mse"]:
+                    state["best"] = {"step": step, "mse": metrics["mse"]}
+                    rvq.save(out, weights=WEIGHT_FILES["best"])
+                log.info(f"step {step}: eval mse {metrics['mse']:.4f} cosine {metrics['cosine']:.4f} "
+                         f"utilization min {min(metrics['utilization']):.3f}")
+            state["history"].append(record)
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                _save_resume(work, step, rvq, optimizer, state, cfg.train.average_last)
+            bar.advance(task)
+    if cfg.train.steps == 0 and state["best"] is None:
+        state["best"] = {"step": 0, "mse": evaluate(rvq, eval_vectors)["mse"]}
+        rvq.save(out, weights=WEIGHT_FILES["best"])
+
+    # Evaluate the final, best and averaged models on the held-out split.
+    rvq.save(out, weights=WEIGHT_FILES["final"])
+    final_metrics = evaluate(rvq, eval_vectors)
+    averaged = _averaged_model(work, state["checkpoints"], cfg.rvq, encoder.dim)
+    averaged.save(out, weights=WEIGHT_FILES["averaged"])
+    best = SpeechRVQ.load(out, weights=WEIGHT_FILES["best"])
+    variants = {"final": final_metrics, "best": evaluate(best, eval_vectors), "averaged": evaluate(averaged, eval_vectors)}
+
+    # Save: config (RVQ + encoder), tokens, metrics, provenance, model card.
+    config = read_json(out / "config.json")
+    config["encoder"] = {**cfg.encoder.model_dump(mode="json"), "weights_sha256": encoder.revision, "source_commit": encoder.source_commit}
+    config["frames_per_second"] = 25
+    write_json(out / "config.json", config)
+    revision = sha256_file(out / WEIGHT_FILES["final"])
+    for role in ("train", "eval"):
+        write_token_jsonl(out / "tokens" / f"{role}.jsonl", tokens_from_vectors(rvq, utterances[role], revision))
+    metrics = {
+        "eval": {**final_metrics, "split": cfg.data.eval_split, "frames": len(eval_vectors)},
+        "eval_variants": variants,
+        "dim": encoder.dim,
+        "best_step": state["best"]["step"],
+        "train": {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "frames": len(train_vectors),
+                  "seconds": round(state["train_seconds"], 2),
+                  "vectors_per_second": round(cfg.train.steps * cfg.train.batch_size / max(state["train_seconds"], 1e-9), 1)},
+        "history": state["history"],
+        "wall_seconds": round(time.time() - started, 2),
+    }
+    write_json(out / "metrics.json", metrics)
+    provenance = {
+        "stage": "stage1",
+        "encoder": {"source": cfg.encoder.source, "revision": cfg.encoder.revision, "commit": encoder.source_commit,
+                    "weights_sha256": encoder.revision},
+        "manifest": {"path": str(cfg.data.manifest), "sha256": manifest_sha256(cfg.data.manifest),
+                     "train_split": cfg.data.train_split, "eval_split": cfg.data.eval_split},
+        "weights_sha256": {name: sha256_file(out / file) for name, file in WEIGHT_FILES.items()},
+        "code_version": _code_version(),
+        "config_sha256": _training_fingerprint(cfg),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "upstream": None,
+    }
+    write_json(out / "provenance.json", provenance)
+    write_text(out / "README.md", model_card(cfg, metrics, provenance))
+
+    # Push: the folder (minus work/) becomes the next immutable stage1@vN.
+    pushed = None
+    if cfg.run.push:
+        info = open_store(cfg.store).push("stage1", out, message=cfg.run.message)
+        pushed = f"{info.stage}@{info.version}"
+        log.info(f"pushed {pushed} (revision {info.revision[:12]})")
+    return {"out_dir": str(out), "eval": final_metrics, "pushed": pushed, "revision": revision}
+
+
+def evaluate_checkpoint(folder: Path, manifest: str, split: str, weights: str = "final", device: str | None = None) -> dict:
+    """`speechless stage1 eval`: metrics of a checkpoint on one split of a manifest (features computed in memory)."""
+    from speechless.tokenizer import SpeechTokenizer
+    from speechless.features import encode_entries
+
+    tokenizer = SpeechTokenizer.load(str(folder), weights=weights, device=device)
+    entries = [e for e in read_manifest(manifest) if e.split == split]
+    if not entries:
+        raise UsageError(f"{manifest}: no utterances in split '{split}'")
+    vectors = torch.cat([u.vectors for u in encode_entries(entries, tokenizer.encoder, tokenizer.encoder_cfg)])
+    return {**evaluate(tokenizer.rvq, vectors), "split": split, "frames": len(vectors), "weights": weights}
+
+
+# ----------------------------------------------------------------------------------------------------- model card
+
+def model_card(cfg: Stage1Config, metrics: dict, provenance: dict) -> str:
+    ev = metrics["eval"]
+    levels = "\n".join(f"| {i} | {u:.3f} | {p:.1f} |" for i, (u, p) in enumerate(zip(ev["utilization"], ev["perplexity"])))
+    variants = "\n".join(f"| {name} | {m['mse']:.4f} | {m['nmse']:.4f} | {m['cosine']:.4f} | {min(m['utilization']):.3f} |"
+                         for name, m in metrics["eval_variants"].items())
+    return f"""---
+library_name: speechless
+tags: [speech-tokenizer, residual-vector-quantization, gemma4]
+---
+# speechless stage 1: speech tokenizer
+
+Residual vector quantizer ({cfg.rvq.num_quantizers} codebooks x {cfg.rvq.codebook_size} codes) on the {metrics['dim']}-d input of `{cfg.encoder.hook_module}` of the Gemma 4 audio encoder `{cfg.encoder.source}`
+(weights sha256 `{provenance['encoder']['weights_sha256'][:16]}`), 25 frames (tokens) per second.
+
+Trained on split `{cfg.data.train_split}` of `{cfg.data.manifest}` (sha256 `{provenance['manifest']['sha256'][:16]}`),
+{metrics['train']['frames']} frames, {metrics['train']['steps']} steps of {metrics['train']['batch_size']} vectors
+({metrics['train']['vectors_per_second']} vectors/s). Evaluated on held-out split `{ev['split']}` ({ev['frames']} frames).
+
+## Held-out metrics (final weights, `model.safetensors`)
+
+| metric | value |
+|---|---|
+| MSE | {ev['mse']:.4f} |
+| NMSE (MSE / variance) | {ev['nmse']:.4f} |
+| cosine | {ev['cosine']:.4f} |
+| mean-centred cosine | {ev['centered_cosine']:.4f} |
+
+| codebook | utilization | perplexity |
+|---|---|---|
+{levels}
+
+| weights | MSE | NMSE | cosine | min utilization |
+|---|---|---|---|---|
+{variants}
+
+## Use
+
+```bash
+speechless tokenize audio speech.wav --tokenizer PATH_OR_REF --format json
+```
+
+Weights are safetensors and configs JSON: nothing in this folder is executed or unpickled.
+Code: {provenance['code_version']}.
+"""
