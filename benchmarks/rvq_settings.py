@@ -218,17 +218,24 @@ VARIANTS: dict[str, tuple[str, dict, str | None]] = {
                      dict(standardize="none", init="vqp_kmeans", decay=0.95, dead_code_threshold=0.1), None),
     "b3_vqpkm_std": ("vqp kmeans_init + dead-code 0.1, decay 0.99, global standardisation",
                      dict(standardize="global", init="vqp_kmeans", decay=0.99, dead_code_threshold=0.1), None),
-    "c0_rkm_only": ("our residual k-means (global std), no fine-tuning (0 steps)",
-                    dict(standardize="global", init="residual_kmeans"), "kmeans:global"),
-    "c1_rkm_ema": ("our residual k-means (global std) + EMA fine-tune, decay 0.99, dead-code 0.1",
-                   dict(standardize="global", init="residual_kmeans", decay=0.99, dead_code_threshold=0.1), "kmeans:global"),
-    "c2_rkm_ema_nodead": ("our residual k-means (global std) + EMA fine-tune, decay 0.99, no dead-code",
-                          dict(standardize="global", init="residual_kmeans", decay=0.99, dead_code_threshold=0.0), "kmeans:global"),
-    "d1_rkm_learnable": ("our residual k-means (global std) + learnable codebooks (Adam 1e-3, no EMA), dead-code 0.1",
-                         dict(standardize="global", init="residual_kmeans", learnable_codebook=True, learning_rate=1e-3,
-                              dead_code_threshold=0.1), "kmeans:global"),
-    "c3_rkm_perdim_ema": ("our residual k-means (per-dim std) + EMA fine-tune, decay 0.99, dead-code 0.1",
-                          dict(standardize="per_dim", init="residual_kmeans", decay=0.99, dead_code_threshold=0.1), "kmeans:per_dim"),
+    "c0_rkm_only": ("our residual k-means, plain on every level (global std), no fine-tuning",
+                    dict(standardize="global", init="residual_kmeans", equal_norm_from_level=None, kmeans_iters=12,
+                         finetune=False), "kmeans:plain"),
+    "c1_rkm_ema": ("our plain residual k-means (global std) + EMA fine-tune, decay 0.99, dead-code 0.1",
+                   dict(standardize="global", init="residual_kmeans", equal_norm_from_level=None, kmeans_iters=12,
+                        decay=0.99, dead_code_threshold=0.1), "kmeans:plain"),
+    "e1_gainshape": ("our residual k-means, levels 2-8 gain-shape (equal-norm), global std, no fine-tuning",
+                     dict(standardize="global", init="residual_kmeans", equal_norm_from_level=1, finetune=False),
+                     "kmeans:gainshape1"),
+    "e1_gainshape_ema": ("e1 init + EMA fine-tune, decay 0.99, dead-code 0.1",
+                         dict(standardize="global", init="residual_kmeans", equal_norm_from_level=1, decay=0.99,
+                              dead_code_threshold=0.1), "kmeans:gainshape1"),
+    "e0_gainshape_all": ("our residual k-means, ALL levels gain-shape (equal-norm), global std, no fine-tuning",
+                         dict(standardize="global", init="residual_kmeans", equal_norm_from_level=0, finetune=False),
+                         "kmeans:gainshape0"),
+    "d1_rkm_learnable": ("e1 init + learnable codebooks (Adam 1e-3, no EMA), dead-code 0.1",
+                         dict(standardize="global", init="residual_kmeans", equal_norm_from_level=1,
+                              learnable_codebook=True, learning_rate=1e-3, dead_code_threshold=0.1), "kmeans:gainshape1"),
 }
 
 
@@ -267,7 +274,7 @@ def run_variant(name: str, train: torch.Tensor, x_eval: torch.Tensor, steps: int
     else:
         model.initialize(train, seed=seed)  # standardisation stats only; vqp initialises the codebooks
     t_after_init = time.perf_counter()
-    nsteps = 0 if name == "c0_rkm_only" else steps
+    nsteps = steps if cfg.finetune else 0
     gen = torch.Generator().manual_seed(seed + 100)
     opt = model.optimizer() if cfg.learnable_codebook else None
     model.train()

@@ -131,14 +131,22 @@ def to_yaml(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def describe(schema: type[Section], prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, doc) for every leaf key: the config reference printed by `speechless config show`."""
+def describe(schema: type[Section], prefix: str = "", defaults: Section | None = None) -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every leaf key: the config reference printed by `speechless config show`.
+
+    Defaults come from the enclosing section's default instance, so `Stage1Config.run.out_dir` shows stage 1's
+    value rather than the generic `RunConfig` one."""
+    defaults = defaults if defaults is not None else schema()
     rows = []
     for name, field in schema.model_fields.items():
+        value = getattr(defaults, name)
         sub = _section_type(field.annotation)
-        if sub is not None:
-            rows.extend(describe(sub, f"{prefix}{name}."))
+        doc = " ".join((field.description or "").split())
+        if sub is not None and isinstance(value, Section):
+            rows.extend(describe(sub, f"{prefix}{name}.", value))
         else:
-            default = field.get_default(call_default_factory=True)
-            rows.append((f"{prefix}{name}", repr(default), (field.description or "").strip()))
+            shown = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            if isinstance(shown, list):
+                shown = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in shown]
+            rows.append((f"{prefix}{name}", repr(shown), doc))
     return rows

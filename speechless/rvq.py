@@ -6,8 +6,9 @@ commitment loss) and adds what the stage needs around it:
 * input standardisation (mean / std buffers, undone after decoding): the activations carry a large common mean that
   would otherwise eat the first level and inflate cosine;
 * `initialize()`: residual k-means fitted offline on training vectors, level by level on the residuals, with empty and
-  tiny clusters re-seeded so every code has members, written into the ResidualVQ buffers (`embed`, `embed_avg`,
-  `cluster_size`, `initted`), so vqp's own k-means never runs over it;
+  tiny clusters re-seeded so every code has members; levels >= 1 as gain-shape (equal-norm) codebooks so held-out
+  vectors spread over all codes; written into the ResidualVQ buffers (`embed`, `embed_avg`, `cluster_size`,
+  `initted`), so vqp's own k-means never runs over it;
 * `encode()`: a fast, batch-invariant inference path (per-level fp32 matmul + argmin over fixed-size, padded chunks)
   that returns the same codes as `ResidualVQ` in eval mode;
 * `decode()`, safetensors + JSON `save()` / `load()` (never pickles), and codebook averaging across checkpoints.
@@ -19,7 +20,6 @@ With `learnable_codebook=True` use `optimizer()` and `train_step()` (backward + 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -57,22 +57,39 @@ class RVQConfig(Section):
 
     init: Literal["residual_kmeans", "vqp_kmeans", "random"] = "residual_kmeans"
     """How codebooks start. Default 'residual_kmeans': `initialize()` fits k-means level by level on the residuals of
-    the train vectors with tiny clusters re-seeded (measured: every level >= 0.95 held-out utilization). 'vqp_kmeans':
+    the train vectors (gain-shape from `equal_norm_from_level`), tiny clusters re-seeded; with the other defaults
+    measured at >= 0.95 held-out utilization on every level (benchmarks/RESULTS.md). 'vqp_kmeans':
     vector-quantize-pytorch's k-means on the first training batch of each level. 'random': vqp's default uniform init."""
 
-    kmeans_iters: int = Field(12, ge=1)
-    """Lloyd iterations per level for the k-means init (both 'residual_kmeans' and 'vqp_kmeans'). Default 12: the
-    held-out utilization and MSE had flattened by then in the study; EnCodec uses 50 but on far more data per code."""
+    kmeans_iters: int = Field(8, ge=1)
+    """Lloyd iterations per level for the k-means init (both 'residual_kmeans' and 'vqp_kmeans'). Default 8: what the
+    study measured (every level >= 0.95 held-out utilization); one iteration costs ~N x K x D x 2 FLOP, ~5 s per
+    level at 131k x 2048 x 1024 on 2 CPU cores. EnCodec uses 50."""
 
     kmeans_sample: int = Field(131_072, ge=2)
     """At most this many train vectors (a random subset) feed `initialize()`. Default 131072 = 64 per code at 2048
     codes; cost grows linearly (one iteration ~ N x K x D x 2 FLOP per level)."""
 
     kmeans_min_cluster: float = Field(0.25, ge=0.0)
-    """During the k-means iterations, clusters smaller than this share of the mean cluster size (N / K) are re-seeded
-    at far-off points (picked with probability ~ squared distance). Default 0.25: tiny train clusters are the codes
-    that go unused on held-out data; re-seeding them is what lifted every level to full use. Empty clusters are always
-    re-seeded, so every code has members on the init data."""
+    """During the k-means iterations (all but the last two), clusters smaller than this share of the mean cluster
+    size (N / K) are re-seeded at badly served points (picked with probability ~ squared distance, or ~ 1 - cosine for
+    equal-norm levels). Default 0.25: keeps codes from starving on the init data (not separately ablated in the study).
+    Empty clusters are always re-seeded, so every code has members on the init data."""
+
+    equal_norm_from_level: int | None = Field(1, ge=0)
+    """Levels from this index on (0-based) get gain-shape codebooks in `initialize()`: spherical k-means directions
+    times one least-squares gain per level, so every code has the same norm and held-out vectors are assigned by
+    direction (see `equal_norm_codebook`). Default 1: level 0 sees structured data where plain k-means already used
+    0.96 of its codes on held-out data; later levels see noise-like residuals where plain k-means centroids' unequal norms let a few codes
+    take nearly all held-out vectors. None = plain k-means on every level."""
+
+    gain_holdout: float = Field(0.2, ge=0.0, lt=1.0)
+    """Share of the init vectors held out from the spherical k-means to fit each equal-norm level's gain without the
+    self-inclusion bias. Default 0.2."""
+
+    finetune: bool = True
+    """Whether `loss()` in train mode updates the codebooks (EMA, dead-code replacement, or gradients). False passes
+    vqp's `freeze_codebook=True`: the codebooks stay exactly as `initialize()` left them."""
 
     decay: float = Field(0.99, gt=0.0, lt=1.0)
     """EMA decay of the codebooks during training. Default 0.99 (Mimi / EnCodec); vqp's default 0.8 forgets a code's
@@ -152,8 +169,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator,
 
     def means(idx: torch.Tensor) -> torch.Tensor:
         counts = torch.bincount(idx, minlength=k)
-        sums = torch.zeros(k, d, dtype=torch.float64).index_add_(0, idx, x.double())
-        new = (sums / counts.clamp_min(1).unsqueeze(1).double()).to(x.dtype)
+        sums = torch.zeros(k, d, dtype=x.dtype).index_add_(0, idx, x)
+        new = sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype)
         return torch.where((counts > 0).unsqueeze(1), new, centroids), counts
 
     # Lloyd iterations; the last two are plain (no tiny-cluster re-seeding) so centroids settle.
@@ -173,6 +190,58 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator,
         idx, dist = _assign(x, centroids)
         counts = torch.bincount(idx, minlength=k)
     return centroids, counts
+
+
+@torch.no_grad()
+def equal_norm_codebook(x: torch.Tensor, k: int, iters: int, generator: torch.Generator, holdout: float = 0.2,
+                        min_cluster: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Gain-shape codebook: k unit directions (spherical k-means) times ONE gain; returns (codes, counts, gain).
+
+    With equal code norms, Euclidean argmin ||x - c|| equals argmax x.c, so vqp's own assignment picks by direction
+    and no code wins or loses because of its norm. Why: on noise-like residuals in 1024-d, k-means centroids of ~64
+    points carry an excess norm^2 of ~tr(cov)/n that varies with cluster size and dominates held-out assignment, so
+    the largest clusters take nearly all held-out vectors (measured: levels 2-8 at 0.14-0.39 utilization). The gain is
+    the least-squares one, mean of max_k x.u_k, measured on a `holdout` share of `x` that the directions never saw
+    (on the fitting rows it is inflated by each row's own contribution to its centroid).
+    """
+    n = x.shape[0]
+    perm = torch.randperm(n, generator=generator)
+    n_fit = n - int(round(holdout * n)) if holdout > 0 else n
+    fit, held = x[perm[:n_fit]], x[perm[n_fit:]] if holdout > 0 else x
+    if n_fit < k:
+        raise UsageError(f"equal-norm codebook needs at least {k} fitting vectors; got {n_fit}; give initialize() more data")
+    unit = F.normalize(fit, dim=1)
+    dirs = unit[torch.randperm(n_fit, generator=generator)[:k]].clone()
+    tiny = min_cluster * n_fit / k
+    for it in range(iters):
+        idx, best = _assign_dot(unit, dirs)
+        counts = torch.bincount(idx, minlength=k)
+        sums = torch.zeros(k, x.shape[1], dtype=unit.dtype).index_add_(0, idx, unit)
+        new = F.normalize(sums, dim=1)
+        dirs = torch.where((counts > 0).unsqueeze(1), new, dirs)
+        limit = tiny if it < iters - 2 else 0.5
+        small = counts < limit
+        m = int(small.sum())
+        if m:
+            # re-seed at the rows worst served by their direction (lowest cosine), sampled ~ (1 - cos)
+            weights = (1 - best.double()).clamp_min(0) + 1e-12
+            picks = torch.multinomial(weights, min(m, n_fit), replacement=False, generator=generator)
+            dirs[small.nonzero().squeeze(1)[: len(picks)]] = unit[picks]
+    _, proj = _assign_dot(held, dirs)
+    gain = float(proj.double().mean())
+    idx, _ = _assign_dot(x, dirs)
+    return dirs * gain, torch.bincount(idx, minlength=k), gain
+
+
+@torch.no_grad()
+def _assign_dot(x: torch.Tensor, dirs: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmax_k x.d_k and the max value (chunked)."""
+    idx = torch.empty(x.shape[0], dtype=torch.long)
+    best = torch.empty(x.shape[0], dtype=x.dtype)
+    for start in range(0, x.shape[0], chunk):
+        v, a = (x[start:start + chunk] @ dirs.t()).max(1)
+        idx[start:start + chunk], best[start:start + chunk] = a, v
+    return idx, best
 
 
 class SpeechRVQ(torch.nn.Module):
@@ -263,8 +332,14 @@ class SpeechRVQ(torch.nn.Module):
         residual = self.standardize(x)
         total = float(residual.pow(2).mean())
         for level, cb in enumerate(self._codebook_modules()):
-            centroids, counts = kmeans(residual, cfg.codebook_size, cfg.kmeans_iters, gen, cfg.kmeans_min_cluster)
+            gain = None
+            if cfg.equal_norm_from_level is not None and level >= cfg.equal_norm_from_level:
+                centroids, counts, gain = equal_norm_codebook(residual, cfg.codebook_size, cfg.kmeans_iters, gen,
+                                                              cfg.gain_holdout, cfg.kmeans_min_cluster)
+            else:
+                centroids, counts = kmeans(residual, cfg.codebook_size, cfg.kmeans_iters, gen, cfg.kmeans_min_cluster)
             idx, _ = _assign(residual, centroids)
+            counts = torch.bincount(idx, minlength=cfg.codebook_size)
             residual -= centroids[idx]
             share = counts.double() / counts.sum()
             cb.embed.data.copy_(centroids.unsqueeze(0))
@@ -273,7 +348,7 @@ class SpeechRVQ(torch.nn.Module):
             cb.initted.data.copy_(torch.tensor(True))
             summary["levels"].append(dict(
                 level=level, residual_nmse=float(residual.pow(2).mean()) / total,
-                min_cluster=int(counts.min()), unused=int((counts == 0).sum())))
+                min_cluster=int(counts.min()), unused=int((counts == 0).sum()), gain=gain))
         self.needs_usage_rescale.fill_(True)
         self._codebooks_cache = None
         return summary
@@ -304,7 +379,7 @@ class SpeechRVQ(torch.nn.Module):
             self._prepare_batch(x.shape[0])
             self._codebooks_cache = None
         z = self.standardize(x)
-        quantized, indices, commit = self.rvq(z.unsqueeze(0))
+        quantized, indices, commit = self.rvq(z.unsqueeze(0), freeze_codebook=not self.cfg.finetune)
         x_hat = self.unstandardize(quantized[0])
         xf = x.float()
         mse = F.mse_loss(x_hat, xf)

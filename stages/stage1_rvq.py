@@ -5,22 +5,17 @@ held-out evaluation and checkpoints (resumable) -> evaluate final/best/averaged 
 its token JSONL -> push to the store.
 
 The run folder (`run.out_dir`) is the checkpoint: model*.safetensors, config.json, metrics.json, provenance.json,
-resolved_config.yaml, README.md (model card), tokens/{train,eval}.jsonl. Its `work/` subfolder holds the feature cache
-and resume state; it is never pushed.
+resolved_config.yaml, README.md (model card), and tokens/<split>.jsonl for every split of the manifest. Its `work/`
+subfolder holds the feature cache and resume state; it is never pushed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-import speechless
 from speechless import log
 from speechless.config import Section, to_yaml
 from speechless.data.manifest import manifest_sha256, read_manifest
@@ -29,26 +24,17 @@ from speechless.errors import UsageError
 from speechless.features import extract_to_cache, read_cache
 from speechless.io import load_tensors, read_json, save_tensors, sha256_file, write_json, write_text
 from speechless.metrics import quantizer_metrics
+from speechless.runs import RunConfig, code_version, config_fingerprint, utc_now
 from speechless.rvq import RVQConfig, SpeechRVQ, average_checkpoints
 from speechless.store import StoreConfig, open_store
 from speechless.tokenizer import WEIGHT_FILES, tokens_from_vectors
 from speechless.tokens import write_token_jsonl
 
 
-class RunConfig(Section):
-    out_dir: str = "runs/demo/stage1"
-    """The run folder: the checkpoint files, plus `work/` (feature cache, resume state)."""
-    seed: int = 0
-    """Seed for k-means initialisation, batch sampling and dead-code replacement (a resumed run repeats the same steps)."""
-    push: bool = False
-    """Push the finished checkpoint to the store as the next `stage1@vN`."""
-    message: str = ""
-    """Version message recorded with a push."""
-
-
 class DataConfig(Section):
     manifest: str = "runs/demo/corpus/all.jsonl"
-    """JSONL manifest (NeMo-style fields) holding the train and eval splits."""
+    """JSONL manifest (NeMo-style fields) holding the train and eval splits. Token JSONL is written for EVERY split
+    it holds (`tokens/<split>.jsonl`): later stages read real tokens of held-out audio from there."""
     train_split: str = "train"
     """Split whose audio trains the RVQ."""
     eval_split: str = "dev"
@@ -77,7 +63,7 @@ class TrainConfig(Section):
 
 
 class Stage1Config(Section):
-    run: RunConfig = RunConfig()
+    run: RunConfig = RunConfig(out_dir="runs/demo/stage1")
     data: DataConfig = DataConfig()
     encoder: EncoderConfig = EncoderConfig()
     features: FeaturesConfig = FeaturesConfig()
@@ -88,31 +74,16 @@ class Stage1Config(Section):
 
 # ---------------------------------------------------------------------------------------------------------- setup
 
-def _training_fingerprint(cfg: Stage1Config) -> str:
-    """What a resume must agree on: everything but the push settings."""
-    relevant = cfg.model_dump(mode="json", exclude={"run": {"push", "message"}, "store": True})
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
-
-
-def _code_version() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"speechless {speechless.__version__}" + (f" (git {sha})" if sha else "")
-
-
-def _load_splits(cfg: Stage1Config):
-    entries = read_manifest(cfg.data.manifest)
-    splits = {}
+def _load_splits(cfg: Stage1Config) -> dict[str, list]:
+    """Manifest entries by split, the train and eval splits first."""
+    by_split: dict[str, list] = {}
+    for entry in read_manifest(cfg.data.manifest):
+        by_split.setdefault(entry.split, []).append(entry)
     for role, name in (("train", cfg.data.train_split), ("eval", cfg.data.eval_split)):
-        chosen = [e for e in entries if e.split == name]
-        if not chosen:
-            found = sorted({e.split for e in entries})
-            raise UsageError(f"{cfg.data.manifest}: no utterances in split '{name}' (data.{role}_split); splits present: {', '.join(found)}")
-        splits[role] = chosen
-    return splits
+        if name not in by_split:
+            raise UsageError(f"{cfg.data.manifest}: no utterances in split '{name}' (data.{role}_split); splits present: {', '.join(sorted(by_split))}")
+    first = [cfg.data.train_split, cfg.data.eval_split]
+    return {name: by_split[name] for name in first + sorted(set(by_split) - set(first))}
 
 
 def _stack(utterances, cap: int | None, seed: int) -> torch.Tensor:
@@ -188,11 +159,11 @@ def train(cfg: Stage1Config) -> dict:
 
     # Features: the input of output_proj for every valid frame, cached in resumable shards.
     utterances = {}
-    for role, entries in splits.items():
-        paths = extract_to_cache(entries, encoder, cfg.encoder, work / "features" / role, cfg.features.shard_size)
-        utterances[role] = read_cache(paths)
-    train_vectors = _stack(utterances["train"], cfg.features.max_train_vectors, cfg.run.seed)
-    eval_vectors = _stack(utterances["eval"], None, cfg.run.seed)
+    for split, entries in splits.items():
+        paths = extract_to_cache(entries, encoder, cfg.encoder, work / "features" / split, cfg.features.shard_size)
+        utterances[split] = read_cache(paths)
+    train_vectors = _stack(utterances[cfg.data.train_split], cfg.features.max_train_vectors, cfg.run.seed)
+    eval_vectors = _stack(utterances[cfg.data.eval_split], None, cfg.run.seed)
     log.info(f"features: {len(train_vectors)} train frames, {len(eval_vectors)} eval frames, dim {train_vectors.shape[1]}")
     if len(eval_vectors) < 10 * cfg.rvq.codebook_size:
         log.warn(f"eval split has {len(eval_vectors)} frames < 10 x codebook_size: utilization is bounded by 1 - exp(-N/K) = "
@@ -201,7 +172,7 @@ def train(cfg: Stage1Config) -> dict:
     # Model: initialise from the train features, or resume.
     rvq = SpeechRVQ(cfg.rvq, dim=encoder.dim)
     optimizer = rvq.optimizer() if cfg.rvq.learnable_codebook else None
-    fingerprint = _training_fingerprint(cfg)
+    fingerprint = config_fingerprint(cfg)
     state_file = work / "state.json"
     state = read_json(state_file) if state_file.exists() else None
     if state is not None and state.get("fingerprint") != fingerprint:
@@ -258,8 +229,8 @@ def train(cfg: Stage1Config) -> dict:
     config["frames_per_second"] = 25
     write_json(out / "config.json", config)
     revision = sha256_file(out / WEIGHT_FILES["final"])
-    for role in ("train", "eval"):
-        write_token_jsonl(out / "tokens" / f"{role}.jsonl", tokens_from_vectors(rvq, utterances[role], revision))
+    for split, split_utterances in utterances.items():
+        write_token_jsonl(out / "tokens" / f"{split}.jsonl", tokens_from_vectors(rvq, split_utterances, revision))
     metrics = {
         "eval": {**final_metrics, "split": cfg.data.eval_split, "frames": len(eval_vectors)},
         "eval_variants": variants,
@@ -279,9 +250,9 @@ def train(cfg: Stage1Config) -> dict:
         "manifest": {"path": str(cfg.data.manifest), "sha256": manifest_sha256(cfg.data.manifest),
                      "train_split": cfg.data.train_split, "eval_split": cfg.data.eval_split},
         "weights_sha256": {name: sha256_file(out / file) for name, file in WEIGHT_FILES.items()},
-        "code_version": _code_version(),
-        "config_sha256": _training_fingerprint(cfg),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "config_sha256": config_fingerprint(cfg),
+        "created": utc_now(),
         "upstream": None,
     }
     write_json(out / "provenance.json", provenance)

@@ -44,6 +44,24 @@ def test_init_uses_every_code_on_train(fitted):
         assert torch.unique(codes[:, level]).numel() == CODES
 
 
+def test_equal_norm_levels(fitted):
+    model, _ = fitted
+    norms = model.codebooks().norm(dim=-1)
+    assert model.cfg.equal_norm_from_level == 1
+    assert float(norms[0].std()) > 1e-3  # level 0: plain k-means
+    for level in range(1, LEVELS):
+        assert torch.allclose(norms[level], norms[level].mean().expand_as(norms[level]), rtol=1e-4)
+
+
+def test_frozen_codebooks_do_not_change(fitted):
+    model, train = fitted
+    m = SpeechRVQ(_cfg(finetune=False), DIM)
+    m.load_tensors(model.tensors())
+    before = m.codebooks().clone()
+    m.train_step(train[:256])
+    assert torch.equal(m.codebooks(), before)
+
+
 def test_kmeans_reseeds_empty_clusters_with_duplicates():
     # many exact duplicates (like silence frames) would leave clusters empty without re-seeding
     x = torch.cat([torch.zeros(500, 4), torch.randn(100, 4)])

@@ -55,7 +55,7 @@ def file_digests(folder: Path) -> dict[str, str]:
 
 def test_outputs_of_a_run(trained):
     for name in ("model.safetensors", "model.best.safetensors", "model.averaged.safetensors", "config.json",
-                 "metrics.json", "resolved_config.yaml", "provenance.json", "README.md", "tokens/train.jsonl", "tokens/eval.jsonl"):
+                 "metrics.json", "resolved_config.yaml", "provenance.json", "README.md", "tokens/train.jsonl", "tokens/dev.jsonl", "tokens/test.jsonl"):
         assert (trained / name).is_file(), name
     config = json.loads((trained / "config.json").read_text())
     assert config["rvq_dim"] == 32 and config["num_quantizers"] == 4 and config["codebook_size"] == 32
@@ -69,13 +69,13 @@ def test_outputs_of_a_run(trained):
     assert provenance["code_version"].startswith("speechless")
     card = (trained / "README.md").read_text()
     assert f"{ev['mse']:.4f}" in card and "utilization" in card
-    rows = [json.loads(line) for line in (trained / "tokens" / "eval.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (trained / "tokens" / "dev.jsonl").read_text().splitlines()]
     assert rows and all(len(r["codes"]) == 4 and all(len(level) == r["frames"] for level in r["codes"]) for r in rows)
     assert not list(trained.rglob("*.tmp")), "temporary files left behind"
 
 
 def test_tokenize_gives_the_codes_stage1_wrote(trained, corpus, cli, tmp_path):
-    written = {json.loads(l)["id"]: json.loads(l) for l in (trained / "tokens" / "eval.jsonl").read_text().splitlines()}
+    written = {json.loads(l)["id"]: json.loads(l) for l in (trained / "tokens" / "dev.jsonl").read_text().splitlines()}
     result = cli("tokenize", "audio", "--tokenizer", trained, "--manifest", corpus, "--split", "dev", "--format", "json")
     assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)

@@ -47,3 +47,39 @@ def audio(
         emit(rows if len(rows) != 1 or manifest else rows[0], "json")
     else:
         emit("\n".join(f"{row['id']}\t{row['codes_str']}" for row in rows))
+
+
+@app.command()
+def text(
+    texts: Annotated[list[str], typer.Argument(help="Text(s) to turn into semantic tokens.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Stage-2 checkpoint folder or store reference (stage2@v1, stage2@latest).")] = "stage2@latest",
+    stage1: Annotated[Optional[str], typer.Option("--stage1", help="The stage-1 version the codes must belong to (folder or stage1@vN): refused if the model was trained on another.")] = None,
+    weights: Annotated[str, typer.Option("--weights", help="final or best.")] = "final",
+    speaker: Annotated[Optional[str], typer.Option("--speaker", help="Voice (a training speaker); default: the model's first.")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy; > 0 = sampling.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="With sampling: only the k most likely codes (0 = all).")] = 0,
+    max_seconds: Annotated[float, typer.Option("--max-seconds", help="Cap on generated speech per text chunk (seconds).")] = 30.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    store_root: Annotated[Optional[Path], typer.Option("--store-root", help="Local store folder (default: $SPEECHLESS_STORE or ./store).")] = None,
+    fmt: FormatOption = "text",
+) -> None:
+    """Turn text into the stage-1 semantic tokens the same words would give as speech (stage 2: no audio, no TTS).
+
+    Text output prints the compact code string of each text (one line each); JSON prints token rows like `audio`.
+    """
+    from speechless.commands.stage2 import generate_settings
+    from speechless.store import store_config
+    from stages.stage2_t2s import GenRequest, check_stage1_match, generate_rows, load_stage2
+
+    fmt = check_format(fmt)
+    gen = generate_settings(temperature, top_k, max_seconds, 64, speaker, seed)
+    store_cfg = store_config(root=store_root)
+    t2s, revision, _ = load_stage2(model, weights, store_cfg)
+    check_stage1_match(t2s, stage1, store_cfg)
+    rows = generate_rows(t2s, [GenRequest(f"text-{i}", t) for i, t in enumerate(texts)], gen)
+    for row in rows:
+        row["stage2_revision"] = revision
+    if fmt == "json":
+        emit(rows[0] if len(rows) == 1 else rows, "json")
+    else:
+        emit("\n".join(row["codes_str"] for row in rows))

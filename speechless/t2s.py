@@ -1,0 +1,637 @@
+"""Stage 2 model: text -> stage-1 semantic tokens ("Speechless"), a decoder-only transformer over whole frames.
+
+Sequence layout (one row)::
+
+    [text tokens ...] [audio step 0] [audio step 1] ... [audio step S-1]
+
+Text positions are embedded with the backbone's own input embeddings. An audio step's input embedding is the SUM of one
+embedding per codebook level (plus an optional speaker embedding); its output goes through one head per level. So a
+step is one position whatever the number of levels, and the backbone is any Hugging Face causal LM driven through
+`inputs_embeds` (its LM head is never used).
+
+Frame modelling (`frame_mode`) is a *delay pattern*: level k of frame t is emitted at audio step t + d_k.
+
+* `delay` (d_k = k, MusicGen): level k of a frame is predicted one step after level k-1 of the same frame, so it sees
+  the coarser levels of its own frame through the previous inputs; a row of T frames takes T + Q steps.
+* `parallel` (d_k = 0): all levels of a frame at once, independent given the past; T + 1 steps.
+* `coarse_first` (d_0 = 0, d_k = 1): level 0 first, the Q - 1 finer levels together one step later; T + 2 steps.
+
+Per level the input vocabulary is the codebook plus EOA (end of audio), PAD and BOA (begin of audio, also used for
+"before this level's first frame"); the output vocabulary is the codebook plus EOA. The model learns when to stop:
+level 0 emits EOA after the last frame (its target at step T); the other levels' ends follow from it.
+
+Text is tokenized with a `tokenizers` tokenizer (`tokenizer.json`): trained on the stage-2 training text for a random-
+weight backbone, or the pretrained backbone's own. Characters never seen in the training text are dropped with a
+warning; text longer than `max_text_tokens` is split at word boundaries into chunks generated one after the other.
+
+Generation (`generate`) is batched (left-padded text), greedy or sampled (temperature, top-k), capped at `max_frames`,
+with the backbone's KV cache (`past_key_values`) or, for comparison, without it (the whole sequence every step).
+
+Persistence: `save()` writes `config.json` (everything needed to rebuild, including the backbone's HF config and the
+stage-1 revision the codes belong to), `tokenizer.json` and the weights as safetensors. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from speechless.config import Section
+from speechless.errors import RuntimeFailure, UsageError
+from speechless.io import atomic_path, load_tensors, read_json, save_tensors, write_json
+
+FORMAT = "speechless-t2s"
+FORMAT_VERSION = 1
+#: One metadata key only: safetensors writes metadata in hash-map order, so two keys would make identical weights
+#: give different bytes from run to run.
+WEIGHTS_METADATA = {"format": f"{FORMAT}/{FORMAT_VERSION}"}
+FRAMES_PER_SECOND = 25
+TEXT_SPECIALS = ["[PAD]", "[UNK]"]
+
+
+class T2SConfig(Section):
+    """The stage-2 text-to-semantic-token model."""
+
+    backbone: str = "configs/t2s/tiny_backbone.json"
+    """The Hugging Face causal LM. A `.json` file: a config (with `model_type`) built with random weights
+    (`AutoModelForCausalLM.from_config`); otherwise a Hub id or local folder loaded with `from_pretrained` (e.g.
+    `HuggingFaceTB/SmolLM2-360M`). Its vocabulary is resized to the text tokenizer's when that differs."""
+
+    backbone_revision: str | None = None
+    """Hub revision (commit sha, tag or branch) of a pretrained backbone; None = main. The resolved files are recorded."""
+
+    tokenizer: str | None = None
+    """Text tokenizer: a `tokenizer.json` file, or None = train a BPE tokenizer on the training text (random-weight
+    backbone) / use the pretrained backbone's own `tokenizer.json`."""
+
+    tokenizer_vocab_size: int = Field(96, ge=8)
+    """Vocabulary size of a tokenizer trained on the training text (BPE, Metaspace words). Default 96: little more
+    than the characters of the demo text, so tokens stay close to characters, which the alignment to 40 ms frames
+    learns fastest from few sentences."""
+
+    frame_mode: Literal["delay", "parallel", "coarse_first"] = "delay"
+    """How the Q codes of a frame are laid out in time (see the module docstring). Default 'delay' (MusicGen's delay
+    pattern), chosen by the measured comparison in benchmarks/RESULTS.md."""
+
+    speaker_embedding: bool = True
+    """Add a learned per-speaker embedding to every audio step (speakers from the training data; generation picks one,
+    default `generate.speaker`). Without it the model averages the voices of the training data."""
+
+    head_rank: int | None = Field(128, ge=1)
+    """Factorised per-level heads: hidden -> rank -> codebook + EOA. None = a full hidden x codebook matrix per level.
+    Default 128: a quarter of the cost of full heads for the demo's 256-d backbone."""
+
+    level_loss_weights: list[float] | None = None
+    """Weight of each level's cross-entropy (normalised to mean 1); None = equal weights."""
+
+    max_text_tokens: int = Field(192, ge=4)
+    """Longest text (in tokens) generated in one go; longer text is split at word boundaries into chunks whose frames
+    are concatenated (a warning says so)."""
+
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the summed audio-step embeddings (the backbone keeps its own config's dropout)."""
+
+
+DELAYS = {"delay": lambda q: list(range(q)), "parallel": lambda q: [0] * q, "coarse_first": lambda q: [0] + [1] * (q - 1)}
+
+
+def delays_for(frame_mode: str, num_levels: int) -> list[int]:
+    return DELAYS[frame_mode](num_levels)
+
+
+# ------------------------------------------------------------------------------------------------------------- text
+
+def normalize_text(text: str) -> str:
+    """NFC, whitespace collapsed, stripped: what the tokenizer and the known-character check see."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip()
+
+
+def train_text_tokenizer(texts: list[str], vocab_size: int):
+    """A BPE tokenizer (Metaspace words, [PAD]=0, [UNK]=1) trained on `texts` with the `tokenizers` library."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    alphabet = sorted({ch for text in texts for ch in normalize_text(text)} | {"▁"})
+    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size, len(alphabet) + len(TEXT_SPECIALS)), special_tokens=TEXT_SPECIALS,
+                                  initial_alphabet=alphabet, show_progress=False)
+    tokenizer.train_from_iterator([normalize_text(t) for t in texts], trainer=trainer)
+    return tokenizer
+
+
+@dataclass
+class EncodedText:
+    """One input text, ready for generation: one id list per chunk (several when it was longer than the cap)."""
+
+    chunks: list[list[int]]
+    notes: list[str] = field(default_factory=list)
+    """What was done to the text (dropped characters, splitting): one line each, for warnings."""
+
+
+class TextEncoder:
+    """A `tokenizers.Tokenizer` plus the characters of the training text and the length cap."""
+
+    def __init__(self, tokenizer, known_chars: str | None, max_tokens: int):
+        self.tokenizer = tokenizer
+        self.known_chars = set(known_chars) if known_chars is not None else None
+        self.max_tokens = max_tokens
+        self.unk_id = tokenizer.token_to_id("[UNK]")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text: str, where: str = "text") -> EncodedText:
+        """Check and tokenize one text: empty or nothing-known -> UsageError; unseen characters dropped; long -> chunks."""
+        if not isinstance(text, str):
+            raise UsageError(f"{where}: expected a string, got {type(text).__name__}")
+        clean = normalize_text(text)
+        if not clean:
+            raise UsageError(f"{where}: empty text; there is nothing to turn into speech tokens")
+        notes = []
+        if self.known_chars is not None:
+            known = self.known_chars
+            # a letter seen only in the other case is written in the case the model knows
+            clean = "".join(ch if ch in known or ch == " " else ch.lower() if ch.lower() in known
+                            else ch.upper() if ch.upper() in known else ch for ch in clean)
+            unseen = sorted({ch for ch in clean if ch != " " and ch not in self.known_chars})
+            if unseen:
+                kept = normalize_text("".join(ch for ch in clean if ch == " " or ch in self.known_chars))
+                shown = " ".join(f"{ch!r} (U+{ord(ch):04X})" for ch in unseen[:8]) + (" ..." if len(unseen) > 8 else "")
+                if not kept:
+                    raise UsageError(f"{where}: every character is one the model never saw in training: {shown}; "
+                                     f"give text in the training language and script")
+                notes.append(f"dropped {len(unseen)} character(s) never seen in training: {shown}")
+                clean = kept
+        ids = self._ids(clean)
+        if self.unk_id is not None and ids and all(i == self.unk_id for i in ids):
+            raise UsageError(f"{where}: the tokenizer knows none of this text's characters; give text in the training language and script")
+        if not ids:
+            raise UsageError(f"{where}: text gives no tokens")
+        if len(ids) <= self.max_tokens:
+            return EncodedText([ids], notes)
+        chunks = self._split(clean)
+        notes.append(f"text of {len(ids)} tokens is longer than the cap of {self.max_tokens} (model.max_text_tokens): "
+                     f"split at word boundaries into {len(chunks)} chunks, generated one after the other and concatenated")
+        return EncodedText(chunks, notes)
+
+    def _split(self, text: str) -> list[list[int]]:
+        chunks, current = [], ""
+        for word in text.split(" "):
+            candidate = f"{current} {word}" if current else word
+            if current and len(self._ids(candidate)) > self.max_tokens:
+                chunks.append(self._ids(current))
+                current = word
+            else:
+                current = candidate
+        if current:
+            chunks.append(self._ids(current))
+        out = []
+        for ids in chunks:  # a single word longer than the cap: cut its ids
+            out.extend(ids[i:i + self.max_tokens] for i in range(0, len(ids), self.max_tokens))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------------ batch
+
+@dataclass
+class Batch:
+    text_ids: torch.Tensor  # (B, Lt) left-padded
+    text_mask: torch.Tensor  # (B, Lt)
+    audio_in: torch.Tensor  # (B, S, Q) input tokens per step and level
+    audio_mask: torch.Tensor  # (B, S)
+    targets: torch.Tensor  # (B, S, Q) target per step and level; -100 = no loss
+    speakers: torch.Tensor  # (B,)
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.text_ids, self.text_mask, self.audio_in, self.audio_mask, self.targets, self.speakers)))
+
+
+def delayed_tokens(codes: torch.Tensor, delays: list[int], codebook_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes (Q, T) -> (inputs (S, Q), targets (S, Q)) with S = T + max(delays) + 1 audio steps.
+
+    Target of level k at step s is frame f = s - d_k: its code when 0 <= f < T, EOA when f == T, ignored (-100)
+    otherwise. The input of step s is the target of step s - 1, with BOA before a level's first frame and PAD after EOA.
+    """
+    q, t = codes.shape
+    eoa, pad, boa = codebook_size, codebook_size + 1, codebook_size + 2
+    steps = t + max(delays) + 1
+    targets = torch.full((steps, q), -100, dtype=torch.long)
+    inputs = torch.full((steps, q), pad, dtype=torch.long)
+    for level, d in enumerate(delays):
+        targets[d:d + t, level] = codes[level]
+        targets[d + t, level] = eoa
+        inputs[: d + 1, level] = boa
+        inputs[d + 1:d + t + 1, level] = codes[level]
+        if d + t + 1 < steps:
+            inputs[d + t + 1, level] = eoa
+    return inputs, targets
+
+
+def collate(items: list[tuple[list[int], torch.Tensor, int]], delays: list[int], codebook_size: int) -> Batch:
+    """(text_ids, codes (Q, T), speaker) items -> a Batch: text left-padded, audio steps right-padded."""
+    lt = max(len(ids) for ids, _, _ in items)
+    pairs = [delayed_tokens(codes, delays, codebook_size) for _, codes, _ in items]
+    sa = max(inp.shape[0] for inp, _ in pairs)
+    q = items[0][1].shape[0]
+    b = len(items)
+    text_ids = torch.zeros(b, lt, dtype=torch.long)
+    text_mask = torch.zeros(b, lt, dtype=torch.long)
+    audio_in = torch.full((b, sa, q), codebook_size + 1, dtype=torch.long)
+    audio_mask = torch.zeros(b, sa, dtype=torch.long)
+    targets = torch.full((b, sa, q), -100, dtype=torch.long)
+    for row, ((ids, _, _), (inp, tgt)) in enumerate(zip(items, pairs)):
+        text_ids[row, lt - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        text_mask[row, lt - len(ids):] = 1
+        audio_in[row, : inp.shape[0]] = inp
+        audio_mask[row, : inp.shape[0]] = 1
+        targets[row, : tgt.shape[0]] = tgt
+    speakers = torch.tensor([s for _, _, s in items], dtype=torch.long)
+    return Batch(text_ids, text_mask, audio_in, audio_mask, targets, speakers)
+
+
+# ------------------------------------------------------------------------------------------------------------ model
+
+def load_backbone(cfg: T2SConfig, vocab_size: int | None, seed: int = 0):
+    """(causal LM, source record): random weights from a JSON config, or pretrained from the Hub / a folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = cfg.backbone
+    if source.endswith(".json"):
+        path = Path(source)
+        if not path.is_file():
+            raise UsageError(f"model.backbone {source}: config file not found")
+        data = read_json(path)
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise UsageError(f"model.backbone {source}: not a Hugging Face model config (no 'model_type')")
+        data = dict(data)
+        if vocab_size is not None:
+            data["vocab_size"] = vocab_size
+        try:
+            hf_config = AutoConfig.for_model(data.pop("model_type"), **data)
+        except (ValueError, KeyError) as exc:
+            raise UsageError(f"model.backbone {source}: {exc}") from exc
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config)
+        return model, {"source": source, "pretrained": False}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.backbone_revision, dtype=torch.float32)
+    except OSError as exc:
+        raise UsageError(f"model.backbone {source}: cannot load a pretrained causal LM ({str(exc).splitlines()[0]}); "
+                         f"check the id / folder and network access, or use a .json config for random weights") from exc
+    if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    commit = getattr(model.config, "_commit_hash", None)
+    return model, {"source": source, "pretrained": True, "revision": cfg.backbone_revision, "commit": commit}
+
+
+def pretrained_tokenizer_file(cfg: T2SConfig) -> Path:
+    """The `tokenizer.json` of a pretrained backbone (local folder or Hub)."""
+    local = Path(cfg.backbone) / "tokenizer.json"
+    if local.is_file():
+        return local
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(cfg.backbone, "tokenizer.json", revision=cfg.backbone_revision))
+    except Exception as exc:  # huggingface_hub raises many types; one clear line
+        raise UsageError(f"model.backbone {cfg.backbone}: no tokenizer.json to load ({type(exc).__name__}); "
+                         f"set model.tokenizer to a tokenizer.json file") from exc
+
+
+class T2SModel(torch.nn.Module):
+    """Backbone + summed level embeddings in + per-level heads out; see the module docstring."""
+
+    def __init__(self, cfg: T2SConfig, backbone, text: TextEncoder, num_levels: int, codebook_size: int,
+                 speakers: list[str], stage1: dict, backbone_source: dict | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.text = text
+        self.num_levels = num_levels
+        self.codebook_size = codebook_size
+        self.speakers = list(speakers)
+        self.stage1 = dict(stage1)
+        """{'revision': sha256 of the stage-1 weights these codes belong to, 'ref': the folder or store ref used}."""
+        self.backbone_source = backbone_source or {}
+        self.delays = delays_for(cfg.frame_mode, num_levels)
+        self.lm = backbone.float()
+        hidden = backbone.config.hidden_size
+        self.hidden = hidden
+        self.in_vocab = codebook_size + 3  # codes, EOA, PAD, BOA
+        self.out_vocab = codebook_size + 1  # codes, EOA
+        self.level_embed = torch.nn.Embedding(num_levels * self.in_vocab, hidden)
+        torch.nn.init.normal_(self.level_embed.weight, std=0.02 / math.sqrt(num_levels))
+        self.register_buffer("level_offsets", torch.arange(num_levels) * self.in_vocab, persistent=False)
+        self.speaker_embed = torch.nn.Embedding(max(len(self.speakers), 1), hidden) if cfg.speaker_embedding and self.speakers else None
+        if self.speaker_embed is not None:
+            torch.nn.init.normal_(self.speaker_embed.weight, std=0.02)
+        self.head_norm = torch.nn.LayerNorm(hidden)
+        rank = cfg.head_rank
+        if rank is None:
+            self.head_in = None
+            self.head_out = torch.nn.Parameter(torch.randn(num_levels, hidden, self.out_vocab) * hidden ** -0.5)
+        else:
+            self.head_in = torch.nn.Linear(hidden, num_levels * rank)
+            self.head_out = torch.nn.Parameter(torch.randn(num_levels, rank, self.out_vocab) * rank ** -0.5)
+        self.head_bias = torch.nn.Parameter(torch.zeros(num_levels, self.out_vocab))
+        weights = torch.tensor(cfg.level_loss_weights if cfg.level_loss_weights else [1.0] * num_levels, dtype=torch.float32)
+        if weights.numel() != num_levels or bool((weights < 0).any()) or float(weights.sum()) <= 0:
+            raise UsageError(f"model.level_loss_weights: need {num_levels} non-negative weights with a positive sum")
+        self.register_buffer("level_weights", weights * num_levels / weights.sum(), persistent=False)
+        self.dropout = torch.nn.Dropout(cfg.dropout)
+
+    # ------------------------------------------------------------------ ids
+    @property
+    def eoa(self) -> int:
+        return self.codebook_size
+
+    @property
+    def pad(self) -> int:
+        return self.codebook_size + 1
+
+    @property
+    def boa(self) -> int:
+        return self.codebook_size + 2
+
+    @property
+    def decoder(self):
+        """The backbone without its LM head (hidden states out)."""
+        return self.lm.base_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.level_embed.weight.device
+
+    def speaker_index(self, speaker: str | None) -> int:
+        """Index of a speaker name; None = the first speaker. Unknown names are a UsageError listing the known ones."""
+        if not self.speakers or self.speaker_embed is None:
+            return 0
+        if speaker is None:
+            return 0
+        if speaker not in self.speakers:
+            raise UsageError(f"speaker {speaker!r}: unknown; this model knows {', '.join(self.speakers)}")
+        return self.speakers.index(speaker)
+
+    # ------------------------------------------------------------------ forward
+    def _audio_embeds(self, tokens: torch.Tensor, speakers: torch.Tensor) -> torch.Tensor:
+        """(B, S, Q) tokens -> (B, S, H): the sum of one embedding per level (+ speaker)."""
+        emb = self.level_embed(tokens + self.level_offsets).sum(-2)
+        if self.speaker_embed is not None:
+            emb = emb + self.speaker_embed(speakers)[:, None, :]
+        return self.dropout(emb)
+
+    def _text_embeds(self, text_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(text_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., Q, codebook + 1) logits of every level."""
+        h = self.head_norm(hidden)
+        if self.head_in is not None:
+            h = self.head_in(h).unflatten(-1, (self.num_levels, -1))
+        else:
+            h = h.unsqueeze(-2).expand(*h.shape[:-1], self.num_levels, h.shape[-1])
+        return torch.einsum("...qr,qrv->...qv", h, self.head_out.to(h.dtype)) + self.head_bias.to(h.dtype)
+
+    def _run(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past=None):
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=past,
+                           use_cache=past is not None)
+        return out.last_hidden_state, out.past_key_values
+
+    def loss(self, batch: Batch) -> dict:
+        """Weighted mean of per-level cross-entropies over the audio steps: {'loss', 'level_loss' (Q,), 'level_count' (Q,)}."""
+        embeds = torch.cat([self._text_embeds(batch.text_ids), self._audio_embeds(batch.audio_in, batch.speakers)], 1)
+        mask = torch.cat([batch.text_mask, batch.audio_mask], 1)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        hidden, _ = self._run(embeds, mask, positions)
+        lt = batch.text_ids.shape[1]
+        valid = batch.audio_mask.bool()
+        h = hidden[:, lt:][valid]  # (N, H): only real audio steps reach the heads
+        targets = batch.targets[valid]  # (N, Q)
+        logits = self.logits(h).float()
+        per = F.cross_entropy(logits.reshape(-1, self.out_vocab), targets.reshape(-1), ignore_index=-100, reduction="none")
+        per = per.view(targets.shape)
+        counted = (targets != -100).float()
+        level_sum = (per * counted).sum(0)
+        level_count = counted.sum(0)
+        level_loss = level_sum / level_count.clamp_min(1)
+        loss = (level_loss * self.level_weights).mean()
+        return {"loss": loss, "level_loss": level_loss.detach(), "level_count": level_count.detach()}
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, text_ids: list[list[int]], speakers: list[int] | None = None, max_frames: int = 750,
+                 temperature: float = 0.0, top_k: int = 0, use_cache: bool = True, generator: torch.Generator | None = None,
+                 min_frames: int = 1) -> tuple[list[torch.Tensor], list[bool]]:
+        """Codes (Q, T_i) for each text (token ids), in one batch; and whether each hit `max_frames` without EOA.
+
+        temperature 0 = greedy; otherwise softmax sampling at that temperature, restricted to the top_k codes when
+        top_k > 0. use_cache=False recomputes the whole sequence at every step (same result, for speed comparison).
+        """
+        if not text_ids:
+            return [], []
+        if max_frames < 1:
+            raise UsageError(f"max_frames must be >= 1, got {max_frames}")
+        self.eval()
+        device = self.device
+        b, q = len(text_ids), self.num_levels
+        delays = self.delays
+        dmax = max(delays)
+        lt = max(len(ids) for ids in text_ids)
+        tids = torch.zeros(b, lt, dtype=torch.long, device=device)
+        tmask = torch.zeros(b, lt, dtype=torch.long, device=device)
+        for row, ids in enumerate(text_ids):
+            if not ids:
+                raise UsageError("generate: an empty token list; encode text with model.text.encode first")
+            tids[row, lt - len(ids):] = torch.tensor(ids, device=device)
+            tmask[row, lt - len(ids):] = 1
+        spk = torch.tensor(speakers if speakers is not None else [0] * b, dtype=torch.long, device=device)
+        delay_t = torch.tensor(delays, device=device)
+        step_tokens = torch.full((b, 1, q), self.boa, dtype=torch.long, device=device)
+        all_inputs = [step_tokens]
+        prefix = self._text_embeds(tids)
+        mask = torch.cat([tmask, torch.ones(b, 1, dtype=torch.long, device=device)], 1)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        past = None
+        if use_cache:
+            from transformers import DynamicCache
+
+            past = DynamicCache(config=self.lm.config)
+        hidden, past = self._run(torch.cat([prefix, self._audio_embeds(step_tokens, spk)], 1), mask, positions, past)
+        codes = torch.zeros(b, q, max_frames, dtype=torch.long, device=device)
+        end = torch.full((b,), -1, dtype=torch.long, device=device)  # frames of each row once level 0 said EOA
+        capped = torch.zeros(b, dtype=torch.bool, device=device)
+        rows = torch.arange(b, device=device)
+        step = 0
+        while True:
+            logits = self.logits(hidden[:, -1]).float()  # (B, Q, V)
+            frame = step - delay_t  # (Q,) frame each level is at
+            # levels > 0 never end by themselves; level 0 may end after min_frames (and must at the cap)
+            logits[:, 1:, self.eoa] = -math.inf
+            if step < min_frames:
+                logits[:, 0, self.eoa] = -math.inf
+            tokens = self._pick(logits, temperature, top_k, generator)  # (B, Q)
+            ended = end >= 0
+            newly = (~ended) & (tokens[:, 0] == self.eoa)
+            at_cap = (~ended) & (~newly) & (step >= max_frames)
+            end = torch.where(newly | at_cap, torch.full_like(end, step), end)
+            capped |= at_cap
+            # positions past a row's end: EOA at the end frame, PAD after; before a level's first frame: BOA
+            f = frame.unsqueeze(0).expand(b, q)
+            e = end.unsqueeze(1).expand(b, q)
+            has_end = e >= 0
+            tokens = torch.where(has_end & (f == e), torch.full_like(tokens, self.eoa), tokens)
+            tokens = torch.where(has_end & (f > e), torch.full_like(tokens, self.pad), tokens)
+            tokens = torch.where(f < 0, torch.full_like(tokens, self.boa), tokens)
+            for level in range(q):
+                fl = step - delays[level]
+                if 0 <= fl < max_frames:
+                    keep = (end < 0) | (fl < end)
+                    codes[rows[keep], level, fl] = tokens[keep, level]
+            done = (end >= 0) & (step >= end + max(dmax - 1, 0))
+            if bool(done.all()):
+                break
+            step += 1
+            step_tokens = tokens.unsqueeze(1)
+            all_inputs.append(step_tokens)
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long, device=device)], 1)
+            if use_cache:
+                positions = positions[:, -1:] + 1
+                hidden, past = self._run(self._audio_embeds(step_tokens, spk), mask, positions, past)
+            else:
+                positions = (mask.cumsum(-1) - 1).clamp_min(0)
+                embeds = torch.cat([prefix, self._audio_embeds(torch.cat(all_inputs, 1), spk)], 1)
+                hidden, _ = self._run(embeds, mask, positions)
+        out = [codes[row, :, : int(end[row])].cpu() for row in range(b)]
+        return out, capped.cpu().tolist()
+
+    def _pick(self, logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
+        if temperature <= 0:
+            return logits.argmax(-1)
+        scaled = logits / temperature
+        if top_k > 0 and top_k < scaled.shape[-1]:
+            kth = scaled.topk(top_k, dim=-1).values[..., -1:]
+            scaled = scaled.masked_fill(scaled < kth, -math.inf)
+        probs = scaled.softmax(-1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        if flat.device.type != "cpu" and generator is not None and generator.device.type == "cpu":
+            picks = torch.multinomial(flat.cpu(), 1, generator=generator).to(flat.device)
+        else:
+            picks = torch.multinomial(flat, 1, generator=generator)
+        return picks.view(probs.shape[:-1])
+
+    # ------------------------------------------------------------------ persistence
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All weights, with tied (shared) tensors stored once: the LM head, never used, is left out."""
+        state = self.state_dict()
+        return {k: v for k, v in state.items() if not k.startswith("lm.lm_head.")}
+
+    def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        expected = self.tensors()
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise RuntimeFailure(f"{source}: weights do not match the model config (missing {missing[:3]}, unexpected "
+                                 f"{extra[:3]}); the weights file and config.json disagree")
+        for name, value in tensors.items():
+            if tuple(value.shape) != tuple(expected[name].shape):
+                raise RuntimeFailure(f"{source}: tensor {name} has shape {tuple(value.shape)}, config expects {tuple(expected[name].shape)}")
+        self.load_state_dict(tensors, strict=False)
+
+    def config_dict(self) -> dict:
+        return dict(
+            format=FORMAT, version=FORMAT_VERSION, model=self.cfg.model_dump(mode="json"),
+            backbone_config=self.lm.config.to_dict(), backbone_source=self.backbone_source,
+            num_levels=self.num_levels, codebook_size=self.codebook_size, frames_per_second=FRAMES_PER_SECOND,
+            delays=self.delays, speakers=self.speakers,
+            known_chars="".join(sorted(self.text.known_chars)) if self.text.known_chars is not None else None,
+            special_ids={"eoa": self.eoa, "pad": self.pad, "boa": self.boa},
+            stage1=self.stage1,
+        )
+
+    def save(self, folder: str | Path, weights: str = "model.safetensors") -> Path:
+        """Write `weights` (safetensors), config.json and tokenizer.json into `folder`, atomically each."""
+        folder = Path(folder)
+        self.save_weights(folder / weights)
+        write_json(folder / "config.json", self.config_dict())
+        with atomic_path(folder / "tokenizer.json") as tmp:
+            self.text.tokenizer.save(str(tmp))
+        return folder / weights
+
+    def save_weights(self, path: str | Path) -> None:
+        save_tensors(path, self.tensors(), metadata=WEIGHTS_METADATA)
+
+    @classmethod
+    def load(cls, folder: str | Path, weights: str = "model.safetensors", device: str | None = None) -> "T2SModel":
+        """Rebuild from `save()` output (JSON + tokenizer.json + safetensors; no download, no pickle)."""
+        from tokenizers import Tokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        folder = Path(folder)
+        meta = read_json(folder / "config.json")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise UsageError(f"{folder / 'config.json'}: not a speechless stage-2 (text-to-token) checkpoint")
+        if meta.get("version") != FORMAT_VERSION:
+            raise UsageError(f"{folder}: stage-2 checkpoint version {meta.get('version')} is not supported (expected {FORMAT_VERSION})")
+        cfg = T2SConfig.model_validate(meta["model"])
+        tok_path = folder / "tokenizer.json"
+        if not tok_path.is_file():
+            raise UsageError(f"{tok_path}: file not found; the checkpoint is incomplete")
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            raise RuntimeFailure(f"{tok_path}: corrupt tokenizer file ({exc})") from exc
+        text = TextEncoder(tokenizer, meta.get("known_chars"), cfg.max_text_tokens)
+        bc = dict(meta["backbone_config"])
+        hf_config = AutoConfig.for_model(bc.pop("model_type"), **bc)
+        backbone = AutoModelForCausalLM.from_config(hf_config)
+        model = cls(cfg, backbone, text, int(meta["num_levels"]), int(meta["codebook_size"]), meta.get("speakers") or [],
+                    meta["stage1"], meta.get("backbone_source"))
+        model.load_weights(load_tensors(folder / weights), str(folder / weights))
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+
+def build_model(cfg: T2SConfig, train_texts: list[str], num_levels: int, codebook_size: int, speakers: list[str],
+                stage1: dict, seed: int = 0) -> T2SModel:
+    """A fresh model: the text tokenizer (trained on `train_texts` or loaded), the backbone, the level embeddings/heads."""
+    from tokenizers import Tokenizer
+
+    known = "".join(sorted({ch for t in train_texts for ch in normalize_text(t)} - {" "}))
+    if cfg.tokenizer is not None:
+        if not Path(cfg.tokenizer).is_file():
+            raise UsageError(f"model.tokenizer {cfg.tokenizer}: file not found")
+        tokenizer = Tokenizer.from_file(cfg.tokenizer)
+    elif cfg.backbone.endswith(".json"):
+        tokenizer = train_text_tokenizer(train_texts, cfg.tokenizer_vocab_size)
+    else:
+        tokenizer = Tokenizer.from_file(str(pretrained_tokenizer_file(cfg)))
+    text = TextEncoder(tokenizer, known, cfg.max_text_tokens)
+    backbone, source = load_backbone(cfg, text.vocab_size if cfg.backbone.endswith(".json") else None, seed)
+    if backbone.get_input_embeddings().num_embeddings < text.vocab_size:
+        raise UsageError(f"model.tokenizer has {text.vocab_size} tokens but the backbone embeds only "
+                         f"{backbone.get_input_embeddings().num_embeddings}")
+    torch.manual_seed(seed + 1)
+    return T2SModel(cfg, backbone, text, num_levels, codebook_size, speakers, stage1, source)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -1,0 +1,199 @@
+"""The stage-2 model (speechless.t2s): layout, loss, generation (cache, batching, sampling, caps), text handling, save/load."""
+
+from __future__ import annotations
+
+def make_fake_stage1(folder, *, sentences: int = 30, speakers=("s1", "s2"), levels: int = 4, codebook: int = 32,
+                     dim: int = 16, seed: int = 0):
+    """A tiny but learnable stage-1 run folder: each character of a sentence becomes a few frames of its own vector
+    (speaker-dependent duration) + noise, quantized by a real SpeechRVQ. Returns the folder."""
+    import json
+    import random
+    from pathlib import Path
+
+    import torch
+
+    from speechless.io import sha256_file, write_json
+    from speechless.rvq import RVQConfig, SpeechRVQ
+    from speechless.tokens import token_row, write_token_jsonl
+
+    folder = Path(folder)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    words = ["".join(rng.choice("bdfgkmnpst") + rng.choice("aeiou") for _ in range(rng.randint(1, 3))) for _ in range(40)]
+    texts = []
+    while len(texts) < sentences:
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(2, 4))).capitalize() + "."
+        if text not in texts:
+            texts.append(text)
+    alphabet = sorted({ch for t in texts for ch in t.lower() if ch.isalpha() or ch == " "})
+    char_vec = {ch: torch.randn(dim, generator=gen) * 2 for ch in alphabet}
+    durations = {spk: 2 + i for i, spk in enumerate(speakers)}
+    shifts = {spk: torch.randn(dim, generator=gen) * 0.3 for spk in speakers}
+    n_train, n_dev = int(sentences * 0.6), int(sentences * 0.2)
+    utts = []
+    for s, text in enumerate(texts):
+        split = "train" if s < n_train else "dev" if s < n_train + n_dev else "test"
+        for spk in speakers:
+            chars = [ch for ch in text.lower() if ch in char_vec]
+            vecs = torch.stack([char_vec[ch] + shifts[spk] for ch in chars for _ in range(durations[spk])])
+            vecs = vecs + 0.3 * torch.randn(vecs.shape, generator=gen)
+            utts.append({"id": f"u{s:04d}-{spk}", "text": text, "speaker_id": spk, "split": split, "vectors": vecs})
+    rvq = SpeechRVQ(RVQConfig(num_quantizers=levels, codebook_size=codebook, kmeans_iters=4, kmeans_sample=20000), dim)
+    rvq.initialize(torch.cat([u["vectors"] for u in utts if u["split"] == "train"]), seed=seed)
+    rvq.save(folder)
+    revision = sha256_file(folder / "model.safetensors")
+    for split in ("train", "dev", "test"):
+        rows = []
+        for u in utts:
+            if u["split"] == split:
+                codes = rvq.encode(u["vectors"])
+                rows.append(token_row(u["id"], u["text"], codes, [[0.0, len(codes) / 25, len(codes)]], codebook, revision))
+        write_token_jsonl(folder / "tokens" / f"{split}.jsonl", rows)
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({k: v for k, v in u.items() if k != "vectors"}) + "\n" for u in utts))
+    write_json(folder / "provenance.json", {"stage": "stage1", "manifest": {"path": str(manifest)}})
+    return folder
+
+
+import json
+import math
+
+import pytest
+import torch
+
+from speechless.errors import UsageError
+from speechless.t2s import T2SConfig, T2SModel, build_model, collate, delayed_tokens, delays_for
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids thread hand-off costs (10x faster on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY_BACKBONE = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 1024,
+                 "tie_word_embeddings": True}
+TEXTS = ["habari ya asubuhi", "watoto walichora picha darasani juzi", "ninapenda chai sana", "Mvua inanyesha leo."]
+
+
+def tiny_model(tmp_path, frame_mode="delay", levels=4, codebook=16, speakers=("a", "b"), **extra) -> T2SModel:
+    path = tmp_path / "backbone.json"
+    path.write_text(json.dumps(TINY_BACKBONE))
+    cfg = T2SConfig(backbone=str(path), frame_mode=frame_mode, head_rank=8, tokenizer_vocab_size=40, **extra)
+    return build_model(cfg, TEXTS, levels, codebook, list(speakers), {"revision": "r" * 64, "ref": "fake"}, seed=0)
+
+
+@pytest.mark.parametrize("mode, delays", [("delay", [0, 1, 2]), ("parallel", [0, 0, 0]), ("coarse_first", [0, 1, 1])])
+def test_delay_pattern_layout(mode, delays):
+    assert delays_for(mode, 3) == delays
+    codes = torch.arange(12).view(3, 4) % 10  # (Q=3, T=4), codebook 10: EOA 10, PAD 11, BOA 12
+    inputs, targets = delayed_tokens(codes, delays, 10)
+    steps = 4 + max(delays) + 1
+    assert inputs.shape == targets.shape == (steps, 3)
+    for level, d in enumerate(delays):
+        assert targets[d:d + 4, level].tolist() == codes[level].tolist()  # frame t of level k at step t + d_k
+        assert targets[d + 4, level] == 10  # then EOA
+        assert (targets[:d, level] == -100).all() and (targets[d + 5:, level] == -100).all()
+        assert (inputs[: d + 1, level] == 12).all()  # BOA until the level's first frame is fed back
+        assert inputs[1:, level].tolist()[d:d + 4] == codes[level].tolist()  # teacher forcing: input = previous target
+    # a frame's level k is emitted after level k-1 of the same frame under the delay pattern only
+    assert (max(delays) > 0) == (mode != "parallel")
+
+
+def test_loss_is_per_level_and_decreases_when_overfitting(tmp_path):
+    model = tiny_model(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    items = [(model.text.encode(t).chunks[0], torch.randint(0, 16, (4, 6 + i), generator=gen), i % 2) for i, t in enumerate(TEXTS)]
+    batch = collate(items, model.delays, model.codebook_size)
+    first = model.loss(batch)
+    assert first["level_loss"].shape == (4,) and abs(float(first["loss"].detach()) - math.log(17)) < 0.5
+    # every level has one target per frame plus its EOA
+    assert first["level_count"].tolist() == [float(sum(6 + i + 1 for i in range(4)))] * 4
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss = model.loss(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(model.loss(batch)["loss"].detach()) < 0.5 * float(first["loss"].detach())
+
+
+@pytest.mark.parametrize("mode", ["delay", "parallel", "coarse_first"])
+def test_kv_cache_and_batching_do_not_change_greedy_output(tmp_path, mode):
+    model = tiny_model(tmp_path, frame_mode=mode)
+    ids = [model.text.encode(t).chunks[0] for t in TEXTS]
+    cached, capped = model.generate(ids, [0, 1, 0, 1], max_frames=12)
+    uncached, _ = model.generate(ids, [0, 1, 0, 1], max_frames=12, use_cache=False)
+    single = [model.generate([i], [s], max_frames=12)[0][0] for i, s in zip(ids, [0, 1, 0, 1])]
+    for a, b, c in zip(cached, uncached, single):
+        assert a.shape[0] == 4 and 1 <= a.shape[1] <= 12
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert len(capped) == 4
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tmp_path):
+    model = tiny_model(tmp_path)
+    ids = [model.text.encode(t).chunks[0] for t in TEXTS[:2]]
+    greedy, _ = model.generate(ids, max_frames=10)
+    top1, _ = model.generate(ids, max_frames=10, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(greedy, top1))
+    s1, _ = model.generate(ids, max_frames=10, temperature=1.5, generator=torch.Generator().manual_seed(1))
+    s2, _ = model.generate(ids, max_frames=10, temperature=1.5, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(s1, s2))
+
+
+def test_model_stops_at_end_of_audio_and_is_capped_otherwise(tmp_path):
+    model = tiny_model(tmp_path)
+    ids = [model.text.encode(TEXTS[0]).chunks[0]]
+    with torch.no_grad():
+        model.head_bias[0, model.eoa] = 1e4  # level 0 says EOA as soon as allowed (after min_frames)
+    codes, capped = model.generate(ids, max_frames=50, min_frames=3)
+    assert codes[0].shape == (4, 3) and capped == [False]
+    assert int(codes[0].max()) < model.codebook_size  # only real codes come out, never EOA/PAD/BOA
+    with torch.no_grad():
+        model.head_bias[0, model.eoa] = -1e4  # never ends: the cap cuts it
+    codes, capped = model.generate(ids, max_frames=7)
+    assert codes[0].shape == (4, 7) and capped == [True]
+
+
+def test_text_checks(tmp_path):
+    model = tiny_model(tmp_path, max_text_tokens=8)
+    with pytest.raises(UsageError, match="empty text"):
+        model.text.encode("   \n ")
+    with pytest.raises(UsageError, match="never saw"):
+        model.text.encode("ɛɔ ŋ")
+    enc = model.text.encode("habari ɛ yako")
+    assert enc.notes and "'ɛ'" in enc.notes[0] and "U+025B" in enc.notes[0]
+    assert enc.chunks == model.text.encode("habari yako").chunks  # the unseen character is dropped
+    long = " ".join(["watoto walichora picha"] * 10)
+    enc = model.text.encode(long)
+    assert len(enc.chunks) > 1 and all(1 <= len(c) <= 8 for c in enc.chunks)
+    assert "split at word boundaries" in enc.notes[-1]
+    decoded = " ".join(model.text.tokenizer.decode(c) for c in enc.chunks)
+    assert decoded.split() == long.split()  # nothing lost, nothing reordered
+
+
+def test_unknown_speaker_is_refused(tmp_path):
+    model = tiny_model(tmp_path)
+    assert model.speaker_index(None) == 0 and model.speaker_index("b") == 1
+    with pytest.raises(UsageError, match="unknown; this model knows a, b"):
+        model.speaker_index("zz")
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model(tmp_path, frame_mode="coarse_first")
+    model.save(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    loaded = T2SModel.load(tmp_path / "ckpt")
+    assert loaded.delays == [0, 1, 1, 1] and loaded.speakers == ["a", "b"] and loaded.stage1["revision"] == "r" * 64
+    ids = [model.text.encode(t).chunks[0] for t in TEXTS]
+    assert [loaded.text.encode(t).chunks[0] for t in TEXTS] == ids
+    a, _ = model.generate(ids, max_frames=8)
+    b, _ = loaded.generate(ids, max_frames=8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    (tmp_path / "ckpt" / "config.json").write_text('{"format": "something-else"}')
+    with pytest.raises(UsageError, match="not a speechless stage-2"):
+        T2SModel.load(tmp_path / "ckpt")
