@@ -67,12 +67,26 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Save a safetensors file atomically (contiguous CPU copies; metadata values must be strings)."""
-    from safetensors.torch import save_file  # torch is imported lazily: commands that only write JSON start fast
+    """Save a safetensors file atomically and byte-reproducibly (same tensors + metadata -> same bytes).
+
+    safetensors serialises metadata from a Rust HashMap whose order changes between processes, so the header is
+    rebuilt here with sorted keys: weight files can then be identified by their sha256.
+    """
+    from safetensors.torch import save  # torch is imported lazily: commands that only write JSON start fast
 
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    blob = save(cpu)
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + header_len])
+    if metadata:
+        header = {"__metadata__": dict(sorted(metadata.items())), **header}
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
     with atomic_path(path) as tmp:
-        save_file(cpu, str(tmp), metadata=metadata)
+        with open(tmp, "wb") as handle:
+            handle.write(len(encoded).to_bytes(8, "little"))
+            handle.write(encoded)
+            handle.write(memoryview(blob)[8 + header_len:])
 
 
 def load_tensors(path: str | os.PathLike) -> dict:
