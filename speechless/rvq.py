@@ -102,7 +102,7 @@ class RVQConfig(Section):
 
     learnable_codebook: bool = False
     """Train codebooks by gradient (`learnable_codebook=True, ema_update=False` in vqp) instead of EMA. Default False:
-    EMA is cheaper and the study found no gain from gradients."""
+    same steps, gradients gave no gain over EMA in the study (held-out MSE 0.0227 vs 0.0225)."""
 
     learning_rate: float = Field(1e-3, gt=0.0)
     """Adam learning rate for learnable codebooks (unused with EMA)."""
