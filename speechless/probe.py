@@ -165,10 +165,12 @@ class CTCProbe(torch.nn.Module):
         return model.eval()
 
 
-def _pad(codes: list[torch.Tensor], num_levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, T_i) tensors -> (B, T_max, Q) zero-padded, lengths (B,)."""
+def _pad(codes: list[torch.Tensor], num_levels: int, multiple: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, T_i) tensors -> (B, T, Q) zero-padded to a multiple of `multiple` frames (few distinct shapes: oneDNN
+    convolutions are compiled per input shape, which made variable-length batches 4x slower), lengths (B,)."""
     lengths = torch.tensor([c.shape[-1] for c in codes], dtype=torch.long)
-    batch = torch.zeros(len(codes), int(lengths.max()), num_levels, dtype=torch.long)
+    frames = -(-int(lengths.max()) // multiple) * multiple
+    batch = torch.zeros(len(codes), frames, num_levels, dtype=torch.long)
     for row, c in enumerate(codes):
         batch[row, : c.shape[-1]] = c.T
     return batch, lengths
@@ -233,4 +235,4 @@ def train_probe(codes: list[torch.Tensor], texts: list[str], cfg: ProbeConfig, n
     seconds = time.time() - started
     return probe, {"steps": cfg.steps, "utterances": len(usable), "alphabet": alphabet, "seconds": round(seconds, 2),
                    "final_loss": round(sum(history[-20:]) / max(1, len(history[-20:])), 4) if history else None,
-                   "parameters": sum(p.numel() for p in probe.parameters())}
+                   "parameters": sum(p.numel() for p in probe.parameters()), "layers": cfg.conv_layers}

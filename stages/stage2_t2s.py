@@ -84,9 +84,11 @@ class TrainConfig(Section):
 
 
 class GenerateConfig(Section):
-    temperature: float = Field(0.0, ge=0.0)
-    """0 = greedy; > 0 = sampling at this temperature."""
-    top_k: int = Field(0, ge=0)
+    temperature: float = Field(0.7, ge=0.0)
+    """0 = greedy; > 0 = sampling at this temperature. Default 0.7 with top_k 30: on the demo, greedy decoding looped
+    (10 of 180 held-out texts never emitted end-of-audio; durations 1.7x too long) while sampling ended every text at
+    the right length (ratio 1.05) with a lower probe CER (benchmarks/RESULTS.md)."""
+    top_k: int = Field(30, ge=0)
     """With sampling: keep only the k most likely codes per level (0 = all)."""
     max_seconds: float = Field(30.0, gt=0.0)
     """Cap on generated speech per text chunk (25 frames per second); a text that reaches it is cut, with a warning."""
@@ -520,7 +522,8 @@ def generate_corpus(model: T2SModel, model_revision: str, input_path: Path, outp
                     skip_invalid: bool = False) -> dict:
     """Convert a text corpus to token JSONL, resumably: rows go to `<output>.partial` (appended and flushed after each
     batch); a re-run keeps its complete rows, drops a half-written last line, and generates only what is missing; the
-    finished file is renamed to `output`."""
+    finished file is written to `output` (atomically) and the partial file removed. With greedy decoding a resumed run
+    gives exactly the rows of an uninterrupted one; with sampling, rows generated after the resume are new draws."""
     requests = read_text_requests(input_path)
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
@@ -743,7 +746,7 @@ def train(cfg: Stage2Config) -> dict:
 
     # Model: tokenizer + backbone + level embeddings/heads (deterministic for the seed; resumed weights replace them).
     model = build_model(cfg.model, [r["text"] for r in train_rows], stage1.num_levels, stage1.codebook_size, speaker_names,
-                        stage1.record(), seed=cfg.run.seed)
+                        stage1.record(), seed=cfg.run.seed, train_frames=[r["frames"] for r in train_rows])
     train_items = _items(train_rows, model, speakers)
     eval_items = _items(eval_rows, model, speakers)
 
@@ -878,7 +881,7 @@ Eval loss per level (split `{cfg.data.eval_split}`): {level_loss}.
 
 ## Semantic round trip (held-out split `{ev['split']}`: {ev['utterances']} utterances, {ev['sentences']} sentences never seen in training)
 
-The judge is a CTC ASR probe ({metrics['probe']['parameters'] / 1e6:.2f} M parameters: summed code embeddings -> convolutions -> BiGRU -> characters)
+The judge is a CTC ASR probe ({metrics['probe']['parameters'] / 1e6:.2f} M parameters: summed code embeddings -> {metrics['probe'].get('layers', 'residual')} 1-D convolutions{' -> BiGRU' if cfg.probe.rnn else ''} -> characters, CTC)
 trained on real stage-1 tokens of the train split. It reads the real tokens of the held-out audio and the tokens this
 model generated from the same sentences' text ({'each utterance in its own speaker' if ev['generation']['speakers'] == 'each' else 'default speaker'},
 {'greedy' if ev['generation']['temperature'] == 0 else f"temperature {ev['generation']['temperature']}, top-k {ev['generation']['top_k']}"}).

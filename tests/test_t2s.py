@@ -121,9 +121,11 @@ def test_loss_is_per_level_and_decreases_when_overfitting(tmp_path):
     assert float(model.loss(batch)["loss"].detach()) < 0.5 * float(first["loss"].detach())
 
 
-@pytest.mark.parametrize("mode", ["delay", "parallel", "coarse_first"])
-def test_kv_cache_and_batching_do_not_change_greedy_output(tmp_path, mode):
-    model = tiny_model(tmp_path, frame_mode=mode)
+@pytest.mark.parametrize("mode, positions", [("delay", "sequential"), ("parallel", "sequential"), ("coarse_first", "sequential"),
+                                             ("delay", "spread")])
+def test_kv_cache_and_batching_do_not_change_greedy_output(tmp_path, mode, positions):
+    model = tiny_model(tmp_path, frame_mode=mode, text_positions=positions)
+    model.frames_per_token = 2.6
     ids = [model.text.encode(t).chunks[0] for t in TEXTS]
     cached, capped = model.generate(ids, [0, 1, 0, 1], max_frames=12)
     uncached, _ = model.generate(ids, [0, 1, 0, 1], max_frames=12, use_cache=False)

@@ -25,7 +25,7 @@ def generate_settings(temperature: float, top_k: int, max_seconds: float, batch_
                                          speaker=speaker, seed=seed), "generation options")
 
 
-TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 = greedy; > 0 = sampling.")]
+TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 = greedy (may loop on a weak model); > 0 = sampling (seeded).")]
 TopKOption = Annotated[int, typer.Option("--top-k", help="With sampling: only the k most likely codes (0 = all).")]
 MaxSecondsOption = Annotated[float, typer.Option("--max-seconds", help="Cap on generated speech per text chunk (seconds).")]
 SpeakerOption = Annotated[Optional[str], typer.Option("--speaker", help="Voice (a training speaker); default: the model's first.")]
@@ -73,8 +73,8 @@ def generate(
     model: ModelOption = "stage2@latest",
     stage1: Stage1Option = None,
     weights: Annotated[str, typer.Option("--weights", help="final or best.")] = "final",
-    temperature: TemperatureOption = 0.0,
-    top_k: TopKOption = 0,
+    temperature: TemperatureOption = 0.7,
+    top_k: TopKOption = 30,
     max_seconds: MaxSecondsOption = 30.0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts generated together.")] = 64,
     speaker: SpeakerOption = None,
@@ -107,8 +107,8 @@ def evaluate(
     weights: Annotated[str, typer.Option("--weights", help="final or best.")] = "final",
     max_utterances: Annotated[Optional[int], typer.Option("--max-utterances", help="Use at most this many utterances.")] = None,
     speakers: Annotated[str, typer.Option("--speakers", help="each (every utterance in its own speaker) or default.")] = "each",
-    temperature: TemperatureOption = 0.0,
-    top_k: TopKOption = 0,
+    temperature: TemperatureOption = 0.7,
+    top_k: TopKOption = 30,
     max_seconds: MaxSecondsOption = 30.0,
     seed: SeedOption = 0,
     store_root: StoreRootOption = None,
