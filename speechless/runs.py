@@ -41,3 +41,46 @@ def code_version() -> str:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _checkpoint_path(work: Path, step: int) -> Path:
+    return work / "checkpoints" / f"step-{step:06d}.safetensors"
+
+
+def save_checkpoint(work: Path, step: int, model_tensors: dict, optimizer, state: dict, keep: int) -> None:
+    """Write a resume checkpoint (model tensors + optimizer slots, safetensors) and `work/state.json`; keep the last K.
+
+    `state` is updated in place: `step` and the list of kept `checkpoints` (the averaging window of stage 1).
+    """
+    import torch
+
+    from speechless.io import save_tensors, write_json
+
+    tensors = {f"model.{k}": v for k, v in model_tensors.items()}
+    if optimizer is not None:
+        for index, slots in optimizer.state_dict()["state"].items():
+            tensors.update({f"optim.{index}.{name}": torch.as_tensor(value) for name, value in slots.items()})
+    save_tensors(_checkpoint_path(work, step), tensors)
+    state["checkpoints"] = (state.get("checkpoints", []) + [step])[-keep:]
+    state["step"] = step
+    write_json(work / "state.json", state)
+    for old in (work / "checkpoints").glob("step-*.safetensors"):
+        if int(old.stem.split("-")[1]) not in state["checkpoints"]:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(work: Path, step: int, optimizer=None, device=None) -> dict:
+    """Restore the optimizer slots of a resume checkpoint (when given) and return its model tensors."""
+    from speechless.io import load_tensors
+
+    tensors = load_tensors(_checkpoint_path(work, step))
+    if optimizer is not None:
+        saved = optimizer.state_dict()
+        slots: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                slots.setdefault(int(index), {})[name] = value.to(device) if device is not None else value
+        saved["state"] = slots
+        optimizer.load_state_dict(saved)
+    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}

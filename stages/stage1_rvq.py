@@ -19,12 +19,12 @@ import torch
 from speechless import log
 from speechless.config import Section, to_yaml
 from speechless.data.manifest import manifest_sha256, read_manifest
-from speechless.encoder import EncoderConfig, LoadedEncoder, load_encoder
+from speechless.encoder import EncoderConfig, load_encoder
 from speechless.errors import UsageError
 from speechless.features import extract_to_cache, read_cache
-from speechless.io import load_tensors, read_json, save_tensors, sha256_file, write_json, write_text
+from speechless.io import read_json, sha256_file, write_json, write_text
 from speechless.metrics import quantizer_metrics
-from speechless.runs import RunConfig, code_version, config_fingerprint, utc_now
+from speechless.runs import RunConfig, code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
 from speechless.rvq import RVQConfig, SpeechRVQ, average_checkpoints
 from speechless.store import StoreConfig, open_store
 from speechless.tokenizer import WEIGHT_FILES, tokens_from_vectors
@@ -96,32 +96,8 @@ def _stack(utterances, cap: int | None, seed: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
-def _save_resume(work: Path, step: int, rvq: SpeechRVQ, optimizer, state: dict, keep: int) -> None:
-    tensors = {f"rvq.{k}": v for k, v in rvq.tensors().items()}
-    if optimizer is not None:
-        for index, slots in optimizer.state_dict()["state"].items():
-            tensors.update({f"optim.{index}.{name}": torch.as_tensor(value) for name, value in slots.items()})
-    save_tensors(work / "checkpoints" / f"step-{step:06d}.safetensors", tensors)
-    state["checkpoints"] = (state.get("checkpoints", []) + [step])[-keep:]
-    state["step"] = step
-    write_json(work / "state.json", state)
-    for old in (work / "checkpoints").glob("step-*.safetensors"):
-        if int(old.stem.split("-")[1]) not in state["checkpoints"]:
-            old.unlink(missing_ok=True)
-
-
 def _load_resume(work: Path, step: int, rvq: SpeechRVQ, optimizer) -> None:
-    tensors = load_tensors(work / "checkpoints" / f"step-{step:06d}.safetensors")
-    rvq.load_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("rvq.")}, source=f"{work} step {step}")
-    if optimizer is not None:
-        saved = optimizer.state_dict()
-        slots: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                slots.setdefault(int(index), {})[name] = value
-        saved["state"] = slots
-        optimizer.load_state_dict(saved)
+    rvq.load_tensors(load_checkpoint(work, step, optimizer), source=f"{work} step {step}")
 
 
 def _averaged_model(work: Path, steps: list[int], cfg: RVQConfig, dim: int) -> SpeechRVQ:
@@ -182,7 +158,7 @@ def train(cfg: Stage1Config) -> dict:
         log.info("initialising codebooks (residual k-means on train features)")
         rvq.initialize(train_vectors, seed=cfg.run.seed)
         state = {"fingerprint": fingerprint, "history": [], "best": None, "train_seconds": 0.0}
-        _save_resume(work, 0, rvq, optimizer, state, cfg.train.average_last)
+        save_checkpoint(work, 0, rvq.tensors(), optimizer, state, cfg.train.average_last)
     else:
         _load_resume(work, state["step"], rvq, optimizer)
         log.info(f"resuming from step {state['step']} of {cfg.train.steps}")
@@ -209,7 +185,7 @@ def train(cfg: Stage1Config) -> dict:
                          f"utilization min {min(metrics['utilization']):.3f}")
             state["history"].append(record)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                _save_resume(work, step, rvq, optimizer, state, cfg.train.average_last)
+                save_checkpoint(work, step, rvq.tensors(), optimizer, state, cfg.train.average_last)
             bar.advance(task)
     if cfg.train.steps == 0 and state["best"] is None:
         state["best"] = {"step": 0, "mse": evaluate(rvq, eval_vectors)["mse"]}

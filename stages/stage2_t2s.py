@@ -27,9 +27,9 @@ from pydantic import Field
 from speechless import log
 from speechless.config import Section, to_yaml
 from speechless.errors import RuntimeFailure, UsageError
-from speechless.io import load_tensors, read_json, save_tensors, sha256_file, write_json, write_text
+from speechless.io import read_json, sha256_file, write_json, write_text
 from speechless.probe import CTCProbe, ProbeConfig, cer, train_probe
-from speechless.runs import RunConfig, code_version, config_fingerprint, utc_now
+from speechless.runs import RunConfig, code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
 from speechless.store import StoreConfig, is_store_ref, open_store
 from speechless.t2s import FRAMES_PER_SECOND, T2SConfig, T2SModel, build_model, collate, count_parameters
 from speechless.tokens import read_token_jsonl, token_row
@@ -311,31 +311,8 @@ def eval_loss(model: T2SModel, items: list, batch_size: int, device: torch.devic
     return {"loss": sum(level) / len(level), "level_loss": [round(v, 4) for v in level]}
 
 
-def _save_resume(work: Path, step: int, model: T2SModel, optimizer, state: dict, keep: int = 2) -> None:
-    tensors = {f"model.{k}": v for k, v in model.tensors().items()}
-    for index, slots in optimizer.state_dict()["state"].items():
-        tensors.update({f"optim.{index}.{name}": torch.as_tensor(value) for name, value in slots.items()})
-    save_tensors(work / "checkpoints" / f"step-{step:06d}.safetensors", tensors)
-    state["checkpoints"] = (state.get("checkpoints", []) + [step])[-keep:]
-    state["step"] = step
-    write_json(work / "state.json", state)
-    for old in (work / "checkpoints").glob("step-*.safetensors"):
-        if int(old.stem.split("-")[1]) not in state["checkpoints"]:
-            old.unlink(missing_ok=True)
-
-
 def _load_resume(work: Path, step: int, model: T2SModel, optimizer) -> None:
-    path = work / "checkpoints" / f"step-{step:06d}.safetensors"
-    tensors = load_tensors(path)
-    model.load_weights({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, str(path))
-    saved = optimizer.state_dict()
-    slots: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            slots.setdefault(int(index), {})[name] = value.to(model.device)
-    saved["state"] = slots
-    optimizer.load_state_dict(saved)
+    model.load_weights(load_checkpoint(work, step, optimizer, model.device), f"{work} step {step}")
 
 
 def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_items: list, out: Path, work: Path) -> dict:
@@ -355,7 +332,7 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
         state = None
     if state is None:
         state = {"fingerprint": fingerprint, "history": [], "best": None, "train_seconds": 0.0, "frames": 0}
-        _save_resume(work, 0, model, optimizer, state)
+        save_checkpoint(work, 0, model.tensors(), optimizer, state, keep=2)
     else:
         _load_resume(work, state["step"], model, optimizer)
         log.info(f"resuming stage 2 from step {state['step']} of {cfg.train.steps}")
@@ -400,7 +377,7 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
                 window = []
             state["history"].append(record)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                _save_resume(work, step, model, optimizer, state)
+                save_checkpoint(work, step, model.tensors(), optimizer, state, keep=2)
             bar.advance(task)
     if state["best"] is None:  # steps == 0
         ev = eval_loss(model, eval_items, cfg.train.batch_size * 2, device, amp)
