@@ -1,0 +1,607 @@
+"""The speech LLM of stage 3: a base LLM, the audio path into it, and the adapters that teach it speech.
+
+Two kinds of base:
+- `gemma4_audio`: `Gemma4ForConditionalGeneration` with its own audio tower. 1024-d vectors (the INPUT of the tower's
+  `output_proj`, which stage 1 quantizes) go through the FROZEN `audio_tower.output_proj` and `model.embed_audio` into
+  the audio token slots, laid out exactly as `Gemma4Processor` lays out real audio: `<|audio>` + `<|audio|>` x N +
+  `<audio|>`. For real audio the vectors come from the model's own audio tower (a hook on `output_proj`'s input), so
+  inference is the native path audio -> encoder -> LLM (tested equal to the model's own `input_features` forward).
+- `text_lm`: any Hugging Face causal LM without an audio tower (Gemma 3 class); a trained projector (RMSNorm + Linear
+  1024 -> hidden) fills the slots, and the stage-1 encoder turns real audio into vectors.
+
+Adapters (`AdapterConfig.kind`):
+- `lora`: peft LoRA on the LLM's attention/MLP projections (never the audio tower); with `speech_only` the adapter is
+  switched off for inputs without speech, so text-only use is exactly the base model.
+- `dus` (depth up-scaling): K copies of decoder blocks attached after existing blocks, their output projections
+  zero-initialised and their `layer_scalar` set to 1, so the model is exactly the base at step 0; only they train.
+  Gemma 4's per-layer embeddings, layer types and KV sharing are indexed by layer number, so a new block is not
+  inserted into the layer list: it wraps the block it follows and reuses that block's per-layer input, layer type and
+  attention mask. It keeps no KV cache of its own: with `speech_only` its residual update applies at audio positions
+  only (text-only inputs are then exactly the base), and generation steps after the prompt hold no audio, so cached
+  decoding stays exact; without `speech_only` decoding recomputes the whole sequence each step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from speechless.config import Section
+from speechless.encoder import EncoderConfig, LoadedEncoder, weights_sha256
+from speechless.errors import RuntimeFailure, UsageError
+from speechless.io import load_tensors, read_json, save_tensors, write_json
+
+ADAPTER_FORMAT = "speechless-stage3-adapter"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TURN_START, TURN_END = "<|turn>", "<turn|>"  # Gemma 4's chat turn markers
+
+
+class BaseConfig(Section):
+    kind: Literal["gemma4_audio", "text_lm"] = "gemma4_audio"
+    """gemma4_audio: Gemma4ForConditionalGeneration (its own audio tower and embedder); text_lm: a causal LM without
+    audio (Gemma 3 class) plus a trained projector from the 1024-d vectors."""
+    source: str = "configs/llm/tiny_gemma4.json"
+    """A Hub id (google/gemma-4-e2b-it) or folder loaded with from_pretrained, or a JSON config for random weights
+    (demo/tests). A config JSON's audio tower is the stage-1 encoder (same config, same seeded weights)."""
+    revision: str | None = None
+    """Hub revision of a Hub source."""
+    random_seed: int = 0
+    """Seed of the random weights of a config-JSON source."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights dtype: auto = bfloat16 on a GPU that supports it, float32 on CPU."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda, cuda:1, ..."""
+
+
+class AdapterConfig(Section):
+    kind: Literal["lora", "dus"] = "lora"
+    """lora (peft) or dus (depth up-scaling: new zero-initialised decoder blocks in the frozen LLM)."""
+    speech_only: bool = True
+    """LoRA: adapter off for inputs without speech. DUS: new blocks update audio positions only. Either way text-only
+    inputs are exactly the base model."""
+    lora_rank: int = Field(16, ge=1)
+    """LoRA rank."""
+    lora_alpha: float = 32.0
+    """LoRA alpha (scale = alpha / rank)."""
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """LoRA dropout."""
+    lora_targets: list[str] = LORA_TARGETS
+    """Projection names inside the LLM's decoder layers that get LoRA (the audio tower is never adapted)."""
+    dus_blocks: int = Field(2, ge=1)
+    """Number of new decoder blocks (K)."""
+    dus_after: list[int] | None = None
+    """0-based indices of the existing blocks each new block follows; None = spread evenly over the non-KV-shared
+    blocks."""
+
+
+def resolve_device(name: str) -> torch.device:
+    from speechless.encoder import resolve_device as encoder_device
+
+    return encoder_device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "bfloat16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+# ------------------------------------------------------------------------------------------------------- tokenizer
+
+def build_demo_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`, with Gemma 4's turn and audio/image special tokens, wrapped as a
+    `PreTrainedTokenizerFast` exposing `audio_token`, `boa_token`, `eoa_token` the way Gemma 4's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", TURN_START, TURN_END, "<|audio>", "<|audio|>", "<audio|>",
+               "<|image>", "<|image|>", "<image|>", "<|video|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        extra_special_tokens={"audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>",
+                              "image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>"})
+
+
+# ------------------------------------------------------------------------------------------------------ base model
+
+def _random_gemma4(config_file: Path, encoder_cfg: EncoderConfig, vocab_size: int, seed: int, special: dict):
+    """Gemma4ForConditionalGeneration from a text-config JSON, whose audio tower is the stage-1 encoder."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
+
+    from speechless.encoder import load_encoder
+
+    text = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_") and k != "model_type"}
+    text.update(vocab_size=vocab_size, vocab_size_per_layer_input=vocab_size, pad_token_id=special["pad"],
+                eos_token_id=special["eos"], bos_token_id=special["bos"])
+    encoder = load_encoder(encoder_cfg.model_copy(update={"device": "cpu", "dtype": "float32"}))
+    config = Gemma4Config(text_config=Gemma4TextConfig(**text).to_dict(), audio_config=encoder.model.config.to_dict(),
+                          vision_config=None, audio_token_id=special["audio"], boa_token_id=special["boa"],
+                          eoa_token_index=special["eoa"], image_token_id=special["image"], boi_token_id=special["boi"],
+                          eoi_token_id=special["eoi"], video_token_id=special["video"])
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config)
+    model.model.audio_tower.load_state_dict(encoder.model.state_dict())
+    return model
+
+
+def _random_text_lm(config_file: Path, vocab_size: int, seed: int, special: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
+    model_type = raw.pop("model_type", None)
+    if not model_type:
+        raise UsageError(f"base.source {config_file}: a text_lm config JSON needs model_type (e.g. gemma3_text)")
+    config = AutoConfig.for_model(model_type, **raw, vocab_size=vocab_size, pad_token_id=special["pad"],
+                                  eos_token_id=special["eos"], bos_token_id=special["bos"])
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_base_model(cfg: BaseConfig, encoder_cfg: EncoderConfig | None = None, tokenizer=None):
+    """(model, tokenizer, source record). A config JSON needs the demo tokenizer (its vocab sizes the model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma4ForConditionalGeneration
+
+    path = Path(cfg.source)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise UsageError(f"base.source: config file {cfg.source} not found")
+        if tokenizer is None:
+            raise UsageError(f"base.source {cfg.source}: a random-weight base needs a tokenizer (the demo trains one)")
+        ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in
+               dict(pad=tokenizer.pad_token, eos=tokenizer.eos_token, bos=tokenizer.bos_token, audio="<|audio|>",
+                    boa="<|audio>", eoa="<audio|>", image="<|image|>", boi="<|image>", eoi="<image|>", video="<|video|>").items()}
+        if cfg.kind == "gemma4_audio":
+            if encoder_cfg is None:
+                raise UsageError("a random-weight Gemma 4 base takes its audio tower from stage 1; give the stage-1 encoder")
+            model = _random_gemma4(path, encoder_cfg, len(tokenizer), cfg.random_seed, ids)
+        else:
+            model = _random_text_lm(path, len(tokenizer), cfg.random_seed, ids)
+    else:
+        if not path.is_dir() and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", cfg.source):
+            raise UsageError(f"base.source: {cfg.source!r} is neither a config .json, a local folder nor a Hub id")
+        loader = Gemma4ForConditionalGeneration if cfg.kind == "gemma4_audio" else AutoModelForCausalLM
+        try:
+            model = loader.from_pretrained(cfg.source, revision=cfg.revision, dtype=torch.float32)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.source, revision=cfg.revision)
+        except OSError as exc:
+            raise RuntimeFailure(f"base.source: cannot load {cfg.source} ({exc}); check the id/folder, network and HF_TOKEN") from exc
+        if cfg.kind == "gemma4_audio" and getattr(model.model, "audio_tower", None) is None:
+            raise UsageError(f"base.source {cfg.source}: this Gemma 4 has no audio tower (only E2B/E4B have one)")
+    return model.eval(), tokenizer
+
+
+def base_weights_sha256(model) -> str:
+    """sha256 over the base weights the adapters attach to: the LLM and its embedders (the audio tower is checked
+    separately against stage 1)."""
+    return weights_sha256(torch.nn.ModuleDict({n: m for n, m in model.named_children()}))
+
+
+# ------------------------------------------------------------------------------------------- depth up-scaling
+
+@dataclass
+class AudioPositions:
+    """Set by SpeechLM before each LLM call: which positions of the current input are audio slots."""
+
+    mask: torch.Tensor | None = None
+
+
+class UpScaledBlock(torch.nn.Module):
+    """An existing decoder block followed by a new one (depth up-scaling); the new block's update can be limited to
+    audio positions. Removing the wrapper gives the original block back."""
+
+    def __init__(self, base: torch.nn.Module, positions: AudioPositions, speech_only: bool):
+        super().__init__()
+        self.base = base
+        self.new = copy.deepcopy(base)
+        for name in ("self_attn.o_proj", "mlp.down_proj", "per_layer_projection"):
+            try:
+                torch.nn.init.zeros_(self.new.get_submodule(name).weight)
+            except AttributeError:
+                pass
+        if hasattr(self.new, "layer_scalar"):
+            self.new.layer_scalar.fill_(1.0)
+        self.positions = positions
+        self.speech_only = speech_only
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.base(hidden_states, *args, **kwargs)
+        mask = self.positions.mask
+        if self.speech_only and (mask is None or mask.shape[1] != out.shape[1] or not bool(mask.any())):
+            return out
+        kwargs = dict(kwargs, past_key_values=None, shared_kv_states={})
+        update = self.new(out, *args, **kwargs) - out
+        if self.speech_only:
+            update = update * mask.unsqueeze(-1).to(update.dtype)
+        return out + update
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    inner = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    return inner.layers
+
+
+def add_dus(model, cfg: AdapterConfig, positions: AudioPositions) -> list[int]:
+    layers = decoder_layers(model)
+    text_cfg = model.config.get_text_config()
+    shared_from = len(layers) - int(getattr(text_cfg, "num_kv_shared_layers", 0) or 0)
+    allowed = list(range(shared_from))
+    after = cfg.dus_after
+    if after is None:
+        step = len(allowed) / cfg.dus_blocks
+        after = sorted({allowed[min(len(allowed) - 1, int((i + 1) * step) - 1)] for i in range(cfg.dus_blocks)})
+    if len(after) != cfg.dus_blocks or any(i not in allowed for i in after):
+        raise UsageError(f"adapter.dus_after {after}: need {cfg.dus_blocks} distinct indices among the blocks that own "
+                         f"their KV (0..{shared_from - 1})")
+    for index in after:
+        layers[index] = UpScaledBlock(layers[index], positions, cfg.speech_only)
+    return after
+
+
+def remove_dus(model) -> None:
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        if isinstance(layer, UpScaledBlock):
+            layers[index] = layer.base
+
+
+def dus_tensors(model) -> dict[str, torch.Tensor]:
+    return {f"{i}.{k}": v for i, layer in enumerate(decoder_layers(model)) if isinstance(layer, UpScaledBlock)
+            for k, v in layer.new.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------------- the speech LLM
+
+@dataclass
+class Example:
+    """One tokenized conversation: ids, labels (-100 outside assistant turns) and the vectors of each audio block."""
+
+    ids: list[int]
+    labels: list[int]
+    audio: list[torch.Tensor] = field(default_factory=list)
+
+
+class SpeechLM(torch.nn.Module):
+    def __init__(self, model, tokenizer, base_cfg: BaseConfig, base_sha256: str, encoder_cfg: EncoderConfig | None = None):
+        super().__init__()
+        self.lm = model
+        self.tokenizer = tokenizer
+        self.base_cfg = base_cfg
+        self.base_sha256 = base_sha256
+        self.positions = AudioPositions()
+        self.adapter: AdapterConfig | None = None
+        self.dus_after: list[int] = []
+        self.encoder_cfg = encoder_cfg or EncoderConfig()
+        text_cfg = model.config.get_text_config()
+        self.hidden = text_cfg.hidden_size
+        self.is_gemma4 = base_cfg.kind == "gemma4_audio"
+        self.projector = None
+        self._encoder: LoadedEncoder | None = None
+        if self.is_gemma4:
+            self.audio_id = model.config.audio_token_id
+            self.boa, self.eoa = tokenizer.convert_ids_to_tokens(model.config.boa_token_id), tokenizer.convert_ids_to_tokens(model.config.eoa_token_index)
+            self.slot = tokenizer.convert_ids_to_tokens(self.audio_id)
+        else:
+            if getattr(tokenizer, "audio_token", None) is None:
+                raise UsageError(f"base.source {base_cfg.source}: its tokenizer has no audio tokens (audio_token, boa_token, "
+                                 "eoa_token); add them as special tokens (and resize the embeddings) before stage 3")
+            self.slot, self.boa, self.eoa = tokenizer.audio_token, tokenizer.boa_token, tokenizer.eoa_token
+            self.audio_id = tokenizer.convert_tokens_to_ids(self.slot)
+            dim = self.encoder_cfg_dim()
+            torch.manual_seed(base_cfg.random_seed)
+            self.projector = torch.nn.Sequential(torch.nn.RMSNorm(dim, elementwise_affine=False), torch.nn.Linear(dim, self.hidden))
+        self.end_id = tokenizer.convert_tokens_to_ids(TURN_END)
+        for p in self.lm.parameters():
+            p.requires_grad_(False)
+
+    def encoder_cfg_dim(self) -> int:
+        return self.encoder().dim
+
+    # ----------------------------------------------------------------------------------------- audio path
+    def encoder(self) -> LoadedEncoder:
+        """The encoder real audio goes through: Gemma 4's own audio tower, or the stage-1 encoder for a text LM."""
+        if self._encoder is None:
+            from transformers import Gemma4AudioFeatureExtractor
+
+            from speechless.encoder import load_encoder
+
+            if self.is_gemma4:
+                tower = self._inner().model.audio_tower
+                param = next(tower.parameters())
+                self._encoder = LoadedEncoder(tower, Gemma4AudioFeatureExtractor(), weights_sha256(tower), None,
+                                              tower.output_proj.in_features, param.device, param.dtype)
+            else:
+                self._encoder = load_encoder(self.encoder_cfg)
+        return self._encoder
+
+    def embed_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(N, 1024) vectors -> (N, hidden) LLM embeddings: frozen output_proj + embed_audio, or the projector."""
+        if self.is_gemma4:
+            tower, embedder = self._inner().model.audio_tower, self._inner().model.embed_audio
+            param = next(embedder.parameters())
+            return embedder(tower.output_proj(vectors.to(param.device, param.dtype)))
+        param = next(self.projector.parameters())
+        return self.projector(vectors.to(param.device, param.dtype))
+
+    def audio_block(self, frames: int) -> str:
+        """The text that holds one audio clip's slots: exactly what Gemma4Processor.replace_audio_token produces."""
+        return f"{self.boa}{self.slot * frames}{self.eoa}"
+
+    # ------------------------------------------------------------------------------------------ prompts
+    def encode(self, messages: list[dict], audio: list[torch.Tensor], with_answer: bool = True) -> Example:
+        """Conversation -> ids/labels. User content parts: text, or speech (filled in order from `audio`, one tensor
+        (frames, dim) or a list of per-window tensors each). Loss only on assistant tokens (and their end marker)."""
+        ids: list[int] = []
+        labels: list[int] = []
+        blocks: list[torch.Tensor] = []
+        audio_iter = iter(audio)
+        bos = self.tokenizer.bos_token_id
+
+        def add(text: str, train: bool) -> None:
+            piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids.extend(piece)
+            labels.extend(piece if train else [-100] * len(piece))
+
+        if bos is not None:
+            ids.append(bos)
+            labels.append(-100)
+        for number, message in enumerate(messages):
+            last = number == len(messages) - 1
+            if message["role"] == "user":
+                text = ""
+                for part in message["content"]:
+                    if part["type"] == "text":
+                        text += part["text"]
+                    else:
+                        clip = next(audio_iter)
+                        windows = clip if isinstance(clip, list) else [clip]
+                        for window in windows:
+                            text += self.audio_block(len(window))
+                            blocks.append(window)
+                add(f"{TURN_START}user\n{text}{TURN_END}\n", False)
+            else:
+                add(f"{TURN_START}model\n", False)
+                if last and not with_answer:
+                    break
+                add(f"{message['content']}{TURN_END}", True)
+                add("\n", False)
+        if not with_answer and messages[-1]["role"] == "user":
+            add(f"{TURN_START}model\n", False)
+        return Example(ids, labels, blocks)
+
+    # ------------------------------------------------------------------------------------------ forward
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    def batch(self, examples: list[Example], pad_left: bool = False, embeds: list[torch.Tensor] | None = None) -> dict:
+        pad = self.tokenizer.pad_token_id
+        length = max(len(e.ids) for e in examples)
+        ids = torch.full((len(examples), length), pad, dtype=torch.long)
+        labels = torch.full((len(examples), length), -100, dtype=torch.long)
+        attention = torch.zeros((len(examples), length), dtype=torch.long)
+        for row, e in enumerate(examples):
+            span = slice(length - len(e.ids), length) if pad_left else slice(0, len(e.ids))
+            ids[row, span] = torch.tensor(e.ids)
+            labels[row, span] = torch.tensor(e.labels)
+            attention[row, span] = 1
+        vectors = [block for e in examples for block in e.audio]
+        return {"ids": ids, "labels": labels, "attention": attention, "vectors": vectors, "embeds": embeds}
+
+    def input_embeddings(self, ids: torch.Tensor, vectors: list[torch.Tensor], embeds: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
+        """inputs_embeds with the audio slots filled, plus the extra kwargs the LLM needs (Gemma 4's per-layer inputs
+        computed from the ids with audio slots as padding, exactly as its native audio path does)."""
+        device = self.device
+        ids = ids.to(device)
+        slots = ids == self.audio_id
+        llm_ids = torch.where(slots, self.tokenizer.pad_token_id, ids)
+        inputs = self.lm.get_input_embeddings()(llm_ids)
+        extra = {}
+        if self.is_gemma4 and self.lm.config.get_text_config().hidden_size_per_layer_input:
+            extra["per_layer_inputs"] = self._inner().model.language_model.get_per_layer_inputs(llm_ids, None)
+        n_slots = int(slots.sum())
+        if embeds is None:
+            embeds = [self.embed_vectors(v) for v in vectors] if vectors else []
+        if sum(len(e) for e in embeds) != n_slots:
+            raise RuntimeFailure(f"audio slots ({n_slots}) and audio frames ({sum(len(e) for e in embeds)}) differ")
+        if n_slots:
+            flat = torch.cat(embeds).to(device, inputs.dtype)
+            inputs = inputs.masked_scatter(slots.unsqueeze(-1).expand_as(inputs), flat)
+        return inputs, extra
+
+    def _adapter_state(self, has_audio: bool):
+        """Context: LoRA switched off for a text-only input when the adapter is speech-only."""
+        import contextlib
+
+        if self.adapter is not None and self.adapter.kind == "lora" and self.adapter.speech_only and not has_audio:
+            return self.lm.disable_adapter()
+        return contextlib.nullcontext()
+
+    def logits(self, batch: dict, past=None, use_cache: bool = False):
+        ids = batch["ids"].to(self.device)
+        inputs, extra = self.input_embeddings(ids, batch["vectors"], batch.get("embeds"))
+        self.positions.mask = ids == self.audio_id
+        attention = batch["attention"].to(self.device)
+        with self._adapter_state(bool(self.positions.mask.any())):
+            out = self.lm(inputs_embeds=inputs, attention_mask=attention, use_cache=use_cache, **extra)
+        return out
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        logits = self.logits(batch).logits.float()
+        labels = batch["labels"].to(self.device)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    @torch.no_grad()
+    def nll(self, examples: list[Example], batch_size: int = 32) -> tuple[float, int]:
+        """Summed negative log-likelihood of the assistant tokens and their count (for perplexity)."""
+        total, count = 0.0, 0
+        for start in range(0, len(examples), batch_size):
+            batch = self.batch(examples[start:start + batch_size])
+            logits = self.logits(batch).logits.float()
+            labels = batch["labels"].to(self.device)
+            total += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                             ignore_index=-100, reduction="sum"))
+            count += int((labels[:, 1:] != -100).sum())
+        return total, count
+
+    @torch.no_grad()
+    def generate(self, examples: list[Example], max_new_tokens: int = 48) -> list[str]:
+        """Greedy answers for prompts (left-padded batch). Cached decoding, except DUS on all positions (its new
+        blocks keep no KV cache), which recomputes the sequence each step."""
+        batch = self.batch(examples, pad_left=True)
+        cached = not (self.adapter is not None and self.adapter.kind == "dus" and not self.adapter.speech_only)
+        ids, attention = batch["ids"].to(self.device), batch["attention"].to(self.device)
+        done = torch.zeros(len(examples), dtype=torch.bool, device=self.device)
+        out_tokens: list[torch.Tensor] = []
+        has_audio = bool((ids == self.audio_id).any())
+        with self._adapter_state(has_audio):
+            inputs, extra = self.input_embeddings(ids, batch["vectors"], None)
+            self.positions.mask = ids == self.audio_id
+            positions = (attention.cumsum(1) - 1).clamp(min=0)
+            result = self.lm(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, use_cache=cached, **extra)
+            for _ in range(max_new_tokens):
+                token = result.logits[:, -1].argmax(-1)
+                token = torch.where(done, torch.full_like(token, self.tokenizer.pad_token_id), token)
+                out_tokens.append(token)
+                done |= token == self.end_id
+                if bool(done.all()):
+                    break
+                attention = torch.cat([attention, (~done).long().unsqueeze(1) | 1], 1)
+                step_ids = token.unsqueeze(1)
+                if cached:
+                    self.positions.mask = torch.zeros_like(step_ids, dtype=torch.bool)
+                    position = positions[:, -1:] + 1
+                    positions = torch.cat([positions, position], 1)
+                    result = self.lm(input_ids=step_ids, attention_mask=attention, position_ids=position,
+                                     past_key_values=result.past_key_values, use_cache=True)
+                else:
+                    ids = torch.cat([ids, step_ids], 1)
+                    positions = torch.cat([positions, positions[:, -1:] + 1], 1)
+                    inputs, extra = self.input_embeddings(ids, batch["vectors"], None)
+                    self.positions.mask = ids == self.audio_id
+                    result = self.lm(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, use_cache=False, **extra)
+        tokens = torch.stack(out_tokens, 1).cpu() if out_tokens else torch.zeros((len(examples), 0), dtype=torch.long)
+        answers = []
+        for row in tokens.tolist():
+            if self.end_id in row:
+                row = row[: row.index(self.end_id)]
+            answers.append(self.tokenizer.decode([t for t in row if t != self.tokenizer.pad_token_id], skip_special_tokens=True).strip())
+        return answers
+
+    # ------------------------------------------------------------------------------------------ adapters
+    def attach(self, cfg: AdapterConfig) -> None:
+        if self.adapter is not None:
+            raise UsageError("an adapter is already attached; build a fresh model to attach another")
+        self.adapter = cfg
+        if cfg.kind == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            pattern = rf"^(?!.*(audio_tower|vision_tower)).*layers\.\d+\.(self_attn|mlp)\.({'|'.join(map(re.escape, cfg.lora_targets))})$"
+            self.lm = get_peft_model(self.lm, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                         target_modules=pattern, bias="none"))
+        else:
+            self.dus_after = add_dus(self._inner(), cfg, self.positions)
+            for layer in decoder_layers(self._inner()):
+                if isinstance(layer, UpScaledBlock):
+                    layer.new.requires_grad_(True)
+
+    def _inner(self):
+        """The transformers model under a peft wrapper, if any."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        params = {f"lm.{n}": p for n, p in self.lm.named_parameters() if p.requires_grad}
+        if self.projector is not None:
+            params.update({f"projector.{n}": p for n, p in self.projector.named_parameters()})
+        return params
+
+    def parameter_counts(self) -> dict:
+        total = sum(p.numel() for p in self.lm.parameters()) + (sum(p.numel() for p in self.projector.parameters()) if self.projector else 0)
+        trainable = sum(p.numel() for p in self.trainable_parameters().values())
+        return {"trainable": trainable, "total": total, "trainable_share": round(trainable / total, 6)}
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        if self.adapter is not None and self.adapter.kind == "lora":
+            from peft import get_peft_model_state_dict
+
+            tensors.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.lm).items()})
+        elif self.adapter is not None:
+            tensors.update({f"dus.{k}": v for k, v in dus_tensors(self._inner()).items()})
+        if self.projector is not None:
+            tensors.update({f"projector.{k}": v for k, v in self.projector.state_dict().items()})
+        return tensors
+
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        expected = self.adapter_tensors()
+        if set(expected) != set(tensors):
+            missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+            raise UsageError(f"{source}: adapter tensors do not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); "
+                             "the adapter was made for another base or adapter config")
+        for name, value in tensors.items():
+            if tuple(value.shape) != tuple(expected[name].shape):
+                raise UsageError(f"{source}: tensor {name} has shape {tuple(value.shape)}, this model expects {tuple(expected[name].shape)}")
+        if self.adapter.kind == "lora":
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.lm, {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")})
+        else:
+            for i, layer in enumerate(decoder_layers(self._inner())):
+                if isinstance(layer, UpScaledBlock):
+                    prefix = f"dus.{i}."
+                    layer.new.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        if self.projector is not None:
+            self.projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
+
+    def save_adapter(self, folder: Path, lineage: dict) -> None:
+        """adapter.safetensors + adapter_config.json (+ peft's adapter_config.json for LoRA): weights of the adapter
+        (and projector) only, with the lineage (base id and weights sha256, stage-1/2 versions)."""
+        folder = Path(folder)
+        save_tensors(folder / "adapter.safetensors", self.adapter_tensors(), metadata={"format": ADAPTER_FORMAT})
+        record = {"format": ADAPTER_FORMAT, "version": 1, "adapter": self.adapter.model_dump(mode="json"), "dus_after": self.dus_after,
+                  "base": {"kind": self.base_cfg.kind, "source": self.base_cfg.source, "revision": self.base_cfg.revision,
+                           "weights_sha256": self.base_sha256}, "encoder": self.encoder_cfg.model_dump(mode="json"),
+                  "parameters": self.parameter_counts(), **lineage}
+        if self.adapter.kind == "lora":
+            write_json(folder / "peft_config.json", self.lm.peft_config["default"].to_dict() | {"target_modules": str(self.lm.peft_config["default"].target_modules)})
+        write_json(folder / "adapter_config.json", record)
+
+
+def load_speech_lm(base_cfg: BaseConfig, encoder_cfg: EncoderConfig, expected_encoder_sha256: str | None, tokenizer=None) -> SpeechLM:
+    """Load the base, check its audio tower is the stage-1 encoder (refuse a mismatch), wrap it."""
+    model, tokenizer = load_base_model(base_cfg, encoder_cfg, tokenizer)
+    device = resolve_device(base_cfg.device)
+    model = model.to(device=device, dtype=pick_dtype(base_cfg.dtype, device))
+    if base_cfg.kind == "gemma4_audio" and expected_encoder_sha256 is not None:
+        tower_sha = weights_sha256(model.model.audio_tower)
+        if tower_sha != expected_encoder_sha256:
+            raise UsageError(f"base {base_cfg.source}: its audio tower ({tower_sha[:12]}) is not the encoder stage 1 was trained on "
+                             f"({expected_encoder_sha256[:12]}); stage-1 codes would mean something else: use the matching stage-1 version")
+    return SpeechLM(model, tokenizer, base_cfg, base_weights_sha256(model), encoder_cfg)
+
+
+def load_adapter(folder: Path, speech_lm_loader) -> tuple[SpeechLM, dict]:
+    """A saved stage-3 adapter folder -> (SpeechLM with the adapter, its record). `speech_lm_loader(record)` builds the
+    base the record names; a base whose weights differ from the recorded sha256 is refused."""
+    folder = Path(folder)
+    record = read_json(folder / "adapter_config.json")
+    if not isinstance(record, dict) or record.get("format") != ADAPTER_FORMAT:
+        raise UsageError(f"{folder / 'adapter_config.json'}: not a speechless stage-3 adapter")
+    model = speech_lm_loader(record)
+    if model.base_sha256 != record["base"]["weights_sha256"]:
+        raise UsageError(f"{folder}: adapter was trained for base weights {record['base']['weights_sha256'][:12]} "
+                         f"({record['base']['source']}), but the loaded base has {model.base_sha256[:12]}; load the matching base")
+    model.attach(AdapterConfig.model_validate(record["adapter"]))
+    model.load_adapter_tensors(load_tensors(folder / "adapter.safetensors"), str(folder / "adapter.safetensors"))
+    return model.eval(), record

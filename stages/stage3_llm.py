@@ -1,0 +1,524 @@
+"""Stage 3 recipe: adapt an LLM to speech with synthetic speech only, and prove it on real speech.
+
+Read top to bottom: setup (stage-1 and stage-2 versions, checked against each other) -> instruction conversations
+(the demo builds its task set from the corpus: transcribe, translate, closed questions) -> the base LLM (demo: a tiny
+Gemma 4 whose audio tower IS the stage-1 encoder, first taught the demo tasks in text and saved, so it is reused) ->
+speech for every user turn: stage-2 tokens of its text (model A: synthetic; cached, resumable) or the real stage-1
+tokens of the same recording (model B, the topline), decoded to 1024-d vectors with the stage-1 codebooks -> train the
+adapter (LoRA or depth up-scaling; loss on assistant tokens, length-bucketed batches, resumable) -> evaluate on held-out
+REAL speech through the model's own audio tower (WER/CER, BLEU/chrF, exact match; text perplexity before/after; the
+same requests as text) -> save the adapter only (+ lineage) -> push `stage3@vN`.
+
+`work/` (caches, resume state, comparison variants) is never pushed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+from pydantic import Field
+
+from speechless import log
+from speechless.config import Section, to_yaml
+from speechless.encoder import EncoderConfig
+from speechless.errors import UsageError
+from speechless.instructions import DEMO_TASKS, answer, as_text, demo_conversations, read_conversations, speech_parts
+from speechless.io import read_json, sha256_file, write_json, write_jsonl, write_text
+from speechless.llm import AdapterConfig, BaseConfig, Example, SpeechLM, build_demo_tokenizer, load_adapter, load_speech_lm
+from speechless.runs import RunConfig, code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
+from speechless.rvq import SpeechRVQ
+from speechless.store import StoreConfig, open_store
+from stages.stage2_t2s import GenerateConfig, check_stage1_match, epoch_batches, generate_corpus, load_split, load_stage2, resolve_stage1
+
+
+class DataConfig(Section):
+    stage1: str = "runs/demo/stage1"
+    """Stage-1 version (folder or stage1@vN): its codebooks decode tokens to vectors, its encoder is the audio tower."""
+    stage2: str = "runs/demo/stage2"
+    """Stage-2 version (folder or stage2@vN) that speaks the user turns; refused if trained on another stage-1 version."""
+    manifest: str = "runs/demo/corpus/all.jsonl"
+    """Corpus manifest: recordings for the real-speech topline and the held-out evaluation (and speakers)."""
+    sentences: str | None = None
+    """Demo sentences with their parts (None = `sentences.jsonl` beside the manifest)."""
+    instructions: str | None = None
+    """Training conversations JSONL (see speechless/instructions.py); None = the demo task set built from the corpus."""
+    tasks: list[str] = list(DEMO_TASKS)
+    """Demo tasks: asr (transcribe), ast (translate to English), where/who (closed answers, exact match)."""
+    train_split: str = "train"
+    eval_split: str = "test"
+    voices_per_sentence: int = Field(2, ge=1)
+    """Training recordings (and stage-2 voices) per sentence."""
+    eval_voices_per_sentence: int = Field(2, ge=1)
+    """Held-out recordings per test sentence."""
+    generate: GenerateConfig = GenerateConfig(max_seconds=20.0)
+    """How stage 2 speaks the user turns (each in the voice of the recording it stands for)."""
+
+
+class PretrainConfig(Section):
+    enabled: bool = True
+    """Demo only: teach the random-weight base the demo tasks in text first (saved to out_dir, reused when current)."""
+    out_dir: str = "runs/demo/stage3_base"
+    vocab_size: int = Field(600, ge=64)
+    """BPE vocabulary of the demo tokenizer (trained on the demo text)."""
+    steps: int = Field(800, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = 3e-3
+
+
+class TrainConfig(Section):
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = 2e-3
+    warmup_steps: int = Field(20, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+    """Resume checkpoints (work/): a killed run restarts from the last one."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30 % slower)."""
+    threads: int | None = 1
+    """CPU threads (None = torch default); on a shared 2-core machine 1 thread was fastest for stage 2."""
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(40, ge=1)
+    batch_size: int = Field(48, ge=1)
+    quantize_real: bool = False
+    """Quantize/dequantize real-audio vectors through stage 1 before the LLM (as in training); both are measured for
+    the main model, this picks what `infer`/`chat` do by default."""
+
+
+class CompareConfig(Section):
+    topline: bool = True
+    """Also train model B: the same recipe on REAL speech tokens of the same training recordings."""
+    adapters: list[str] = ["lora", "dus"]
+    """Adapter kinds compared (with `adapter`'s other settings); `dus_all` = DUS updating every position."""
+
+
+class Stage3Config(Section):
+    run: RunConfig = RunConfig(out_dir="runs/demo/stage3")
+    base: BaseConfig = BaseConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    data: DataConfig = DataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    compare: CompareConfig = CompareConfig()
+    store: StoreConfig = StoreConfig()
+
+
+# ------------------------------------------------------------------------------------------------------------ setup
+
+def stage1_encoder(stage1_folder: Path) -> tuple[EncoderConfig, str]:
+    recorded = dict(read_json(stage1_folder / "config.json")["encoder"])
+    sha = recorded.pop("weights_sha256")
+    recorded.pop("source_commit", None)
+    return EncoderConfig(**recorded), sha
+
+
+def manifest_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UsageError(f"data.manifest: {path} not found")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            row["audio_filepath"] = str((path.parent / row["audio_filepath"]).resolve())
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------- training
+
+def lr_at(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+
+def train_loop(model: SpeechLM, examples: list[Example], steps: int, batch_size: int, lr: float, warmup: int, work: Path,
+               fingerprint: str, seed: int, checkpoint_every: int, what: str, gradient_checkpointing: bool = False) -> list[dict]:
+    """AdamW on the trainable parameters, length-bucketed batches, warmup + cosine; resumable from `work/`."""
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+    state = {"fingerprint": fingerprint, "history": []}
+    start = 0
+    if (work / "state.json").is_file():
+        saved = read_json(work / "state.json")
+        if saved.get("fingerprint") == fingerprint and saved.get("step"):
+            tensors = load_checkpoint(work, saved["step"], optimizer)
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(tensors[name])
+            state, start = saved, saved["step"]
+            log.info(f"{what}: resuming at step {start}")
+    if gradient_checkpointing:
+        model._inner().gradient_checkpointing_enable()
+    model.train()
+    lengths = [len(e.ids) for e in examples]
+    per_epoch = math.ceil(len(examples) / batch_size)
+    began = time.time()
+    for step in range(start, steps):
+        epoch, index = divmod(step, per_epoch)
+        batch_ids = epoch_batches(lengths, batch_size, seed, epoch)[index]
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_at(step, steps, warmup)
+        loss = model.loss(model.batch([examples[i] for i in batch_ids]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        optimizer.step()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            state["history"].append({"step": step + 1, "loss": round(float(loss), 4), "seconds": round(time.time() - began, 1)})
+            log.info(f"{what}: step {step + 1}/{steps} loss {float(loss):.4f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            save_checkpoint(work, step + 1, {n: p.detach() for n, p in params.items()}, optimizer, state, keep=1)
+    model.eval()
+    return state["history"]
+
+
+# --------------------------------------------------------------------------------------------------- base pretraining
+
+def pretrain_base(cfg: Stage3Config, train_rows: list[dict], encoder_cfg: EncoderConfig, encoder_sha: str, texts: list[str]) -> BaseConfig:
+    """Demo: teach the tiny random-weight Gemma the demo tasks in text; save it (save_pretrained) and reuse it."""
+    out = Path(cfg.pretrain.out_dir)
+    fingerprint = json.dumps({"base": cfg.base.model_dump(mode="json"), "pretrain": cfg.pretrain.model_dump(mode="json", exclude={"out_dir"}),
+                              "encoder": encoder_sha, "rows": len(train_rows), "tasks": cfg.data.tasks}, sort_keys=True)
+    record = out / "speechless_base.json"
+    based = BaseConfig(kind=cfg.base.kind, source=str(out), device=cfg.base.device, dtype=cfg.base.dtype)
+    if record.is_file() and read_json(record).get("fingerprint") == fingerprint:
+        log.info(f"text-pretrained base: reusing {out}")
+        return based
+    tokenizer = build_demo_tokenizer(texts, cfg.pretrain.vocab_size)
+    model = load_speech_lm(cfg.base, encoder_cfg, encoder_sha, tokenizer)
+    for name, p in model.lm.named_parameters():
+        p.requires_grad_(not name.startswith(("model.audio_tower", "model.embed_audio")))
+    examples = [model.encode(as_text(r)["messages"], []) for r in train_rows]
+    work = out.with_name(out.name + ".work")
+    history = train_loop(model, examples, cfg.pretrain.steps, cfg.pretrain.batch_size, cfg.pretrain.learning_rate, 50, work,
+                         fingerprint, cfg.run.seed, cfg.pretrain.steps, "text pretraining")
+    tmp = out.with_name(f".{out.name}.tmp")
+    model.lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / "speechless_base.json", {"fingerprint": fingerprint, "history": history, "created": utc_now(),
+                                              "audio_tower_sha256": encoder_sha, "code_version": code_version()})
+    from speechless.io import replace_dir
+
+    replace_dir(tmp, out)
+    return based
+
+
+def load_base(base: BaseConfig, encoder_cfg: EncoderConfig, encoder_sha: str) -> SpeechLM:
+    return load_speech_lm(base, encoder_cfg, encoder_sha)
+
+
+# -------------------------------------------------------------------------------------------------- speech vectors
+
+def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[dict[str, dict], dict]:
+    """Stage-2 tokens for every speech part (by its utterance id, in that recording's voice): cached and resumable."""
+    model, revision, folder = load_stage2(cfg.data.stage2)
+    check_stage1_match(model, cfg.data.stage1, cfg.store)
+    texts = {}
+    for row in rows:
+        for part in speech_parts(row):
+            key = part.get("utterance") or part["text"]
+            speaker = part.get("speaker") if part.get("speaker") in model.speakers else None
+            texts[key] = {"id": key, "text": part["text"], "speaker": speaker}
+    source = work / "speech" / "stage2_texts.jsonl"
+    output = work / "speech" / f"stage2_{revision[:12]}.jsonl"
+    write_jsonl(source, list(texts.values()))
+    if output.exists() and {json.loads(l)["id"] for l in output.read_text().splitlines() if l.strip()} != set(texts):
+        output.unlink()
+    generate_corpus(model, revision, source, output, cfg.data.generate)
+    tokens = {r["id"]: r for r in map(json.loads, output.read_text().splitlines()) if r}
+    return tokens, {"ref": cfg.data.stage2, "revision": revision, "stage1_revision": model.stage1["revision"],
+                    "version": read_json(folder / "provenance.json").get("version") if (folder / "provenance.json").is_file() else None}
+
+
+def vectors_from_tokens(rvq: SpeechRVQ, row: dict) -> torch.Tensor:
+    return rvq.decode(torch.tensor(row["codes"], dtype=torch.long).T)
+
+
+def speech_examples(model: SpeechLM, rows: list[dict], tokens: dict[str, dict], rvq: SpeechRVQ, max_frames: int = 750) -> list[Example]:
+    """Tokenized conversations with each speech part's decoded vectors; the frozen audio embedding is computed once."""
+    examples = []
+    for row in rows:
+        clips = []
+        for part in speech_parts(row):
+            key = part.get("utterance") or part["text"]
+            if key not in tokens:
+                raise UsageError(f"conversation {row['id']}: no speech tokens for {key!r}")
+            vectors = vectors_from_tokens(rvq, tokens[key])
+            clips.append([vectors[i:i + max_frames] for i in range(0, len(vectors), max_frames)])
+        examples.append(model.encode(row["messages"], clips))
+    return examples
+
+
+# -------------------------------------------------------------------------------------------------------- evaluation
+
+def normalize(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
+
+
+def score_task(task: str, closed: bool, hyps: list[str], refs: list[str]) -> dict:
+    import jiwer
+    import sacrebleu
+
+    hyps_n, refs_n = [normalize(h) for h in hyps], [normalize(r) for r in refs]
+    result = {"n": len(refs)}
+    if task == "asr":
+        safe = [h if h else "<empty>" for h in hyps_n]
+        result.update(wer=round(jiwer.wer(refs_n, safe), 4), cer=round(jiwer.cer(refs_n, safe), 4))
+        result["score"] = round(max(0.0, 1 - result["cer"]), 4)
+        result["score_name"] = "1 - CER"
+    else:
+        bleu = sacrebleu.metrics.BLEU()
+        chrf = sacrebleu.metrics.CHRF()
+        result.update(bleu=round(bleu.corpus_score(hyps, [refs]).score, 2), chrf=round(chrf.corpus_score(hyps, [refs]).score, 2),
+                      bleu_signature=str(bleu.get_signature()), chrf_signature=str(chrf.get_signature()))
+        if closed:
+            result["exact_match"] = round(sum(h == r for h, r in zip(hyps_n, refs_n)) / max(1, len(refs)), 4)
+            result["score"], result["score_name"] = result["exact_match"], "exact match"
+        else:
+            result["score"], result["score_name"] = round(result["chrf"] / 100, 4), "chrF / 100"
+    return result
+
+
+def real_vectors(model: SpeechLM, rows: list[dict], encoder_cfg: EncoderConfig) -> dict[str, list[torch.Tensor]]:
+    """Real recordings through the model's own audio tower (input of output_proj), per window of <= 30 s."""
+    from speechless.data.manifest import ManifestEntry
+    from speechless.features import encode_entries
+
+    entries, seen = [], set()
+    for row in rows:
+        for part in speech_parts(row):
+            key = part.get("utterance") or part["audio"]
+            if key not in seen:
+                seen.add(key)
+                entries.append(ManifestEntry(id=key, audio_filepath=Path(part["audio"]), duration=0.0, text="", split=""))
+    out = {}
+    for utt in encode_entries(entries, model.encoder(), encoder_cfg):
+        sizes = [int(w[2]) for w in utt.windows]
+        out[utt.id] = list(torch.split(utt.vectors, sizes))
+    return out
+
+
+def quantized(rvq: SpeechRVQ, clips: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    return {k: [rvq.decode(rvq.encode(w)) for w in v] for k, v in clips.items()}
+
+
+def evaluate(model: SpeechLM, rows: list[dict], clips: dict[str, list[torch.Tensor]] | None, cfg: EvalConfig) -> dict:
+    """Per-task scores of greedy answers; `clips` None = the same requests as text."""
+    prompts = []
+    for row in rows:
+        audio = [] if clips is None else [clips[p.get("utterance") or p["audio"]] for p in speech_parts(row)]
+        messages = (as_text(row) if clips is None else row)["messages"][:-1]
+        prompts.append(model.encode(messages, audio, with_answer=False))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
+    hyps: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), cfg.batch_size):
+        chunk = order[start:start + cfg.batch_size]
+        for i, text in zip(chunk, model.generate([prompts[i] for i in chunk], cfg.max_new_tokens)):
+            hyps[i] = text
+    result = {}
+    for task in sorted({r["task"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["task"] == task]
+        result[task] = score_task(task, rows[idx[0]]["closed"], [hyps[i] for i in idx], [answer(rows[i]) for i in idx])
+        result[task]["examples"] = [{"id": rows[i]["id"], "reference": answer(rows[i]), "answer": hyps[i]} for i in idx[:3]]
+    return result
+
+
+def perplexity(model: SpeechLM, rows: list[dict]) -> float:
+    total, count = model.nll([model.encode(as_text(r)["messages"], []) for r in rows])
+    return round(math.exp(total / max(1, count)), 4)
+
+
+# ------------------------------------------------------------------------------------------------------------ recipe
+
+def train(cfg: Stage3Config) -> dict:
+    began = time.time()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    out = Path(cfg.run.out_dir)
+    work = out / "work"
+    write_text(out / "resolved_config.yaml", to_yaml(cfg))
+
+    # Setup: stage 1 (codebooks + encoder) and stage 2, checked against each other.
+    stage1 = resolve_stage1(cfg.data.stage1, cfg.store)
+    rvq = SpeechRVQ.load(stage1.folder)
+    encoder_cfg, encoder_sha = stage1_encoder(stage1.folder)
+
+    # Conversations.
+    manifest = manifest_rows(Path(cfg.data.manifest))
+    sentences = Path(cfg.data.sentences) if cfg.data.sentences else Path(cfg.data.manifest).parent / "sentences.jsonl"
+    if cfg.data.instructions:
+        train_rows = read_conversations(cfg.data.instructions)
+    else:
+        train_rows = demo_conversations(sentences, manifest, cfg.data.train_split, cfg.data.tasks, cfg.data.voices_per_sentence, cfg.run.seed)
+    eval_rows = demo_conversations(sentences, manifest, cfg.data.eval_split, cfg.data.tasks, cfg.data.eval_voices_per_sentence, cfg.run.seed)
+    write_jsonl(work / "data" / "train.jsonl", train_rows)
+    write_jsonl(work / "data" / "eval.jsonl", eval_rows)
+    log.info(f"conversations: {len(train_rows)} train, {len(eval_rows)} held-out ({cfg.data.eval_split})")
+
+    # Base LLM (demo: text-pretrained first, reused when current).
+    base_cfg = cfg.base
+    if cfg.pretrain.enabled:
+        texts = [p["text"] for r in train_rows for m in as_text(r)["messages"] for p in (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}])]
+        base_cfg = pretrain_base(cfg, train_rows, encoder_cfg, encoder_sha, texts + list(d[0] for d in DEMO_TASKS.values()))
+
+    # Speech for the user turns: synthetic (stage 2) for model A, real stage-1 tokens for the topline B.
+    synthetic, stage2_record = synthetic_tokens(cfg, train_rows, work)
+    sources = {"A_synthetic": synthetic}
+    if cfg.compare.topline:
+        sources["B_real"] = {r["id"]: r for r in load_split(stage1, cfg.data.train_split)}
+
+    timings = {}
+    base = load_base(base_cfg, encoder_cfg, encoder_sha)
+    clips = real_vectors(base, eval_rows, encoder_cfg)
+    base_ppl = perplexity(base, eval_rows)
+    base_text = evaluate(base, eval_rows, None, cfg.eval)
+    timings["setup_s"] = round(time.time() - began, 1)
+    lineage = {"stage1": stage1.record(), "stage2": stage2_record, "code_version": code_version()}
+
+    variants = {}
+    main_name = f"A_synthetic/{cfg.adapter.kind}"
+    kinds = list(dict.fromkeys([cfg.adapter.kind] + cfg.compare.adapters))
+    for source_name, tokens in sources.items():
+        for kind in kinds:
+            name = f"{source_name}/{kind}"
+            t0 = time.time()
+            adapter = cfg.adapter.model_copy(update={"kind": "dus" if kind == "dus_all" else kind,
+                                                     "speech_only": cfg.adapter.speech_only and kind != "dus_all"})
+            model = load_base(base_cfg, encoder_cfg, encoder_sha)
+            model.attach(adapter)
+            examples = speech_examples(model, train_rows, tokens, rvq)
+            with torch.no_grad():
+                for e in examples:
+                    e.audio = [model.embed_vectors(v).detach() for v in e.audio] if not model.projector else e.audio
+            if not model.projector:
+                model.embed_vectors = lambda v: v  # frozen embedding precomputed above
+            fingerprint = config_fingerprint(cfg) + name
+            history = train_loop(model, examples, cfg.train.steps, cfg.train.batch_size, cfg.train.learning_rate, cfg.train.warmup_steps,
+                                 work / "variants" / name.replace("/", "_"), fingerprint, cfg.run.seed, cfg.train.checkpoint_every,
+                                 name, cfg.train.gradient_checkpointing)
+            del model.embed_vectors  # back to the real audio path for evaluation
+            result = {"adapter": adapter.model_dump(mode="json"), "parameters": model.parameter_counts(), "history": history,
+                      "speech": evaluate(model, eval_rows, clips, cfg.eval), "text": evaluate(model, eval_rows, None, cfg.eval)}
+            ppl = perplexity(model, eval_rows)
+            result["text_perplexity"] = {"before": base_ppl, "after": ppl, "relative_change": round((ppl - base_ppl) / base_ppl, 6)}
+            if name == main_name:
+                result["speech_quantized"] = evaluate(model, eval_rows, quantized(rvq, clips), cfg.eval)
+                model.save_adapter(out, lineage)
+            else:
+                model.save_adapter(work / "variants" / name.replace("/", "_") / "adapter", lineage)
+            result["seconds"] = round(time.time() - t0, 1)
+            variants[name] = result
+            log.info(f"{name}: " + ", ".join(f"{t} {v['score']:.3f}" for t, v in result["speech"].items()))
+
+    summary = summarize(variants, base_text, main_name, kinds, list(sources))
+    metrics = {"eval": {**summary, "base_text": base_text, "base_text_perplexity": base_ppl, "variants": variants,
+                        "held_out": {"split": cfg.data.eval_split, "conversations": len(eval_rows), "recordings": len(clips),
+                                     "speech": "real espeak recordings through the model's own audio tower"}},
+               "timings": {**timings, "total_s": round(time.time() - began, 1)}, "created": utc_now()}
+    write_json(out / "metrics.json", metrics)
+    provenance = {**lineage, "base": {"source": base_cfg.source, "weights_sha256": load_adapter_record(out)["base"]["weights_sha256"]},
+                  "encoder_sha256": encoder_sha, "manifest_sha256": sha256_file(cfg.data.manifest), "created": utc_now()}
+    write_json(out / "provenance.json", provenance)
+    write_text(out / "README.md", model_card(cfg, metrics, provenance))
+    pushed = None
+    if cfg.run.push:
+        info = open_store(cfg.store).push("stage3", out, message=cfg.run.message)
+        pushed = f"{info.stage}@{info.version}"
+        log.info(f"pushed {pushed} (revision {info.revision[:12]})")
+    return {"out_dir": str(out), "eval": summary, "pushed": pushed}
+
+
+def load_adapter_record(folder: Path) -> dict:
+    return read_json(Path(folder) / "adapter_config.json")
+
+
+def summarize(variants: dict, base_text: dict, main_name: str, kinds: list[str], sources: list[str]) -> dict:
+    """The figures of the closing note: A vs B per task, and the adapter table."""
+    summary: dict = {"main": main_name}
+    if "B_real" in sources:
+        rows = {}
+        for kind in kinds:
+            a, b = variants[f"A_synthetic/{kind}"]["speech"], variants[f"B_real/{kind}"]["speech"]
+            rows[kind] = {task: {"metric": a[task]["score_name"], "A_synthetic": a[task]["score"], "B_real": b[task]["score"],
+                                 "ratio": round(a[task]["score"] / b[task]["score"], 4) if b[task]["score"] else None,
+                                 "meets_0.9": bool(b[task]["score"] == 0 or a[task]["score"] >= 0.9 * b[task]["score"])}
+                          for task in a}
+        summary["a_vs_b"] = rows
+    summary["adapters"] = {name: {"tasks": {t: v["score"] for t, v in r["speech"].items()},
+                                  "text_perplexity_change": r["text_perplexity"]["relative_change"],
+                                  "trainable_parameters": r["parameters"]["trainable"]} for name, r in variants.items()}
+    summary["base_text_scores"] = {t: v["score"] for t, v in base_text.items()}
+    return summary
+
+
+def model_card(cfg: Stage3Config, metrics: dict, provenance: dict) -> str:
+    ev = metrics["eval"]
+    lines = ["# speechless stage 3 adapter", "",
+             f"Adapter `{cfg.adapter.kind}` for base `{provenance['base']['source']}` (weights sha256 {provenance['base']['weights_sha256'][:12]}), "
+             f"trained on stage-2 synthetic speech only (stage 1 {provenance['stage1'].get('version') or provenance['stage1']['ref']}, "
+             f"stage 2 {provenance['stage2'].get('version') or provenance['stage2']['ref']}).", "",
+             f"Evaluated on held-out REAL speech ({ev['held_out']['conversations']} requests, {ev['held_out']['recordings']} recordings).", "",
+             "| variant | " + " | ".join(cfg.data.tasks) + " | text ppl change | trainable params |", "|---" * (len(cfg.data.tasks) + 3) + "|"]
+    for name, row in ev["adapters"].items():
+        lines.append(f"| {name} | " + " | ".join(str(row["tasks"].get(t, "")) for t in cfg.data.tasks)
+                     + f" | {row['text_perplexity_change']:+.4%} | {row['trainable_parameters']:,} |")
+    lines += ["", "Scores: asr 1 - CER, ast chrF/100, where/who exact match. Text-only base on the same requests as text: "
+              + ", ".join(f"{t} {v}" for t, v in ev["base_text_scores"].items()), "",
+              "Files: `adapter.safetensors` + `adapter_config.json` (adapter weights only; lineage inside), metrics.json, provenance.json."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------- inference
+
+def load_for_inference(ref: str, store_cfg: StoreConfig | None = None) -> tuple[SpeechLM, dict, Path]:
+    """A stage-3 adapter folder or `stage3@vN` -> (model on its base with the adapter, record, folder)."""
+    from speechless.tokenizer import resolve_checkpoint
+
+    folder = resolve_checkpoint(ref, store_cfg)
+    if not (folder / "adapter_config.json").is_file():
+        raise UsageError(f"{folder}: no adapter_config.json; not a stage-3 adapter (train one with `speechless stage3 train`)")
+
+    def build(record: dict) -> SpeechLM:
+        base = BaseConfig(kind=record["base"]["kind"], source=record["base"]["source"], revision=record["base"].get("revision"))
+        encoder_cfg = EncoderConfig.model_validate(record["encoder"])
+        return load_speech_lm(base, encoder_cfg, None)
+
+    model, record = load_adapter(folder, build)
+    return model, record, folder
+
+
+def answer_requests(model: SpeechLM, requests: list[dict], max_new_tokens: int = 40, batch_size: int = 16, rvq: SpeechRVQ | None = None) -> list[str]:
+    """Requests {"text": instruction, "audio": path or None} -> answers. Audio longer than the encoder window is split
+    into windows of at most 30 s, each its own audio block (as Gemma's processor would need)."""
+    from speechless.data.manifest import ManifestEntry
+    from speechless.features import encode_entries
+
+    entries = [ManifestEntry(id=str(i), audio_filepath=Path(r["audio"]), duration=0.0, text="", split="") for i, r in enumerate(requests) if r.get("audio")]
+    for entry in entries:
+        if not Path(entry.audio_filepath).is_file():
+            raise UsageError(f"{entry.audio_filepath}: audio file not found")
+    clips = {}
+    for utt in encode_entries(entries, model.encoder(), model.encoder_cfg) if entries else []:
+        windows = list(torch.split(utt.vectors, [int(w[2]) for w in utt.windows]))
+        if len(windows) > 1:
+            log.warn(f"{requests[int(utt.id)]['audio']}: longer than {model.encoder_cfg.max_window_s:g} s; split into {len(windows)} windows")
+        clips[utt.id] = [rvq.decode(rvq.encode(w)) for w in windows] if rvq is not None else windows
+    prompts = []
+    for i, r in enumerate(requests):
+        content = [{"type": "text", "text": r.get("text") or ""}]
+        if r.get("audio"):
+            content.append({"type": "speech", "text": ""})
+        prompts.append(model.encode([{"role": "user", "content": content}], [clips[str(i)]] if r.get("audio") else [], with_answer=False))
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        out.extend(model.generate(prompts[start:start + batch_size], max_new_tokens))
+    return out
