@@ -48,6 +48,9 @@ class DataConfig(Section):
     """Demo sentences with their parts (None = `sentences.jsonl` beside the manifest)."""
     instructions: str | None = None
     """Training conversations JSONL (see speechless/instructions.py); None = the demo task set built from the corpus."""
+    eval_instructions: str | None = None
+    """Held-out conversations whose speech parts carry real `audio` (and a `task`); None = the demo task set of
+    `eval_split`."""
     tasks: list[str] = list(DEMO_TASKS)
     """Demo tasks: asr (transcribe), ast (translate to English), where/who (closed answers, exact match)."""
     train_split: str = "train"
@@ -359,7 +362,10 @@ def train(cfg: Stage3Config) -> dict:
         train_rows = read_conversations(cfg.data.instructions)
     else:
         train_rows = demo_conversations(sentences, manifest, cfg.data.train_split, cfg.data.tasks, cfg.data.voices_per_sentence, cfg.run.seed)
-    eval_rows = demo_conversations(sentences, manifest, cfg.data.eval_split, cfg.data.tasks, cfg.data.eval_voices_per_sentence, cfg.run.seed)
+    if cfg.data.eval_instructions:
+        eval_rows = read_conversations(cfg.data.eval_instructions)
+    else:
+        eval_rows = demo_conversations(sentences, manifest, cfg.data.eval_split, cfg.data.tasks, cfg.data.eval_voices_per_sentence, cfg.run.seed)
     write_jsonl(work / "data" / "train.jsonl", train_rows)
     write_jsonl(work / "data" / "eval.jsonl", eval_rows)
     log.info(f"conversations: {len(train_rows)} train, {len(eval_rows)} held-out ({cfg.data.eval_split})")

@@ -1,0 +1,171 @@
+"""The stage-3 speech LLM: audio-slot layout vs Gemma's processor, the native audio path, adapters (identity at init,
+speech-only exactness, save/load round trip, wrong base refused), the text-only base with a projector."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from speechless.encoder import EncoderConfig, load_encoder
+from speechless.errors import UsageError
+from speechless.llm import AdapterConfig, BaseConfig, SpeechLM, build_demo_tokenizer, load_adapter, load_speech_lm, remove_dus
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = ["Watoto walichora picha darasani juzi.", "The children drew a picture in the classroom.", "Transcribe the audio.",
+         "Mwalimu alikula wali nyumbani asubuhi.", "The teacher ate rice at home in the morning."] * 4
+TINY_AUDIO = {"model_type": "gemma4_audio", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "subsampling_conv_channels": [128, 8], "output_proj_dims": 48}
+SPEECH = {"type": "speech", "text": "x"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("llm")
+    (root / "audio.json").write_text(json.dumps(TINY_AUDIO))
+    encoder_cfg = EncoderConfig(source=str(root / "audio.json"), device="cpu", batch_size=2)
+    sha = load_encoder(encoder_cfg).revision
+    tokenizer = build_demo_tokenizer(TEXTS, 200)
+    return root, encoder_cfg, sha, tokenizer
+
+
+def make(setup, seed: int = 0, kind: str = "gemma4_audio", source: str = "configs/llm/tiny_gemma4.json") -> SpeechLM:
+    _, encoder_cfg, sha, tokenizer = setup
+    return load_speech_lm(BaseConfig(kind=kind, source=str(ROOT / source), random_seed=seed, device="cpu"), encoder_cfg, sha, tokenizer)
+
+
+def conversation(answer: str = "Watoto walichora picha.") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": "Transcribe the audio.\n"}, SPEECH]}, {"role": "assistant", "content": answer}]
+
+
+def clip(seconds: float, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32)
+
+
+def test_audio_slots_match_gemma4_processor(setup):
+    """Our prompt ids for an audio clip == the ids Gemma4Processor's audio expansion + the same tokenizer give."""
+    from transformers import Gemma4AudioFeatureExtractor, Gemma4Processor
+
+    from speechless.encoder import AudioWindow, encode_windows
+
+    model = make(setup)
+    audio = clip(2.37)
+    # Gemma4Processor's constructor also wants image and video processors (torchvision, not installed): build it
+    # without them and use its own audio pieces, which are all the audio layout depends on.
+    processor = object.__new__(Gemma4Processor)
+    processor.feature_extractor, processor.tokenizer, processor.audio_seq_length = Gemma4AudioFeatureExtractor(), model.tokenizer, 750
+    processor.audio_token, processor.boa_token, processor.eoa_token = (model.tokenizer.audio_token, model.tokenizer.boa_token,
+                                                                        model.tokenizer.eoa_token)
+    features = processor.feature_extractor([audio], return_tensors="pt")
+    expanded = processor.replace_audio_token(features, 0)
+    vectors = dict(encode_windows(model.encoder(), [AudioWindow((0, 0), audio)], setup[1]))[(0, 0)]
+    assert len(vectors) == expanded.count(model.tokenizer.audio_token) == processor._compute_audio_num_tokens(audio, 16000) == 59
+    ours = model.encode(conversation()[:1], [vectors], with_answer=False).ids
+    theirs = [model.tokenizer.bos_token_id] + model.tokenizer(f"<|turn>user\nTranscribe the audio.\n{expanded}<turn|>\n<|turn>model\n",
+                                                              add_special_tokens=False)["input_ids"]
+    assert ours == theirs
+    assert model.lm.config.audio_token_id == model.tokenizer.audio_token_id
+    assert model.lm.config.boa_token_id == model.tokenizer.convert_tokens_to_ids(model.tokenizer.boa_token)
+
+
+def test_our_audio_path_is_gemmas_native_path(setup):
+    """Vectors from the audio tower's output_proj input, through output_proj + embed_audio into the slots, give the
+    logits of the model's own forward on input_features."""
+    model = make(setup)
+    audio = clip(1.5, seed=1)
+    features = model.encoder().feature_extractor([audio], return_tensors="pt")
+    from speechless.encoder import AudioWindow, encode_windows
+
+    vectors = dict(encode_windows(model.encoder(), [AudioWindow((0, 0), audio)], setup[1].model_copy(update={"batch_size": 1,
+                                                                                                          "length_bucket_s": 1.5})))[(0, 0)]
+    example = model.encode(conversation()[:1], [vectors], with_answer=False)
+    ours = model.logits(model.batch([example])).logits
+    ids = torch.tensor([example.ids])
+    native = model.lm(input_ids=ids, input_features=features["input_features"], input_features_mask=features["input_features_mask"],
+                      attention_mask=torch.ones_like(ids)).logits
+    assert torch.allclose(ours, native, atol=1e-4)
+
+
+def _logits(model: SpeechLM, with_audio: bool) -> torch.Tensor:
+    if with_audio:
+        example = model.encode(conversation(), [torch.randn(12, 32, generator=torch.Generator().manual_seed(3))])
+    else:
+        example = model.encode([{"role": "user", "content": [{"type": "text", "text": "Transcribe the audio."}]},
+                                {"role": "assistant", "content": "The teacher ate rice."}], [])
+    with torch.no_grad():
+        return model.logits(model.batch([example])).logits
+
+
+def _perturb(model: SpeechLM) -> None:
+    with torch.no_grad():
+        for p in model.trainable_parameters().values():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+@pytest.mark.parametrize("speech_only", [True, False])
+def test_depth_up_scaling_is_exactly_the_base_at_init_and_when_dropped(setup, speech_only):
+    model = make(setup)
+    base_audio, base_text = _logits(model, True), _logits(model, False)
+    model.attach(AdapterConfig(kind="dus", dus_blocks=2, speech_only=speech_only))
+    assert len(model.dus_after) == 2
+    assert torch.equal(_logits(model, True), base_audio) and torch.equal(_logits(model, False), base_text)
+    counts = model.parameter_counts()
+    assert 0 < counts["trainable"] < counts["total"]
+    assert all(name.startswith("lm.") and ".new." in name for name in model.trainable_parameters())
+    _perturb(model)
+    assert not torch.equal(_logits(model, True), base_audio)
+    assert torch.equal(_logits(model, False), base_text) == speech_only  # speech-only: text-only inputs stay exactly the base
+    remove_dus(model.lm)
+    assert torch.equal(_logits(model, True), base_audio) and torch.equal(_logits(model, False), base_text)
+
+
+def test_speech_only_lora_keeps_text_exact(setup):
+    model = make(setup)
+    base_audio, base_text = _logits(model, True), _logits(model, False)
+    model.attach(AdapterConfig(kind="lora", lora_rank=4))
+    assert not any("audio_tower" in name for name in model.trainable_parameters())
+    _perturb(model)
+    assert torch.equal(_logits(model, False), base_text)
+    assert not torch.allclose(_logits(model, True), base_audio)
+    answers = model.generate([model.encode(conversation()[:1], [torch.randn(10, 32)], with_answer=False)] * 2, max_new_tokens=5)
+    assert len(answers) == 2 and answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("kind", ["lora", "dus"])
+def test_adapter_save_load_round_trip_and_wrong_base_refused(setup, tmp_path, kind):
+    model = make(setup)
+    model.attach(AdapterConfig(kind=kind, lora_rank=4, dus_blocks=1))
+    _perturb(model)
+    expected = _logits(model, True)
+    model.save_adapter(tmp_path / "adapter", {"stage1": {"ref": "s1"}, "stage2": {"ref": "s2"}})
+    record = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert record["base"]["weights_sha256"] == model.base_sha256 and record["stage1"] == {"ref": "s1"}
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter.safetensors", "adapter_config.json"}
+    loaded, _ = load_adapter(tmp_path / "adapter", lambda rec: make(setup))
+    assert torch.equal(_logits(loaded, True), expected)
+    with pytest.raises(UsageError, match="adapter was trained for base weights"):
+        load_adapter(tmp_path / "adapter", lambda rec: make(setup, seed=1))
+
+
+def test_audio_tower_other_than_stage1_encoder_is_refused(setup):
+    _, encoder_cfg, _, tokenizer = setup
+    with pytest.raises(UsageError, match="not the encoder stage 1 was trained on"):
+        load_speech_lm(BaseConfig(source=str(ROOT / "configs/llm/tiny_gemma4.json"), device="cpu"), encoder_cfg, "0" * 64, tokenizer)
+
+
+def test_text_only_base_with_a_trained_projector(setup):
+    model = make(setup, kind="text_lm", source="configs/llm/tiny_gemma3.json")
+    assert not hasattr(model.lm.model, "audio_tower")
+    base_text = _logits(model, False)
+    model.attach(AdapterConfig(kind="dus", dus_blocks=1))
+    names = set(model.trainable_parameters())
+    assert any(n.startswith("projector.") for n in names) and any(".new." in n for n in names)
+    batch = model.batch([model.encode(conversation(), [torch.randn(12, 32)])])
+    loss = model.loss(batch)
+    loss.backward()
+    assert model.projector[1].weight.grad is not None and torch.isfinite(loss)
+    assert torch.equal(_logits(model, False), base_text)
