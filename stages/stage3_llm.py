@@ -176,8 +176,8 @@ def train_loop(model: SpeechLM, examples: list[Example], steps: int, batch_size:
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
         if (step + 1) % 50 == 0 or step + 1 == steps:
-            state["history"].append({"step": step + 1, "loss": round(float(loss), 4), "seconds": round(time.time() - began, 1)})
-            log.info(f"{what}: step {step + 1}/{steps} loss {float(loss):.4f}")
+            state["history"].append({"step": step + 1, "loss": round(loss.item(), 4), "seconds": round(time.time() - began, 1)})
+            log.info(f"{what}: step {step + 1}/{steps} loss {loss.item():.4f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             save_checkpoint(work, step + 1, {n: p.detach() for n, p in params.items()}, optimizer, state, keep=1)
     model.eval()

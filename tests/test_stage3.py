@@ -1,0 +1,163 @@
+"""Stage 3 recipe pieces: conversation checks, the demo task set, stage-2/stage-1 version refusal, synthetic speech
+cache, resumable training, audio longer than the window, scoring, CLI bad input, shipped configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+from speechless.config import load_config
+from speechless.errors import UsageError
+from speechless.instructions import as_text, demo_conversations, read_conversations
+from stages.stage3_llm import Stage3Config, score_task, synthetic_tokens, train_loop
+from test_llm import clip, conversation, make, setup  # noqa: F401  (fixture)
+from test_t2s import TINY_BACKBONE, make_fake_stage1
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_lines(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+GOOD = {"id": "c1", "messages": conversation()}
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"id": "x", "messages": []}, r"bad.jsonl:2: 'messages' is missing or empty"),
+    ({"id": "x", "messages": conversation()[:1]}, r"bad.jsonl:2: the conversation ends without an assistant turn"),
+    ({"id": "x", "messages": conversation()[::-1]}, r"bad.jsonl:2: messages\[0\] is a assistant turn"),
+    ({"id": "x", "messages": [{"role": "user", "content": [{"type": "speech", "text": " "}]}, {"role": "assistant", "content": "a"}]},
+     r"bad.jsonl:2: messages\[0\].content\[0\]: a speech part needs 'text'"),
+    ({"id": "x", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+     r"bad.jsonl:2: messages\[1\].content: an assistant turn needs non-empty text"),
+    ("{not json", r"bad.jsonl:2: not valid JSON"),
+    (GOOD, r"bad.jsonl:2: id 'c1' appears twice"),
+])
+def test_bad_conversations_are_refused_with_file_line_and_field(tmp_path, row, message):
+    with pytest.raises(UsageError, match=message):
+        read_conversations(write_lines(tmp_path / "bad.jsonl", [GOOD, row]))
+
+
+def test_demo_task_set_and_text_version():
+    sentences = [{"sentence_id": "s1", "split": "train", "text": "Mtoto anakula.", "translation": "The child eats.", "subject": "The child",
+                  "place": "", "verb": "eat"}]
+    manifest = [{"id": f"s1-{v}", "sentence_id": "s1", "split": "train", "speaker_id": v, "audio_filepath": f"/a/{v}.wav"} for v in ("m1", "f2", "m3")]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spath = write_lines(Path(tmp) / "sentences.jsonl", sentences)
+        rows = demo_conversations(spath, manifest, "train", ["asr", "ast", "where", "who"], voices_per_sentence=2, seed=0)
+    assert len(rows) == 2 * 3  # the empty 'place' gives no 'where' question
+    assert {r["task"] for r in rows} == {"asr", "ast", "who"} and all(r["closed"] == (r["task"] == "who") for r in rows)
+    speech = rows[0]["messages"][0]["content"][1]
+    assert speech["type"] == "speech" and speech["text"] == "Mtoto anakula." and speech["utterance"].startswith("s1-")
+    text = as_text(rows[0])["messages"][0]["content"]
+    assert [p["type"] for p in text] == ["text", "text"] and text[1]["text"] == "Mtoto anakula."
+
+
+def test_stage2_trained_on_another_stage1_is_refused_and_speech_is_cached(tmp_path):
+    from speechless.io import sha256_file
+    from speechless.t2s import T2SConfig, build_model
+
+    make_fake_stage1(tmp_path / "s1a", sentences=6, seed=0)
+    make_fake_stage1(tmp_path / "s1b", sentences=6, seed=1)
+    (tmp_path / "backbone.json").write_text(json.dumps(TINY_BACKBONE))
+    stage1 = {"ref": str(tmp_path / "s1a"), "version": None, "revision": sha256_file(tmp_path / "s1a" / "model.safetensors")}
+    model = build_model(T2SConfig(backbone=str(tmp_path / "backbone.json"), tokenizer_vocab_size=40, head_rank=8), ["Ba ka.", "Di mo."],
+                        4, 32, ["s1", "s2"], stage1)
+    model.save(tmp_path / "s2")
+    rows = [{"id": "c1", "task": "asr", "closed": False, "messages": [
+        {"role": "user", "content": [{"type": "speech", "text": "Ba ka.", "speaker": "s2", "utterance": "u1"}]},
+        {"role": "assistant", "content": "Ba ka."}]}]
+    common = [f"data.stage2={tmp_path / 's2'}", "data.generate.max_seconds=0.4", f"store.root={tmp_path / 'store'}"]
+    wrong = load_config(Stage3Config, None, [f"data.stage1={tmp_path / 's1b'}", *common])
+    with pytest.raises(UsageError, match="stage-1 mismatch"):
+        synthetic_tokens(wrong, rows, tmp_path / "work")
+    cfg = load_config(Stage3Config, None, [f"data.stage1={tmp_path / 's1a'}", *common])
+    tokens, record = synthetic_tokens(cfg, rows, tmp_path / "work")
+    assert set(tokens) == {"u1"} and tokens["u1"]["stage1_revision"] == stage1["revision"] and record["stage1_revision"] == stage1["revision"]
+    cached = list((tmp_path / "work" / "speech").glob("stage2_*.jsonl"))
+    assert len(cached) == 2  # the texts and the generated tokens (named by the stage-2 revision)
+    again, _ = synthetic_tokens(cfg, rows, tmp_path / "work")
+    assert again == tokens  # served from the cache
+
+
+def test_training_resumes_after_a_kill_to_the_same_weights(setup, tmp_path, monkeypatch):  # noqa: F811
+    from speechless.llm import AdapterConfig, SpeechLM
+
+    def fresh():
+        model = make(setup)
+        model.attach(AdapterConfig(kind="dus", dus_blocks=1))
+        examples = [model.encode(conversation(a), [torch.randn(8 + i, 32, generator=torch.Generator().manual_seed(i))])
+                    for i, a in enumerate(["Watoto walichora picha.", "The teacher ate rice.", "Mwalimu alikula wali."] * 2)]
+        return model, examples
+
+    args = dict(steps=6, batch_size=2, lr=1e-2, warmup=1, fingerprint="f", seed=0, checkpoint_every=2, what="test")
+    model, examples = fresh()
+    train_loop(model, examples, work=tmp_path / "straight", **args)
+    expected = {k: v.detach().clone() for k, v in model.trainable_parameters().items()}
+
+    real_loss, calls = SpeechLM.loss, {"n": 0}
+
+    def dying_loss(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # killed during step 4, after the step-2 checkpoint
+        return real_loss(self, batch)
+
+    monkeypatch.setattr(SpeechLM, "loss", dying_loss)
+    model, examples = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(model, examples, work=tmp_path / "killed", **args)
+    monkeypatch.setattr(SpeechLM, "loss", real_loss)
+    model, examples = fresh()
+    train_loop(model, examples, work=tmp_path / "killed", **args)
+    for name, value in model.trainable_parameters().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_audio_longer_than_the_window_is_split_into_audio_blocks(setup, tmp_path, capsys):  # noqa: F811
+    from stages.stage3_llm import answer_requests
+
+    model = make(setup)
+    model.encoder_cfg = model.encoder_cfg.model_copy(update={"max_window_s": 2.0})
+    sf.write(tmp_path / "long.wav", clip(4.5), 16000)
+    seen = []
+    real_encode = model.encode
+    model.encode = lambda messages, audio, with_answer=True: seen.append(audio) or real_encode(messages, audio, with_answer)
+    answers = answer_requests(model, [{"text": "Transcribe the audio.\n", "audio": str(tmp_path / "long.wav")}, {"text": "Hi", "audio": None}],
+                              max_new_tokens=3)
+    assert len(answers) == 2
+    assert [len(w) for w in seen[0][0]] == [38, 38, 38] and seen[1] == []  # 3 equal windows of 1.5 s, one audio block each
+    assert "split into 3 windows" in " ".join(capsys.readouterr().err.split())
+
+
+def test_scores():
+    asr = score_task("asr", False, ["watoto walichora picha", ""], ["Watoto walichora picha.", "Mtoto anakula."])
+    assert asr["wer"] == 0.5 and 0 < asr["cer"] < 1 and asr["score"] == round(1 - asr["cer"], 4)
+    closed = score_task("where", True, ["at home", "In the classroom."], ["at home", "in the classroom"])
+    assert closed["exact_match"] == 1.0 and closed["score"] == 1.0 and "nrefs:1" in closed["bleu_signature"]
+
+
+def test_cli_bad_input(cli, tmp_path):
+    assert cli("chat").exit_code == 2
+    result = cli("chat", "--audio", tmp_path / "missing.wav")
+    assert result.exit_code == 2 and "missing.wav: file not found" in result.stderr
+    bad = write_lines(tmp_path / "m.jsonl", [{"id": "a", "audio_filepath": "a.wav"}, {"id": "b"}])
+    result = cli("stage3", "infer", "--manifest", bad, "--model", tmp_path)
+    assert result.exit_code == 2 and "m.jsonl:2: a row needs 'audio_filepath'" in result.stderr
+    result = cli("stage3", "eval", "--model", tmp_path)
+    assert result.exit_code == 2 and "not a stage-3 adapter" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "gemma4_e2b_twi.yaml"])
+def test_shipped_stage3_configs_validate(name):
+    cfg = load_config(Stage3Config, ROOT / "configs" / "stage3" / name)
+    if name.startswith("gemma4"):
+        assert cfg.base.source == "google/gemma-4-e2b-it" and cfg.base.kind == "gemma4_audio" and not cfg.pretrain.enabled
