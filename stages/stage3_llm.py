@@ -413,7 +413,11 @@ def train(cfg: Stage3Config) -> dict:
                                  name, cfg.train.gradient_checkpointing)
             del model.embed_vectors  # back to the real audio path for evaluation
             result = {"adapter": adapter.model_dump(mode="json"), "parameters": model.parameter_counts(), "history": history,
-                      "speech": evaluate(model, eval_rows, clips, cfg.eval), "text": evaluate(model, eval_rows, None, cfg.eval)}
+                      "speech": evaluate(model, eval_rows, clips, cfg.eval)}
+            # The same requests as text. A speech-only adapter leaves text-only inputs exactly the base (tested), so
+            # its text answers are the base's; they are generated again only for the main model and for DUS on all positions.
+            if name == main_name or not adapter.speech_only:
+                result["text"] = evaluate(model, eval_rows, None, cfg.eval)
             ppl = perplexity(model, eval_rows)
             result["text_perplexity"] = {"before": base_ppl, "after": ppl, "relative_change": round((ppl - base_ppl) / base_ppl, 6)}
             if name == main_name:
