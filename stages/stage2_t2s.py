@@ -69,6 +69,11 @@ class TrainConfig(Section):
     """AdamW weight decay (not on norms, biases and embeddings)."""
     grad_clip: float = Field(1.0, gt=0.0)
     """Gradient norm clipping."""
+    join_prob: float = Field(0.0, ge=0.0, le=1.0)
+    """Augmentation: the share of training utterances that are followed by another random utterance of the same speaker
+    (text ids and codes both joined, within `model.max_text_tokens` and `data.max_frames`). Each step sees new sentence
+    pairs, so the model cannot learn whole sentences by heart and must follow the text; measured in
+    benchmarks/RESULTS.md."""
     eval_every: int = Field(300, ge=1)
     """Eval loss per level on the eval split every N steps (and at the end); the best is kept."""
     checkpoint_every: int = Field(100, ge=1)
@@ -311,6 +316,20 @@ def eval_loss(model: T2SModel, items: list, batch_size: int, device: torch.devic
     return {"loss": sum(level) / len(level), "level_loss": [round(v, 4) for v in level]}
 
 
+def join_utterances(picked: list, pool: list, by_speaker: dict[int, list[int]], prob: float, rng: random.Random,
+                    max_tokens: int, max_frames: int) -> list:
+    """`join_prob` augmentation: each picked item is, with probability `prob`, followed by a random utterance of the
+    same speaker from `pool` (ids concatenated: the Metaspace tokenizer encodes "A B" as ids(A) + ids(B))."""
+    out = []
+    for ids, codes, spk in picked:
+        if prob > 0 and rng.random() < prob:
+            other_ids, other_codes, _ = pool[rng.choice(by_speaker[spk])]
+            if len(ids) + len(other_ids) <= max_tokens and codes.shape[1] + other_codes.shape[1] <= max_frames:
+                ids, codes = ids + other_ids, torch.cat([codes, other_codes], 1)
+        out.append((ids, codes, spk))
+    return out
+
+
 def _load_resume(work: Path, step: int, model: T2SModel, optimizer) -> None:
     model.load_weights(load_checkpoint(work, step, optimizer, model.device), f"{work} step {step}")
 
@@ -337,6 +356,9 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
         _load_resume(work, state["step"], model, optimizer)
         log.info(f"resuming stage 2 from step {state['step']} of {cfg.train.steps}")
     lengths = [item[1].shape[1] + len(item[0]) for item in train_items]
+    by_speaker: dict[int, list[int]] = {}
+    for index, item in enumerate(train_items):
+        by_speaker.setdefault(item[2], []).append(index)
     per_epoch = math.ceil(len(train_items) / cfg.train.batch_size)
     step = state["step"]
     log.info(f"training on {device}{' (bf16 autocast)' if amp else ''}: {len(train_items)} utterances, "
@@ -352,7 +374,10 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
             for group in optimizer.param_groups:
                 group["lr"] = cfg.train.learning_rate * lr_factor(step, cfg.train)
             model.train()
-            batch = collate([train_items[i] for i in batch_idx], model.delays, model.codebook_size).to(device)
+            picked = join_utterances([train_items[i] for i in batch_idx], train_items, by_speaker, cfg.train.join_prob,
+                                     random.Random(cfg.run.seed * 1_000_003 + step), model.cfg.max_text_tokens,
+                                     cfg.data.max_frames)
+            batch = collate(picked, model.delays, model.codebook_size).to(device)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 result = model.loss(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -361,7 +386,7 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
             optimizer.step()
             step += 1
             state["train_seconds"] += time.time() - tick
-            state["frames"] += int(sum(train_items[i][1].shape[1] for i in batch_idx))
+            state["frames"] += int(sum(codes.shape[1] for _, codes, _ in picked))
             loss = float(result["loss"].detach())
             window.append(loss)
             record = {"step": step, "loss": round(loss, 4), "grad_norm": round(grad_norm, 3),
