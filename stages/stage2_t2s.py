@@ -239,6 +239,17 @@ def speaker_map(cfg: DataConfig, stage1: Stage1) -> dict[str, str]:
     return out
 
 
+def _probe_reads_vectors(probe_dir: Path) -> bool:
+    return read_json(probe_dir / "config.json").get("probe", {}).get("input") == "vectors"
+
+
+def stage1_codebooks(stage1: Stage1) -> torch.Tensor:
+    """(Q, K, D) codebooks of the stage-1 version, in its standardised units (what a 'vectors' probe reads)."""
+    from speechless.rvq import SpeechRVQ
+
+    return SpeechRVQ.load(stage1.folder).codebooks()
+
+
 def row_codes(row: dict) -> torch.Tensor:
     return torch.tensor(row["codes"], dtype=torch.long)
 
@@ -760,14 +771,16 @@ def train(cfg: Stage2Config) -> dict:
     probe_dir = out / "probe"
     probe_key = config_fingerprint(cfg.probe) + stage1.revision
     probe_meta = probe_dir / "config.json"
+    codebooks = stage1_codebooks(stage1) if cfg.probe.input == "vectors" else None
     if probe_meta.is_file() and read_json(probe_meta).get("key") == probe_key:
-        probe = CTCProbe.load(probe_dir)
+        probe = CTCProbe.load(probe_dir, codebooks)
         probe_summary = read_json(probe_meta)["summary"]
         log.info("probe: reusing the one already trained in this run")
     else:
         log.info(f"training the CTC probe on {len(train_rows)} real utterances ({cfg.probe.steps} steps)")
         probe, probe_summary = train_probe([row_codes(r) for r in train_rows], [r["text"] for r in train_rows], cfg.probe,
-                                           stage1.num_levels, stage1.codebook_size, log_every=max(1, cfg.probe.steps // 4), log=log.info)
+                                           stage1.num_levels, stage1.codebook_size, log_every=max(1, cfg.probe.steps // 4), log=log.info,
+                                           codebooks=codebooks)
         probe.save(probe_dir, extra={"key": probe_key, "summary": probe_summary, "stage1_revision": stage1.revision})
 
     # Round trip on held-out sentences.
@@ -845,7 +858,7 @@ def evaluate_checkpoint(ref: str, stage1_ref: str | None, split: str, gen: Gener
     rows = load_split(stage1, split)
     if ev.max_utterances is not None:
         rows = rows[: ev.max_utterances]
-    probe = CTCProbe.load(folder / "probe")
+    probe = CTCProbe.load(folder / "probe", stage1_codebooks(stage1) if _probe_reads_vectors(folder / "probe") else None)
     speakers = speaker_map(DataConfig(stage1=stage1_ref, manifest=manifest), stage1)
     metrics, _ = round_trip(model, probe, rows, speakers, gen, ev.model_copy(update={"split": split}), stage1.folder)
     return metrics
