@@ -467,6 +467,9 @@ def summarize(variants: dict, base_text: dict, main_name: str, kinds: list[str],
                                   "text_perplexity_change": r["text_perplexity"]["relative_change"],
                                   "trainable_parameters": r["parameters"]["trainable"]} for name, r in variants.items()}
     summary["base_text_scores"] = {t: v["score"] for t, v in base_text.items()}
+    # the shape `speechless report` plots
+    summary["comparison"] = {name: {"scores": {t: {"score": v["score"]} for t, v in r["speech"].items()},
+                                    "text_perplexity": r["text_perplexity"]} for name, r in variants.items()}
     return summary
 
 
