@@ -139,8 +139,8 @@ def test_audio_longer_than_the_window_is_split_into_audio_blocks(setup, tmp_path
 
 
 def test_scores():
-    asr = score_task("asr", False, ["watoto walichora picha", ""], ["Watoto walichora picha.", "Mtoto anakula."])
-    assert asr["wer"] == 0.5 and 0 < asr["cer"] < 1 and asr["score"] == round(1 - asr["cer"], 4)
+    asr = score_task("asr", False, ["watoto walichora picha", ""], ["Watoto walichora picha.", "Mtoto anakula."])  # 2 errors / 5 words
+    assert asr["wer"] == 0.4 and 0 < asr["cer"] < 1 and asr["score"] == round(1 - asr["cer"], 4)
     closed = score_task("where", True, ["at home", "In the classroom."], ["at home", "in the classroom"])
     assert closed["exact_match"] == 1.0 and closed["score"] == 1.0 and "nrefs:1" in closed["bleu_signature"]
 

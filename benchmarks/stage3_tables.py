@@ -1,0 +1,49 @@
+"""Markdown tables of a stage-3 run's metrics.json (the figures in benchmarks/RESULTS.md, section Stage 3).
+
+    python benchmarks/stage3_tables.py runs/demo/stage3/metrics.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def tables(metrics: dict) -> str:
+    ev = metrics["eval"]
+    variants = ev["variants"]
+    tasks = list(next(iter(variants.values()))["speech"])
+    out = ["Model A (stage-2 synthetic speech only) vs model B (real speech tokens of the same recordings), held-out real speech:", "",
+           "| adapter | task | metric | A synthetic | B real | A / B | >= 0.9 |", "|---|---|---|---|---|---|---|"]
+    for kind, rows in ev.get("a_vs_b", {}).items():
+        for task, r in rows.items():
+            out.append(f"| {kind} | {task} | {r['metric']} | {r['A_synthetic']:.4f} | {r['B_real']:.4f} | "
+                       f"{r['ratio'] if r['ratio'] is not None else '-'} | {'yes' if r['meets_0.9'] else 'NO'} |")
+    out += ["", "Adapters (scores on held-out real speech; text perplexity on held-out text-only requests, relative change):", "",
+            "| variant | " + " | ".join(tasks) + " | text ppl before | after | change | trainable params | train+eval s |",
+            "|---" * (len(tasks) + 6) + "|"]
+    for name, r in variants.items():
+        ppl = r["text_perplexity"]
+        out.append(f"| {name} | " + " | ".join(f"{r['speech'][t]['score']:.4f}" for t in tasks)
+                   + f" | {ppl['before']} | {ppl['after']} | {ppl['relative_change']:+.4%} | {r['parameters']['trainable']:,} | {r['seconds']} |")
+    out += ["", "Detail (A, main adapter): "]
+    main = variants[ev["main"]]
+    for t, s in main["speech"].items():
+        extra = {k: s[k] for k in ("wer", "cer", "bleu", "chrf", "exact_match") if k in s}
+        out.append(f"- {t}: {extra}")
+    if "speech_quantized" in main:
+        out.append("- real vectors quantized through stage 1 first: "
+                   + ", ".join(f"{t} {s['score']:.4f}" for t, s in main["speech_quantized"].items()))
+    if "text" in main:
+        out.append("- the same requests as text: " + ", ".join(f"{t} {s['score']:.4f}" for t, s in main["text"].items()))
+    out.append("- text-pretrained base, requests as text: " + ", ".join(f"{t} {s:.4f}" for t, s in ev["base_text_scores"].items()))
+    first = main["speech"].get("ast") or next(iter(main["speech"].values()))
+    if "bleu_signature" in first:
+        out.append(f"- sacrebleu signatures: BLEU `{first['bleu_signature']}`, chrF `{first['chrf_signature']}`")
+    out.append(f"- timings: {metrics.get('timings')}")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(tables(json.loads(Path(sys.argv[1]).read_text())))
