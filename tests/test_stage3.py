@@ -160,3 +160,31 @@ def test_real_scale_stage3_config_targets_gemma4_e2b():
     cfg = load_config(Stage3Config, ROOT / "configs" / "stage3" / "gemma4_e2b_twi.yaml")
     assert cfg.base.source == "google/gemma-4-e2b-it" and cfg.base.kind == "gemma4_audio" and not cfg.pretrain.enabled
     assert cfg.data.instructions and cfg.data.eval_instructions and cfg.train.gradient_checkpointing
+
+
+def test_pushed_adapter_answers_through_chat_and_infer(setup, tmp_path, monkeypatch, cli):  # noqa: F811
+    """Save a base like the demo does, train-free adapter on it, push stage3@v1 (adapter files only), then `chat`
+    (text and audio) and batched `stage3 infer` load it from the store."""
+    from speechless.llm import AdapterConfig, BaseConfig, load_speech_lm
+    from speechless.store import open_store
+
+    _, encoder_cfg, sha, _ = setup
+    first = make(setup)
+    first.lm.save_pretrained(tmp_path / "base")
+    first.tokenizer.save_pretrained(tmp_path / "base")
+    model = load_speech_lm(BaseConfig(source=str(tmp_path / "base"), device="cpu"), encoder_cfg, sha)
+    assert model.base_sha256 == first.base_sha256  # same weights, same identity, whatever the source
+    model.attach(AdapterConfig(kind="dus", dus_blocks=1))
+    model.save_adapter(tmp_path / "run", {"stage1": {"ref": "s1"}, "stage2": {"ref": "s2"}})
+    info = open_store(root=tmp_path / "store").push("stage3", tmp_path / "run", message="test")
+    assert info.version == "v1" and sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    monkeypatch.setenv("SPEECHLESS_STORE", str(tmp_path / "store"))
+    sf.write(tmp_path / "a.wav", clip(1.2), 16000)
+    result = cli("chat", "--audio", tmp_path / "a.wav", "--model", "stage3@v1", "--max-new-tokens", "3")
+    assert result.exit_code == 0, result.stderr
+    result = cli("chat", "--text", "Transcribe the audio.", "--model", "stage3@v1", "--max-new-tokens", "3")
+    assert result.exit_code == 0, result.stderr
+    manifest = write_lines(tmp_path / "m.jsonl", [{"id": "a", "audio_filepath": "a.wav"}, {"id": "b", "instruction": "Who does it?"}])
+    result = cli("stage3", "infer", "--manifest", manifest, "--model", "stage3@v1", "--max-new-tokens", "3", "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 0, result.stderr
+    assert [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == ["a", "b"]
