@@ -33,7 +33,7 @@ from speechless.io import read_json, sha256_file, write_json, write_jsonl, write
 from speechless.llm import AdapterConfig, BaseConfig, Example, SpeechLM, build_demo_tokenizer, load_adapter, load_speech_lm
 from speechless.runs import RunConfig, code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
 from speechless.rvq import SpeechRVQ
-from speechless.store import StoreConfig, open_store
+from speechless.store import StoreConfig, is_store_ref, open_store
 from stages.stage2_t2s import GenerateConfig, check_stage1_match, epoch_batches, generate_corpus, load_split, load_stage2, resolve_stage1
 
 
@@ -223,7 +223,7 @@ def load_base(base: BaseConfig, encoder_cfg: EncoderConfig, encoder_sha: str) ->
 
 def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[dict[str, dict], dict]:
     """Stage-2 tokens for every speech part (by its utterance id, in that recording's voice): cached and resumable."""
-    model, revision, folder = load_stage2(cfg.data.stage2)
+    model, revision, _ = load_stage2(cfg.data.stage2)
     check_stage1_match(model, cfg.data.stage1, cfg.store)
     texts = {}
     for row in rows:
@@ -238,8 +238,8 @@ def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[d
         output.unlink()
     generate_corpus(model, revision, source, output, cfg.data.generate)
     tokens = {r["id"]: r for r in map(json.loads, output.read_text().splitlines()) if r}
-    return tokens, {"ref": cfg.data.stage2, "revision": revision, "stage1_revision": model.stage1["revision"],
-                    "version": read_json(folder / "provenance.json").get("version") if (folder / "provenance.json").is_file() else None}
+    version = open_store(cfg.store).resolve(cfg.data.stage2).ref if is_store_ref(cfg.data.stage2) else None
+    return tokens, {"ref": cfg.data.stage2, "version": version, "revision": revision, "stage1_revision": model.stage1["revision"]}
 
 
 def vectors_from_tokens(rvq: SpeechRVQ, row: dict) -> torch.Tensor:
