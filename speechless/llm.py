@@ -77,8 +77,8 @@ class AdapterConfig(Section):
     dus_blocks: int = Field(2, ge=1)
     """Number of new decoder blocks (K)."""
     dus_after: list[int] | None = None
-    """0-based indices of the existing blocks each new block follows; None = spread evenly over the non-KV-shared
-    blocks."""
+    """0-based indices of the existing blocks each new block follows; None = spread evenly over the blocks that own
+    their KV (for speech_only, not after the last block: its audio-only update would never reach the answer)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -236,14 +236,16 @@ def add_dus(model, cfg: AdapterConfig, positions: AudioPositions) -> list[int]:
     layers = decoder_layers(model)
     text_cfg = model.config.get_text_config()
     shared_from = len(layers) - int(getattr(text_cfg, "num_kv_shared_layers", 0) or 0)
-    allowed = list(range(shared_from))
+    # A speech-only block must be followed by an existing block: its update reaches the text only through later
+    # attention to the audio positions (after the last block it would change nothing the answer sees).
+    allowed = list(range(min(shared_from, len(layers) - 1) if cfg.speech_only else shared_from))
     after = cfg.dus_after
     if after is None:
         step = len(allowed) / cfg.dus_blocks
         after = sorted({allowed[min(len(allowed) - 1, int((i + 1) * step) - 1)] for i in range(cfg.dus_blocks)})
     if len(after) != cfg.dus_blocks or any(i not in allowed for i in after):
-        raise UsageError(f"adapter.dus_after {after}: need {cfg.dus_blocks} distinct indices among the blocks that own "
-                         f"their KV (0..{shared_from - 1})")
+        raise UsageError(f"adapter.dus_after {after}: need {cfg.dus_blocks} distinct indices among {allowed[0]}..{allowed[-1]} "
+                         "(blocks that own their KV; for speech_only not the last block)")
     for index in after:
         layers[index] = UpScaledBlock(layers[index], positions, cfg.speech_only)
     return after

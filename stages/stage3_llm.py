@@ -407,7 +407,7 @@ def train(cfg: Stage3Config) -> dict:
                     e.audio = [model.embed_vectors(v).detach() for v in e.audio] if not model.projector else e.audio
             if not model.projector:
                 model.embed_vectors = lambda v: v  # frozen embedding precomputed above
-            fingerprint = config_fingerprint(cfg) + name
+            fingerprint = f"{config_fingerprint(cfg)} {name} {model.dus_after}"
             history = train_loop(model, examples, cfg.train.steps, cfg.train.batch_size, cfg.train.learning_rate, cfg.train.warmup_steps,
                                  work / "variants" / name.replace("/", "_"), fingerprint, cfg.run.seed, cfg.train.checkpoint_every,
                                  name, cfg.train.gradient_checkpointing)
