@@ -117,7 +117,7 @@ def test_depth_up_scaling_is_exactly_the_base_at_init_and_when_dropped(setup, sp
     assert 0 < counts["trainable"] < counts["total"]
     assert all(name.startswith("lm.") and ".new." in name for name in model.trainable_parameters())
     _perturb(model)
-    assert not torch.equal(_logits(model, True), base_audio)
+    assert not torch.allclose(_logits(model, True)[:, -1], base_audio[:, -1])  # the answer (a text position) hears the audio change
     assert torch.equal(_logits(model, False), base_text) == speech_only  # speech-only: text-only inputs stay exactly the base
     remove_dus(model.lm)
     assert torch.equal(_logits(model, True), base_audio) and torch.equal(_logits(model, False), base_text)
