@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from speechless import log
+from speechless import distributed, log
 from speechless.audio import SAMPLE_RATE, load_audio, window_bounds
 from speechless.data.manifest import ManifestEntry
 from speechless.encoder import AudioWindow, EncoderConfig, LoadedEncoder, encode_windows
@@ -81,8 +81,16 @@ def _shard_is_current(path: Path, fingerprint: str) -> bool:
 
 
 def extract_to_cache(entries: Sequence[ManifestEntry], encoder: LoadedEncoder, cfg: EncoderConfig, cache_dir: Path,
-                     shard_size: int, rank: int = 0, world_size: int = 1) -> list[Path]:
-    """Extract every shard this rank owns (shard i belongs to rank i % world_size); return all shard paths in order."""
+                     shard_size: int, rank: int | None = None, world_size: int | None = None) -> list[Path]:
+    """Extract every shard this rank owns (shard i belongs to rank i % world_size); return all shard paths in order.
+
+    rank / world_size default to this process's place in a torchrun job (`speechless.distributed`); in a job every
+    rank waits at a barrier until all shards are written, so every rank may read all of them afterwards (the cache
+    folder must then be on a filesystem all ranks share).
+    """
+    info = distributed.env()
+    rank = info.rank if rank is None else rank
+    world_size = info.world_size if world_size is None else world_size
     cache_dir.mkdir(parents=True, exist_ok=True)
     base = encoder_fingerprint(encoder, cfg)
     shards = plan_shards(entries, shard_size)
@@ -103,6 +111,7 @@ def extract_to_cache(entries: Sequence[ManifestEntry], encoder: LoadedEncoder, c
             }
             save_tensors(paths[i], {"vectors": torch.cat([u.vectors for u in utterances]), "offsets": offsets}, metadata)
             bar.advance(task, len(shards[i]))
+    distributed.barrier()
     return paths
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from speechless import distributed
 from speechless.data.manifest import ManifestEntry
 from speechless.encoder import EncoderConfig, LoadedEncoder, load_encoder
 from speechless.errors import UsageError
@@ -93,4 +94,21 @@ class SpeechTokenizer:
         return cls(folder, rvq, encoder, encoder_cfg, sha256_file(folder / WEIGHT_FILES[weights]))
 
     def tokenize(self, entries: Sequence[ManifestEntry]) -> list[dict]:
-        return tokens_from_vectors(self.rvq, encode_entries(entries, self.encoder, self.encoder_cfg), self.revision)
+        """Token rows of `entries`, in their order.
+
+        In a torchrun job each rank encodes every world_size-th entry; rank 0 receives all rows, merged back into input
+        order (the other ranks get []). Fixed-shape encoder batches and fixed-chunk RVQ encoding make every row
+        independent of which rank or batch computed it, so the result equals a one-process run bit for bit.
+        """
+        info = distributed.env()
+        mine = distributed.shard(list(entries), info)
+        rows = tokens_from_vectors(self.rvq, encode_entries(mine, self.encoder, self.encoder_cfg), self.revision)
+        if info.world_size == 1:
+            return rows
+        parts = distributed.gather_json(rows)
+        if parts is None:
+            return []
+        merged: list[dict] = [{}] * len(entries)
+        for rank, part in enumerate(parts):
+            merged[rank::info.world_size] = part
+        return merged

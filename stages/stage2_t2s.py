@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from speechless import log
+from speechless import distributed, log
 from speechless.config import Section, to_yaml
 from speechless.errors import RuntimeFailure, UsageError
 from speechless.io import read_json, sha256_file, write_json, write_text
@@ -317,7 +317,8 @@ def _load_resume(work: Path, step: int, model: T2SModel, optimizer) -> None:
 
 def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_items: list, out: Path, work: Path) -> dict:
     """The training loop (resumable). Writes model.best.safetensors whenever the eval loss improves; returns state."""
-    device = _device(cfg.train.device)
+    job = distributed.env()
+    device = distributed.local_device(_device(cfg.train.device))
     amp = _autocast_dtype(cfg.train.precision, device)
     model.to(device)
     optimizer = make_optimizer(model, cfg.train)
@@ -331,11 +332,15 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
         log.warn(f"{work}: resume checkpoint of step {state['step']} is missing; training restarts from step 0")
         state = None
     if state is None:
-        state = {"fingerprint": fingerprint, "history": [], "best": None, "train_seconds": 0.0, "frames": 0}
-        save_checkpoint(work, 0, model.tensors(), optimizer, state, keep=2)
+        state = {"fingerprint": fingerprint, "step": 0, "history": [], "best": None, "train_seconds": 0.0, "frames": 0}
+        if job.is_main:
+            save_checkpoint(work, 0, model.tensors(), optimizer, state, keep=2)
     else:
         _load_resume(work, state["step"], model, optimizer)
         log.info(f"resuming stage 2 from step {state['step']} of {cfg.train.steps}")
+    distributed.barrier()  # every rank has read the resume state before rank 0 writes again
+    # Several processes: DDP averages gradients; each rank trains on its share of every (global) batch.
+    loss_fn = distributed.data_parallel(model, "loss")
     lengths = [item[1].shape[1] + len(item[0]) for item in train_items]
     per_epoch = math.ceil(len(train_items) / cfg.train.batch_size)
     step = state["step"]
@@ -352,9 +357,10 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
             for group in optimizer.param_groups:
                 group["lr"] = cfg.train.learning_rate * lr_factor(step, cfg.train)
             model.train()
-            batch = collate([train_items[i] for i in batch_idx], model.delays, model.codebook_size).to(device)
+            local_idx = distributed.shard(batch_idx, job) or batch_idx[-1:]  # a batch smaller than the job: reuse one
+            batch = collate([train_items[i] for i in local_idx], model.delays, model.codebook_size).to(device)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                result = model.loss(batch)
+                result = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
             result["loss"].backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
@@ -362,7 +368,10 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
             step += 1
             state["train_seconds"] += time.time() - tick
             state["frames"] += int(sum(train_items[i][1].shape[1] for i in batch_idx))
-            loss = float(result["loss"].detach())
+            loss = distributed.all_reduce_mean(float(result["loss"].detach()))
+            if not job.is_main:  # rank 0 alone evaluates, logs and saves
+                bar.advance(task)
+                continue
             window.append(loss)
             record = {"step": step, "loss": round(loss, 4), "grad_norm": round(grad_norm, 3),
                       "lr": optimizer.param_groups[0]["lr"]}
@@ -379,7 +388,7 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_checkpoint(work, step, model.tensors(), optimizer, state, keep=2)
             bar.advance(task)
-    if state["best"] is None:  # steps == 0
+    if state["best"] is None and job.is_main:  # steps == 0
         ev = eval_loss(model, eval_items, cfg.train.batch_size * 2, device, amp)
         state["best"] = {"step": 0, "loss": ev["loss"]}
         model.save_weights(out / WEIGHT_FILES["best"])
@@ -695,6 +704,7 @@ def round_trip(model: T2SModel, probe: CTCProbe, rows: list[dict], speakers: dic
 def train(cfg: Stage2Config) -> dict:
     """Run stage 2 end to end; returns a summary (paths, round-trip metrics, pushed version)."""
     started = time.time()
+    job = distributed.setup()
     out = Path(cfg.run.out_dir)
     work = out / "work"
     if cfg.train.threads is not None:
@@ -711,7 +721,8 @@ def train(cfg: Stage2Config) -> dict:
         log.warn(f"{len(overlap)} sentence(s) of split '{cfg.eval.split}' also occur in '{cfg.data.train_split}': the round trip is not fully held out")
     speakers = speaker_map(cfg.data, stage1)
     work.mkdir(parents=True, exist_ok=True)
-    write_text(out / "resolved_config.yaml", to_yaml(cfg))
+    if job.is_main:
+        write_text(out / "resolved_config.yaml", to_yaml(cfg))
     speaker_names = sorted({speakers[r["id"]] for r in train_rows if r["id"] in speakers}) if cfg.model.speaker_embedding else []
     if cfg.generate.speaker is not None and cfg.generate.speaker not in speaker_names:
         raise UsageError(f"generate.speaker {cfg.generate.speaker!r}: not a training speaker ({', '.join(speaker_names) or 'none'})")
@@ -729,6 +740,8 @@ def train(cfg: Stage2Config) -> dict:
 
     # Train.
     state = train_model(cfg, model, train_items, eval_items, out, work)
+    if not job.is_main:  # torchrun job: rank 0 evaluates and writes the checkpoint
+        return {"out_dir": str(out), "eval": None, "pushed": None, "revision": None, "stage1": stage1.record(), "rank": job.rank}
     model.save(out, WEIGHT_FILES["final"])
 
     # The judge: a CTC probe on REAL tokens of the train split (cached in work/ for resumes).
