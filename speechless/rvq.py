@@ -449,16 +449,19 @@ class SpeechRVQ(torch.nn.Module):
         books, norms = self._encode_tables()
         n, chunk = x.shape[0], self.cfg.encode_chunk
         codes = torch.empty(n, self.num_quantizers, dtype=torch.long)
+        # Buffers reused across chunks and levels (fresh 32 MiB allocations cost page faults); `min(1)` and
+        # `index_select` are ~1.5-2x faster than `argmin(1)` and fancy indexing on CPU and give the same values.
+        residual = torch.empty(chunk, self.dim)
+        scores = torch.empty(chunk, self.codebook_size)
         for start in range(0, n, chunk):
-            block = self.standardize(x[start:start + chunk].to("cpu"))
+            block = x[start:start + chunk].to("cpu")
             rows = block.shape[0]
-            if rows < chunk:
-                block = torch.cat([block, block.new_zeros(chunk - rows, self.dim)])
-            residual = block.contiguous()
+            torch.sub(block.float(), self.mean, out=residual[:rows]).div_(self.std)  # = standardize(block)
+            residual[rows:].zero_()
             for level in range(self.num_quantizers):
-                scores = torch.addmm(norms[level].unsqueeze(0), residual, books[level].t(), alpha=-2.0)
-                idx = scores.argmin(1)
-                residual = residual - books[level][idx]
+                torch.addmm(norms[level].unsqueeze(0), residual, books[level].t(), alpha=-2.0, out=scores)
+                idx = scores.min(1).indices
+                residual.sub_(torch.index_select(books[level], 0, idx))
                 codes[start:start + rows, level] = idx[:rows]
         return codes
 
