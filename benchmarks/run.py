@@ -275,6 +275,17 @@ def bench_train(args, report: dict) -> str:
 
 
 def bench_generate(args, report: dict) -> str:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.gen_threads)  # per-step ops are tiny: extra threads cost hand-offs on shared cores
+    try:
+        return _generate(args, report)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate(args, report: dict) -> str:
     from speechless.t2s import T2SModel
     from speechless.tokens import read_token_jsonl
     from t2s_generation_speed import compare_settings
@@ -285,12 +296,17 @@ def bench_generate(args, report: dict) -> str:
         if row["text"] not in texts:
             texts.append(row["text"])
     ids = [model.text.encode(t).chunks[0] for t in texts[: args.texts]]
-    rows = compare_settings(model, ids, args.gen_batch, int(args.gen_seconds * 25), measure_fn=lambda run: (
-        lambda out: (out[0], {"peak_mib": out[1]["peak_mib"]}))(timed(run)))
+
+    def with_peak_memory(run):
+        result, stats = timed(run)
+        return result, {"peak_mib": stats["peak_mib"]}
+
+    rows = compare_settings(model, ids, args.gen_batch, int(args.gen_seconds * 25), measure_fn=with_peak_memory)
     base = rows[0]["frames_per_second"]
-    report["generate"] = {"model": str(args.stage2), "parameters": sum(p.numel() for p in model.parameters()), "rows": rows}
+    report["generate"] = {"model": str(args.stage2), "parameters": sum(p.numel() for p in model.parameters()),
+                          "threads": args.gen_threads, "rows": rows}
     return (f"### 4. Stage-2 generation ({len(ids)} texts, greedy, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
-            f"parameters, `{args.stage2}`)\n\n"
+            f"parameters, `{args.stage2}`, {args.gen_threads} thread(s))\n\n"
             + table(["batch", "KV cache", "frames", "seconds", "frames/s", "vs batch 1 + cache", "same output", "peak MiB"],
                     [[r["batch"], "yes" if r["kv_cache"] else "no", r["frames"], r["seconds"], r["frames_per_second"],
                       f"{r['frames_per_second'] / base:.2f}x", "yes" if r["identical_to_batch1_cache"] else "NO", r["peak_mib"]]
@@ -328,6 +344,7 @@ def main() -> None:
     parser.add_argument("--stage2", type=Path, default=Path("runs/stage2/demo"), help="stage-2 run folder")
     parser.add_argument("--texts", type=int, default=8, help="texts to generate in the stage-2 section")
     parser.add_argument("--gen-batch", type=int, default=8)
+    parser.add_argument("--gen-threads", type=int, default=1, help="torch threads for the stage-2 section")
     parser.add_argument("--gen-seconds", type=float, default=10.0, help="cap on generated speech per text")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/results.json"))
