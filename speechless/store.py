@@ -34,6 +34,7 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -320,6 +321,8 @@ def _pick(stage: str, version: str | None, versions: list[VersionInfo], where: s
 
 META_NAME = "version.json"
 FILES_DIR = "files"
+INCOMING_RE = re.compile(r"\.incoming-(?P<host>.+)\.(?P<pid>\d+)\.[^.]+")
+"""Temp folder of a push in progress: `.incoming-<host>.<pid>.<random>`, so a later push can tell an abandoned one."""
 META_FORMAT = 1
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
@@ -439,7 +442,8 @@ class LocalStore:
         sdir = self._stage_dir(stage)
         try:
             sdir.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=sdir))
+            _remove_abandoned_pushes(sdir)
+            tmp = Path(tempfile.mkdtemp(prefix=f".incoming-{socket.gethostname()}.{os.getpid()}.", dir=sdir))
             os.chmod(tmp, 0o755)  # mkdtemp makes 0o700
         except OSError as exc:
             raise RuntimeFailure(f"{sdir}: cannot create folder ({exc.strerror or exc}); check permissions") from exc
@@ -484,6 +488,21 @@ class LocalStore:
         result = self._read_version(sdir / version)
         assert result is not None
         return result
+
+
+def _remove_abandoned_pushes(sdir: Path) -> None:
+    """Delete temp folders of pushes whose process died on this host (a killed push leaves its copy behind)."""
+    host = socket.gethostname()
+    for tmp in sdir.glob(".incoming-*"):
+        match = INCOMING_RE.fullmatch(tmp.name)
+        if match is None or match["host"] != host:
+            continue  # another host's push may still be running
+        try:
+            os.kill(int(match["pid"]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass  # the process exists (owned by someone else)
 
 
 # --------------------------------------------------------------------------------------------------------------------

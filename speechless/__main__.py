@@ -1,0 +1,5 @@
+"""`python -m speechless ...`: the same CLI as the `speechless` command."""
+
+from speechless.cli import main
+
+main()
