@@ -84,3 +84,21 @@ def load_checkpoint(work: Path, step: int, optimizer=None, device=None) -> dict:
         saved["state"] = slots
         optimizer.load_state_dict(saved)
     return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+
+def verify_weights(path: Path, variant: str) -> str:
+    """sha256 of a checkpoint's weight file, checked against the digest its provenance.json records for `variant`
+    (when it records one). safetensors only notices damage to its header: a flipped bit in the tensor bytes would
+    load silently."""
+    from speechless.errors import RuntimeFailure
+    from speechless.io import read_json, sha256_file
+
+    path = Path(path)
+    digest = sha256_file(path) if path.is_file() else ""
+    provenance = path.parent / "provenance.json"
+    recorded = (read_json(provenance).get("weights_sha256") or {}).get(variant) if provenance.is_file() and digest else None
+    if recorded is not None and recorded != digest:
+        raise RuntimeFailure(f"{path}: sha256 {digest[:12]} differs from {recorded[:12]} recorded in provenance.json (file corrupt, "
+                             "or the folder mixes two runs); download or re-create the checkpoint")
+    return digest

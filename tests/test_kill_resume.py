@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import stage1_overrides
-from test_stage2 import base as stage2_base, overrides as stage2_overrides  # noqa: F401  (fixture)
+from test_stage2 import overrides as stage2_overrides
 from test_t2s import TEXTS
 
 HERE = Path(__file__).resolve().parent
@@ -141,16 +141,6 @@ def copy_train_features(ctx: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- stage 2
-
-@pytest.fixture(scope="module")
-def stage2_reference(stage2_base) -> Path:  # noqa: F811
-    """An uninterrupted in-process stage-2 run with the settings the killed subprocess uses."""
-    from speechless.config import load_config
-    from stages.stage2_t2s import Stage2Config, train
-
-    train(load_config(Stage2Config, None, stage2_overrides(stage2_base, stage2_base / "reference", "train.threads=1")))
-    return stage2_base / "reference"
-
 
 def stage2_command(ctx: dict) -> list[str]:
     args = ["stage2", "train"]
