@@ -23,7 +23,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RuntimeFailure(f"{path.parent}: cannot create folder ({exc.strerror}); check permissions") from exc
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise RuntimeFailure(f"{path}: cannot write ({exc.strerror or exc}); free disk space or fix permissions, then re-run") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:

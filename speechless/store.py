@@ -237,6 +237,9 @@ def _copy_out(src_root: Path, files: list[str] | tuple[str, ...], to: Path, expe
     """Copy `files` from src_root into the folder `to` (atomically: a temp folder renamed into place), checking sha256
     against `expected` when given. `to` must be new or empty, or already hold exactly these files (then kept)."""
     to = Path(to).expanduser().absolute()
+    escaping = [f for f in files if PurePosixPath(f).is_absolute() or ".." in PurePosixPath(f).parts]
+    if escaping:
+        raise UsageError(f"{what}: file path {escaping[0]!r} points outside the version's folder; refusing to download")
     if to.exists() and not to.is_dir():
         raise UsageError(f"--to {to}: exists and is not a folder; pick a new or empty folder")
     if to.is_dir() and any(to.iterdir()):
@@ -697,6 +700,10 @@ class HubStore:
         snapshot = self._call(repo, "download", lambda: snapshot_download(repo, revision=version.revision, allow_patterns=patterns))
         snapshot = Path(snapshot)
         files = sorted(version.files) if version.files else sorted(_listed_files(snapshot))
+        unsafe = [f for f in files if f.lower().endswith(FORBIDDEN_SUFFIXES)]
+        if unsafe:
+            raise UsageError(f"{repo}@{version.version}: holds pickles or code ({', '.join(unsafe[:3])}); speechless never loads "
+                             "them, refusing the version: push one with safetensors + JSON only")
         missing = [f for f in files if not (snapshot / f).is_file()]
         if missing:
             raise RuntimeFailure(f"{snapshot / missing[0]}: missing from the downloaded {version.ref}; re-run the download")
