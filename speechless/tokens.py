@@ -11,6 +11,7 @@ fixed-width lower-case hex (3 digits for 2048 codes). E.g. two frames of 8 level
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,9 @@ import torch
 
 from speechless.errors import UsageError
 from speechless.io import write_jsonl
+
+
+HEX_GROUP = re.compile(r"[0-9a-fA-F]+")
 
 
 def hex_width(codebook_size: int) -> int:
@@ -38,10 +42,9 @@ def string_to_codes(text: str, num_quantizers: int, codebook_size: int) -> list[
     for position, group in enumerate(text.split()):
         if len(group) != width * num_quantizers:
             raise UsageError(f"token string: frame {position} has {len(group)} characters, expected {width * num_quantizers} ({num_quantizers} codes x {width} hex digits)")
-        try:
-            frame = [int(group[i:i + width], 16) for i in range(0, len(group), width)]
-        except ValueError as exc:
-            raise UsageError(f"token string: frame {position} is not hexadecimal: {group!r}") from exc
+        if not HEX_GROUP.fullmatch(group):  # int(x, 16) alone also takes '-1', '+f', '0_1' and would yield negative codes
+            raise UsageError(f"token string: frame {position} is not hexadecimal: {group!r}")
+        frame = [int(group[i:i + width], 16) for i in range(0, len(group), width)]
         if max(frame) >= codebook_size:
             raise UsageError(f"token string: frame {position} has a code >= codebook size {codebook_size}")
         frames.append(frame)
@@ -70,7 +73,8 @@ def read_token_jsonl(path: Path, expect_revision: str | None = None, codebook_si
     (optionally) that it belongs to the expected stage-1 revision."""
     rows = []
     try:
-        lines = Path(path).read_bytes().decode("utf-8").splitlines()
+        # JSONL lines end at "\n" only: str.splitlines() would also cut inside a text holding U+2028 or U+0085
+        lines = Path(path).read_bytes().decode("utf-8").split("\n")
     except FileNotFoundError as exc:
         raise UsageError(f"{path}: token file not found") from exc
     except UnicodeDecodeError as exc:

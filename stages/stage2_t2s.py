@@ -223,7 +223,7 @@ def speaker_map(cfg: DataConfig, stage1: Stage1) -> dict[str, str]:
     if not Path(manifest).is_file():
         raise UsageError(f"data.manifest {manifest}: file not found")
     out = {}
-    for line in Path(manifest).read_text(encoding="utf-8").splitlines():
+    for line in Path(manifest).read_text(encoding="utf-8").split("\n"):  # not splitlines(): U+2028 in a text is no line end
         if line.strip():
             try:
                 row = json.loads(line)
@@ -453,7 +453,7 @@ def read_text_requests(path: Path) -> list[GenRequest]:
     if not path.is_file():
         raise UsageError(f"{path}: input file not found")
     requests, seen = [], set()
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")  # not splitlines(): U+2028 in a text is no line end
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
