@@ -15,6 +15,16 @@ from typing import Any
 from speechless.errors import RuntimeFailure, UsageError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+"""Mode of written files: what the process's umask gives a new file (read once, at import)."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync and rename it into place, on failure remove it."""
@@ -29,6 +39,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise RuntimeFailure(f"{path}: cannot write ({exc.strerror or exc}); free disk space or fix permissions, then re-run") from exc
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, FILE_MODE)  # mkstemp makes 0o600: the final file gets the mode a plain open() would give it
     try:
         yield tmp
         with open(tmp, "rb") as handle:

@@ -179,13 +179,17 @@ def generated_like_uninterrupted(ctx: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------------- store pushes
 
-def make_checkpoint(folder: Path, files: int = 120, size: int = 32 << 10) -> None:
+def make_checkpoint(folder: Path, files: int = 300, size: int = 8 << 10) -> None:
     """A checkpoint-like folder with many files: a push fsyncs each, so it lasts long enough to be killed."""
-    rng = random.Random(0)
+    import torch
+
+    from speechless.io import save_tensors
+
+    generator = torch.Generator().manual_seed(0)
     (folder / "shards").mkdir(parents=True)
     (folder / "config.json").write_text('{"kind": "kill-test"}\n')
     for i in range(files):
-        (folder / "shards" / f"part-{i:04d}.safetensors").write_bytes(rng.randbytes(size))
+        save_tensors(folder / "shards" / f"part-{i:04d}.safetensors", {"w": torch.randint(0, 255, (size,), generator=generator, dtype=torch.uint8)})
 
 
 def prepare_push(ctx: dict) -> None:
@@ -200,18 +204,22 @@ def local_push_started(ctx: dict) -> bool:
     return any((ctx["tmp"] / "store" / "stage1").glob(".incoming-*/files/shards/part-0000.safetensors"))
 
 
-def no_local_version(ctx: dict) -> None:
+def only_complete_versions(ctx: dict) -> None:
+    """A killed push is never a visible half version: nothing is listed, or (when the kill landed after the rename)
+    a version whose every file matches its recorded sha256."""
     from speechless.store import LocalStore
 
-    assert LocalStore(ctx["tmp"] / "store").list("stage1") == []  # a half push is never a visible version
+    store = LocalStore(ctx["tmp"] / "store")
+    for version in store.list("stage1"):
+        assert digests(store.download(version.ref)) == digests(ctx["tmp"] / "ckpt")
 
 
 def local_push_complete(ctx: dict) -> None:
     from speechless.store import LocalStore
 
     store = LocalStore(ctx["tmp"] / "store")
-    assert [v.version for v in store.list("stage1")] == ["v1"]
-    assert digests(store.download("stage1@v1")) == digests(ctx["tmp"] / "ckpt")  # sha256 of every file verified too
+    assert [v.version for v in store.list("stage1")][0] == "v1"
+    assert digests(store.download("stage1@latest")) == digests(ctx["tmp"] / "ckpt")  # sha256 of every file verified too
     assert not list((ctx["tmp"] / "store" / "stage1").glob(".incoming-*")), "temp folder of the killed push left behind"
 
 
@@ -254,8 +262,8 @@ STEPS: dict[str, KillStep] = {
         prepare=lambda ctx: (ctx["run"].mkdir(), write_generate_texts(ctx)),
         kills=((lambda ctx: partial_rows(ctx) >= 1, 0.3),), check=generated_like_uninterrupted),
     "local store push": KillStep(
-        command=local_push_command, prepare=prepare_push, kills=((local_push_started, 0.2),),
-        after_kill=no_local_version, check=local_push_complete),
+        command=local_push_command, prepare=prepare_push, kills=((local_push_started, 0.1),),
+        after_kill=only_complete_versions, check=local_push_complete),
     "hub push (mock transport)": KillStep(
         command=hub_push_command, prepare=prepare_push, kills=((lambda ctx: hub_requests(ctx) >= 1, 0.8),),
         launcher=lambda ctx: [*FAKEHUB, str(ctx["tmp"] / "hub.json")], resume_in_process=False,
@@ -267,9 +275,11 @@ def kill_at(step: KillStep, ctx: dict, env: dict, marker, max_delay: float, rng:
     """Run the command and SIGKILL it once `marker` holds; a loaded machine may finish first: then start over in a
     fresh folder with a shorter delay (3 tries)."""
     for _attempt in range(3):
-        status, stderr = run_and_kill([*step.launcher(ctx), *step.command(ctx)], ctx["tmp"], env, lambda: marker(ctx),
-                                      rng.uniform(0, max_delay))
+        delay = rng.uniform(0, max_delay)
+        status, stderr = run_and_kill([*step.launcher(ctx), *step.command(ctx)], ctx["tmp"], env, lambda: marker(ctx), delay)
         if status == -signal.SIGKILL:
+            print(f"killed {delay:.3f} s after the marker: resume step {state_step(ctx)}, {train_shards(ctx)} train shards, "
+                  f"{partial_rows(ctx)} generated rows, {hub_requests(ctx)} Hub requests answered")  # where it landed (-rP)
             return
         assert status == 0, stderr
         for name in os.listdir(ctx["tmp"]):

@@ -188,6 +188,44 @@ def test_read_only_download_folder(stage2_base, tmp_path, cli, monkeypatch):
     assert not (tmp_path / "ro").exists()
 
 
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # inside the tensor bytes: safetensors still parses the file
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_feature_shard_is_extracted_again_and_damaged_resume_checkpoint_refused(stage1_trained, corpus, encoder_json,
+                                                                                         tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(stage1_trained / "work" / "features", run / "work" / "features")
+    shard = run / "work" / "features" / "train" / "shard-00001.safetensors"
+    flip_last_byte(shard)
+    args = set_args("stage1", "train", settings=stage1_overrides(corpus, encoder_json, run, tmp_path / "store"))
+    result = cli(*args)
+    assert result.exit_code == 0, result.stderr
+    assert "shard-00001.safetensors: damaged feature shard" in " ".join(result.stderr.split())
+    assert shard.read_bytes() == (stage1_trained / "work" / "features" / "train" / "shard-00001.safetensors").read_bytes()
+    assert (run / "model.safetensors").read_bytes() == (stage1_trained / "model.safetensors").read_bytes()
+    assert oct((run / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())  # not mkstemp's 0o600
+
+    # a resume checkpoint damaged after it was written: never resumed from
+    state = json.loads((run / "work" / "state.json").read_text())
+    state["step"] = 4
+    (run / "work" / "state.json").write_text(json.dumps(state))
+    checkpoint = run / "work" / "checkpoints" / "step-000004.safetensors"
+    flip_last_byte(checkpoint)
+    (run / "model.safetensors").unlink()
+    result = cli(*args)
+    assert result.exit_code == 1 and "step-000004.safetensors: sha256 differs" in one_error_line(result)
+    assert not (run / "model.safetensors").exists()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 # ----------------------------------------------------------------------------------- Hub failures and the HF token
 
 @pytest.mark.parametrize("failure", [401, 403, 404, 429, 500, 503, "timeout"])
