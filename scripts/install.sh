@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Fresh-machine set-up: Debian packages (espeak-ng), a virtual environment, torch pinned to 2.13.0, the project.
+# Fresh-machine set-up: Debian packages (espeak-ng, chromium), a virtual environment, torch pinned to 2.13.0, the project.
 # Idempotent: a second run only checks. VENV overrides the venv folder (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
-if ! command -v espeak-ng >/dev/null 2>&1; then
-  echo "installing espeak-ng (Debian package) ..." >&2
+# Debian packages: espeak-ng speaks the demo corpus; chromium renders the report in the tests (headless).
+missing=""
+command -v espeak-ng >/dev/null 2>&1 || missing="$missing espeak-ng"
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing="$missing chromium"
+if [ -n "$missing" ]; then
+  echo "installing Debian packages:$missing ..." >&2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get install -y -q espeak-ng >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q espeak-ng >/dev/null; }
+  $SUDO apt-get install -y -q $missing >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q $missing >/dev/null; }
 fi
 
 PY=${PYTHON:-python3}

@@ -1,5 +1,6 @@
-"""`python -m speechless ...`: the same CLI as the `speechless` command."""
+"""`python -m speechless` = the `speechless` command."""
 
 from speechless.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""The `speechless` command line: one Typer app with a sub-app per area (data, stage1, tokenize, hub, config)."""
+"""The `speechless` command line: `run` and `report` (the pipeline), and a sub-app per area (data, stage1, stage2, tokenize, hub, config)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from speechless.commands import config_cmd, data, hub, stage1, stage2, tokenize
+from speechless.commands import config_cmd, data, hub, pipeline, stage1, stage2, tokenize
 from speechless.errors import SpeechlessError
 from speechless.log import console
 
@@ -17,10 +17,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.command("run")(pipeline.run)
+app.command("report")(pipeline.report)
 app.add_typer(data.app, name="data", help="Build, import and validate speech corpora (JSONL manifests).")
 app.add_typer(stage1.app, name="stage1", help="Stage 1: train and evaluate the speech tokenizer (RVQ on Gemma 4 encoder activations).")
 app.add_typer(stage2.app, name="stage2", help="Stage 2: text -> semantic tokens (the Speechless model), with a measured round trip.")
-app.add_typer(tokenize.app, name="tokenize", help="Turn audio into stage-1 semantic tokens.")
+app.add_typer(tokenize.app, name="tokenize", help="Turn audio (stage 1) or text (stage 2) into semantic tokens.")
 app.add_typer(hub.app, name="hub", help="The versioned checkpoint store: local folder (default) or the Hugging Face Hub.")
 app.add_typer(config_cmd.app, name="config", help="Show a stage's config schema or resolve a config file.")
 

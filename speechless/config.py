@@ -116,9 +116,34 @@ def validate(schema: type[Schema], data: dict, where: str) -> Schema:
         raise UsageError(f"{where}: key '{key}': {first['msg']} (got {got!r})") from exc
 
 
+def expand_includes(schema: type[Section], data: Any, where: str) -> Any:
+    """A section given as a string naming a YAML file is that file's content (`stage1: configs/stage1/demo.yaml`), so
+    a pipeline config reuses the stage configs instead of copying them. Paths are relative to the working folder."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for key, value in data.items():
+        sub = _section_type(schema.model_fields[key].annotation) if key in schema.model_fields else None
+        if sub is None:
+            continue
+        if isinstance(value, list):  # a list of sections: each item may be a file too
+            out[key] = [expand_includes(sub, _include(item, f"{key}[{n}]", where), where) for n, item in enumerate(value)]
+        else:
+            out[key] = expand_includes(sub, _include(value, key, where), where)
+    return out
+
+
+def _include(value: Any, key: str, where: str) -> Any:
+    if not (isinstance(value, str) and value.endswith((".yaml", ".yml"))):
+        return value
+    if not Path(value).is_file():
+        raise UsageError(f"{where}: key '{key}': included config {value} not found (paths are relative to the working folder)")
+    return read_yaml(value)
+
+
 def load_config(schema: type[Schema], path: str | os.PathLike | None, overrides: list[str] | None = None) -> Schema:
     """Load a YAML file (or the schema's defaults when `path` is None), apply overrides, validate."""
-    data = read_yaml(path) if path is not None else {}
+    data = expand_includes(schema, read_yaml(path), str(path)) if path is not None else {}
     where = str(path) if path is not None else "defaults"
     if overrides:
         _check_keys(schema, apply_overrides({}, overrides), "--set")

@@ -4,7 +4,9 @@ Nothing in the project turns tokens back into text, so the round trip text -> st
 It is trained on REAL pairs (stage-1 tokens of recorded/synthesised speech -> transcript) and then reads both real
 held-out tokens and stage-2 tokens generated from the same sentences' text: if stage 2 is faithful, the two CERs match.
 
-Model: the sum of one learned embedding per codebook level (the frame's Q codes) -> residual 1-D convolutions
+Model: the frame's Q codes in -> `input: codes`: the sum of one learned embedding per level; `input: vectors`: the
+stage-1 decoded vector (the sum of the frozen stage-1 codewords, standardised units, what stage 3 consumes) through a
+learned linear map -> residual 1-D convolutions
 (-> optionally a bidirectional GRU) -> per frame `upsample` output slots of characters + blank (25 frames/s is close to the
 character rate of speech, so each frame may emit up to `upsample` characters) -> CTC. Greedy decoding.
 
@@ -20,6 +22,7 @@ import re
 import time
 import unicodedata
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,9 @@ WEIGHTS_METADATA = {"format": f"{FORMAT}/{FORMAT_VERSION}"}
 class ProbeConfig(Section):
     """The CTC ASR probe that judges the round trip."""
 
+    input: Literal["codes", "vectors"] = "codes"
+    """What the probe reads: 'codes' = a learned embedding per (level, code), summed; 'vectors' = the decoded stage-1
+    vectors (frozen codebooks, not saved with the probe: loading needs the stage-1 version it was trained on)."""
     dim: int = Field(192, ge=8)
     """Width of the code embeddings, convolutions and GRU (both directions together)."""
     conv_layers: int = Field(4, ge=0)
@@ -83,7 +89,7 @@ def cer(references: list[str], hypotheses: list[str]) -> float:
 
 
 class CTCProbe(torch.nn.Module):
-    def __init__(self, cfg: ProbeConfig, num_levels: int, codebook_size: int, alphabet: str):
+    def __init__(self, cfg: ProbeConfig, num_levels: int, codebook_size: int, alphabet: str, codebooks: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.num_levels = num_levels
@@ -91,8 +97,15 @@ class CTCProbe(torch.nn.Module):
         self.alphabet = alphabet
         self.char_index = {ch: i + 1 for i, ch in enumerate(alphabet)}  # 0 = CTC blank
         d = cfg.dim
-        self.embed = torch.nn.Embedding(num_levels * codebook_size, d)
-        torch.nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(num_levels))
+        if cfg.input == "vectors":
+            if codebooks is None or tuple(codebooks.shape[:2]) != (num_levels, codebook_size):
+                raise UsageError(f"probe input 'vectors' needs the stage-1 codebooks ({num_levels} x {codebook_size} x D), "
+                                 f"got {None if codebooks is None else tuple(codebooks.shape)}")
+            self.register_buffer("books", codebooks.detach().float().reshape(num_levels * codebook_size, -1).clone(), persistent=False)
+            self.embed = torch.nn.Linear(self.books.shape[1], d)
+        else:
+            self.embed = torch.nn.Embedding(num_levels * codebook_size, d)
+            torch.nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(num_levels))
         self.register_buffer("offsets", torch.arange(num_levels) * codebook_size, persistent=False)
         self.convs = torch.nn.ModuleList(torch.nn.Conv1d(d, d, cfg.kernel, padding=cfg.kernel // 2) for _ in range(cfg.conv_layers))
         self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(cfg.conv_layers))
@@ -106,7 +119,10 @@ class CTCProbe(torch.nn.Module):
 
     def forward(self, codes: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """codes (B, T, Q), lengths (B,) -> log-probs (B, T * upsample, vocab)."""
-        x = self.drop(self.embed(codes + self.offsets).sum(-2))
+        if self.cfg.input == "vectors":
+            x = self.drop(self.embed(self.books[codes + self.offsets].sum(-2)))
+        else:
+            x = self.drop(self.embed(codes + self.offsets).sum(-2))
         mask = (torch.arange(codes.shape[1], device=codes.device)[None] < lengths[:, None]).unsqueeze(-1)
         for conv, norm in zip(self.convs, self.norms):
             x = norm(x + self.drop(F.gelu(conv((x * mask).transpose(1, 2)).transpose(1, 2))))
@@ -151,12 +167,14 @@ class CTCProbe(torch.nn.Module):
                                                 alphabet=self.alphabet, **(extra or {})))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "CTCProbe":
+    def load(cls, folder: str | Path, codebooks: torch.Tensor | None = None) -> "CTCProbe":
+        """A saved probe; one with input 'vectors' needs the (Q, K, D) stage-1 codebooks it was trained with."""
         folder = Path(folder)
         meta = read_json(folder / "config.json")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise UsageError(f"{folder / 'config.json'}: not a speechless CTC probe (format {FORMAT} v{FORMAT_VERSION})")
-        model = cls(ProbeConfig.model_validate(meta["probe"]), int(meta["num_levels"]), int(meta["codebook_size"]), meta["alphabet"])
+        model = cls(ProbeConfig.model_validate(meta["probe"]), int(meta["num_levels"]), int(meta["codebook_size"]), meta["alphabet"],
+                    codebooks)
         tensors = load_tensors(folder / "model.safetensors")
         try:
             model.load_state_dict(tensors, strict=True)
@@ -187,15 +205,16 @@ def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[li
 
 
 def train_probe(codes: list[torch.Tensor], texts: list[str], cfg: ProbeConfig, num_levels: int, codebook_size: int,
-                log_every: int = 0, log=None) -> tuple[CTCProbe, dict]:
-    """Train a probe on real (codes (Q, T), transcript) pairs; returns (probe, summary with loss history and speed)."""
+                log_every: int = 0, log=None, codebooks: torch.Tensor | None = None) -> tuple[CTCProbe, dict]:
+    """Train a probe on real (codes (Q, T), transcript) pairs; returns (probe, summary with loss history and speed).
+    `codebooks` (Q, K, D): the stage-1 codebooks, needed for `cfg.input == 'vectors'`."""
     if len(codes) != len(texts) or not codes:
         raise UsageError(f"train_probe: need matching, non-empty codes and transcripts (got {len(codes)} and {len(texts)})")
     alphabet = "".join(sorted({ch for t in texts for ch in probe_text(t)}))
     if not alphabet:
         raise UsageError("train_probe: the transcripts hold no characters after normalisation")
     torch.manual_seed(cfg.seed)
-    probe = CTCProbe(cfg, num_levels, codebook_size, alphabet)
+    probe = CTCProbe(cfg, num_levels, codebook_size, alphabet, codebooks)
     targets = [probe.encode_text(t) for t in texts]
     usable = [i for i, (c, t) in enumerate(zip(codes, targets)) if t and c.shape[-1] * cfg.upsample >= len(t)]
     if not usable:

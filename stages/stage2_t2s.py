@@ -69,6 +69,11 @@ class TrainConfig(Section):
     """AdamW weight decay (not on norms, biases and embeddings)."""
     grad_clip: float = Field(1.0, gt=0.0)
     """Gradient norm clipping."""
+    join_prob: float = Field(0.0, ge=0.0, le=1.0)
+    """Augmentation: the share of training utterances that are followed by another random utterance of the same speaker
+    (text ids and codes both joined, within `model.max_text_tokens` and `data.max_frames`). Each step sees new sentence
+    pairs, so the model cannot learn whole sentences by heart and must follow the text; measured in
+    benchmarks/RESULTS.md."""
     eval_every: int = Field(300, ge=1)
     """Eval loss per level on the eval split every N steps (and at the end); the best is kept."""
     checkpoint_every: int = Field(100, ge=1)
@@ -234,6 +239,17 @@ def speaker_map(cfg: DataConfig, stage1: Stage1) -> dict[str, str]:
     return out
 
 
+def _probe_reads_vectors(probe_dir: Path) -> bool:
+    return read_json(probe_dir / "config.json").get("probe", {}).get("input") == "vectors"
+
+
+def stage1_codebooks(stage1: Stage1) -> torch.Tensor:
+    """(Q, K, D) codebooks of the stage-1 version, in its standardised units (what a 'vectors' probe reads)."""
+    from speechless.rvq import SpeechRVQ
+
+    return SpeechRVQ.load(stage1.folder).codebooks()
+
+
 def row_codes(row: dict) -> torch.Tensor:
     return torch.tensor(row["codes"], dtype=torch.long)
 
@@ -311,6 +327,20 @@ def eval_loss(model: T2SModel, items: list, batch_size: int, device: torch.devic
     return {"loss": sum(level) / len(level), "level_loss": [round(v, 4) for v in level]}
 
 
+def join_utterances(picked: list, pool: list, by_speaker: dict[int, list[int]], prob: float, rng: random.Random,
+                    max_tokens: int, max_frames: int) -> list:
+    """`join_prob` augmentation: each picked item is, with probability `prob`, followed by a random utterance of the
+    same speaker from `pool` (ids concatenated: the Metaspace tokenizer encodes "A B" as ids(A) + ids(B))."""
+    out = []
+    for ids, codes, spk in picked:
+        if prob > 0 and rng.random() < prob:
+            other_ids, other_codes, _ = pool[rng.choice(by_speaker[spk])]
+            if len(ids) + len(other_ids) <= max_tokens and codes.shape[1] + other_codes.shape[1] <= max_frames:
+                ids, codes = ids + other_ids, torch.cat([codes, other_codes], 1)
+        out.append((ids, codes, spk))
+    return out
+
+
 def _load_resume(work: Path, step: int, model: T2SModel, optimizer) -> None:
     model.load_weights(load_checkpoint(work, step, optimizer, model.device), f"{work} step {step}")
 
@@ -337,6 +367,9 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
         _load_resume(work, state["step"], model, optimizer)
         log.info(f"resuming stage 2 from step {state['step']} of {cfg.train.steps}")
     lengths = [item[1].shape[1] + len(item[0]) for item in train_items]
+    by_speaker: dict[int, list[int]] = {}
+    for index, item in enumerate(train_items):
+        by_speaker.setdefault(item[2], []).append(index)
     per_epoch = math.ceil(len(train_items) / cfg.train.batch_size)
     step = state["step"]
     log.info(f"training on {device}{' (bf16 autocast)' if amp else ''}: {len(train_items)} utterances, "
@@ -352,7 +385,10 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
             for group in optimizer.param_groups:
                 group["lr"] = cfg.train.learning_rate * lr_factor(step, cfg.train)
             model.train()
-            batch = collate([train_items[i] for i in batch_idx], model.delays, model.codebook_size).to(device)
+            picked = join_utterances([train_items[i] for i in batch_idx], train_items, by_speaker, cfg.train.join_prob,
+                                     random.Random(cfg.run.seed * 1_000_003 + step), model.cfg.max_text_tokens,
+                                     cfg.data.max_frames)
+            batch = collate(picked, model.delays, model.codebook_size).to(device)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 result = model.loss(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -361,7 +397,7 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
             optimizer.step()
             step += 1
             state["train_seconds"] += time.time() - tick
-            state["frames"] += int(sum(train_items[i][1].shape[1] for i in batch_idx))
+            state["frames"] += int(sum(codes.shape[1] for _, codes, _ in picked))
             loss = float(result["loss"].detach())
             window.append(loss)
             record = {"step": step, "loss": round(loss, 4), "grad_norm": round(grad_norm, 3),
@@ -735,14 +771,16 @@ def train(cfg: Stage2Config) -> dict:
     probe_dir = out / "probe"
     probe_key = config_fingerprint(cfg.probe) + stage1.revision
     probe_meta = probe_dir / "config.json"
+    codebooks = stage1_codebooks(stage1) if cfg.probe.input == "vectors" else None
     if probe_meta.is_file() and read_json(probe_meta).get("key") == probe_key:
-        probe = CTCProbe.load(probe_dir)
+        probe = CTCProbe.load(probe_dir, codebooks)
         probe_summary = read_json(probe_meta)["summary"]
         log.info("probe: reusing the one already trained in this run")
     else:
         log.info(f"training the CTC probe on {len(train_rows)} real utterances ({cfg.probe.steps} steps)")
         probe, probe_summary = train_probe([row_codes(r) for r in train_rows], [r["text"] for r in train_rows], cfg.probe,
-                                           stage1.num_levels, stage1.codebook_size, log_every=max(1, cfg.probe.steps // 4), log=log.info)
+                                           stage1.num_levels, stage1.codebook_size, log_every=max(1, cfg.probe.steps // 4), log=log.info,
+                                           codebooks=codebooks)
         probe.save(probe_dir, extra={"key": probe_key, "summary": probe_summary, "stage1_revision": stage1.revision})
 
     # Round trip on held-out sentences.
@@ -821,7 +859,7 @@ def evaluate_checkpoint(ref: str, stage1_ref: str | None, split: str, gen: Gener
     rows = load_split(stage1, split)
     if ev.max_utterances is not None:
         rows = rows[: ev.max_utterances]
-    probe = CTCProbe.load(folder / "probe")
+    probe = CTCProbe.load(folder / "probe", stage1_codebooks(stage1) if _probe_reads_vectors(folder / "probe") else None)
     speakers = speaker_map(DataConfig(stage1=stage1_ref, manifest=manifest), stage1)
     metrics, _ = round_trip(model, probe, rows, speakers, gen, ev.model_copy(update={"split": split}), stage1.folder)
     return metrics

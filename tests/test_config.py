@@ -77,3 +77,20 @@ def test_resolved_yaml_round_trips(tmp_path):
 def test_describe_lists_documented_leaves():
     rows = {key: doc for key, _, doc in describe(Outer)}
     assert rows["train.steps"] == "Training steps." and rows["out_dir"] == "Where outputs go."
+
+
+def test_a_section_can_be_a_yaml_file(tmp_path, monkeypatch):
+    from speechless.pipeline import PipelineConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s1.yaml").write_text("train:\n  steps: 7\n")
+    (tmp_path / "imp.yaml").write_text("dataset: some/dataset\n")
+    (tmp_path / "p.yaml").write_text("stage1: s1.yaml\ndata:\n  source: import\n  imports: [imp.yaml]\n")
+    cfg = load_config(PipelineConfig, tmp_path / "p.yaml", ["stage1.rvq.kmeans_iters=3"])
+    assert cfg.stage1.train.steps == 7 and cfg.stage1.rvq.kmeans_iters == 3 and cfg.data.imports[0].dataset == "some/dataset"
+    (tmp_path / "bad.yaml").write_text("stage1: missing.yaml\n")
+    with pytest.raises(UsageError, match="missing.yaml"):
+        load_config(PipelineConfig, tmp_path / "bad.yaml")
+    (tmp_path / "s1.yaml").write_text("trian:\n  steps: 7\n")
+    with pytest.raises(UsageError, match="stage1.trian"):
+        load_config(PipelineConfig, tmp_path / "p.yaml")

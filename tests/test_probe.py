@@ -53,3 +53,18 @@ def test_probe_refuses_unusable_data():
         train_probe([], [], ProbeConfig(steps=1), 4, 32)
     with pytest.raises(UsageError, match="no characters"):
         train_probe([torch.zeros(4, 5, dtype=torch.long)], ["?!"], ProbeConfig(steps=1), 4, 32)
+
+
+def test_vectors_probe_reads_decoded_stage1_vectors(stage1, tmp_path):
+    """input 'vectors': frozen stage-1 codewords -> linear map; the codebooks are not saved, loading needs them."""
+    train = rows(stage1, "train")
+    books = torch.randn(4, 32, 16, generator=torch.Generator().manual_seed(0))
+    cfg = ProbeConfig(input="vectors", dim=64, conv_layers=1, steps=200, batch_size=8, learning_rate=1e-2)
+    probe, summary = train_probe(codes(train), [r["text"] for r in train], cfg, 4, 32, codebooks=books)
+    assert cer([r["text"] for r in train], probe.transcribe(codes(train))) < 0.5
+    assert "books" not in probe.state_dict() and summary["utterances"] == len(train)
+    probe.save(tmp_path / "vprobe")
+    held = codes(rows(stage1, "test"))
+    assert CTCProbe.load(tmp_path / "vprobe", books).transcribe(held) == probe.transcribe(held)
+    with pytest.raises(UsageError, match="codebooks"):
+        CTCProbe.load(tmp_path / "vprobe")

@@ -220,3 +220,23 @@ def test_shipped_stage2_configs_validate(name):
         assert cfg.model.backbone == "Qwen/Qwen2.5-0.5B" and cfg.model.tokenizer is None and cfg.store.backend == "hub"
     else:
         assert cfg.model.backbone == "configs/t2s/tiny_backbone.json" and (root / cfg.model.backbone).is_file()
+
+
+def test_join_utterances_joins_same_speaker_within_caps():
+    import random
+
+    import torch
+
+    from stages.stage2_t2s import join_utterances
+
+    pool = [([1, 2], torch.zeros(4, 3, dtype=torch.long), 0), ([3], torch.ones(4, 5, dtype=torch.long), 1),
+            ([4, 5, 6], torch.full((4, 2), 2, dtype=torch.long), 0)]
+    by_speaker = {0: [0, 2], 1: [1]}
+    joined = join_utterances(pool, pool, by_speaker, 1.0, random.Random(0), max_tokens=10, max_frames=100)
+    for (ids, codes, spk), (orig_ids, orig_codes, orig_spk) in zip(joined, pool):
+        assert spk == orig_spk and ids[: len(orig_ids)] == orig_ids and len(ids) > len(orig_ids)
+        partner = next(p for p in pool if p[2] == spk and ids[len(orig_ids):] == p[0])
+        assert torch.equal(codes, torch.cat([orig_codes, partner[1]], 1))
+    assert join_utterances(pool, pool, by_speaker, 0.0, random.Random(0), 10, 100) == pool
+    capped = join_utterances(pool, pool, by_speaker, 1.0, random.Random(0), max_tokens=3, max_frames=100)
+    assert all(len(ids) <= 3 for ids, _, _ in capped) and capped[2][0] == [4, 5, 6]

@@ -16,8 +16,9 @@ app = typer.Typer(no_args_is_help=True)
 def _schemas() -> dict:
     from stages.stage1_rvq import Stage1Config
     from stages.stage2_t2s import Stage2Config
+    from speechless.pipeline import PipelineConfig
 
-    return {"stage1": Stage1Config, "stage2": Stage2Config}
+    return {"stage1": Stage1Config, "stage2": Stage2Config, "pipeline": PipelineConfig}
 
 
 def _schema(stage: str):
@@ -30,7 +31,7 @@ def _schema(stage: str):
 
 
 @app.command()
-def show(stage: Annotated[str, typer.Argument(help="Stage whose schema to print: stage1.")]) -> None:
+def show(stage: Annotated[str, typer.Argument(help="Whose schema to print: stage1, stage2, pipeline.")]) -> None:
     """Print every config key of a stage with its default and documentation."""
     from speechless.config import describe
 
@@ -38,7 +39,7 @@ def show(stage: Annotated[str, typer.Argument(help="Stage whose schema to print:
 
 
 @app.command()
-def resolve(stage: Annotated[str, typer.Argument(help="Stage: stage1.")], config: ConfigOption = None, set_: SetOption = None) -> None:
+def resolve(stage: Annotated[str, typer.Argument(help="stage1, stage2 or pipeline.")], config: ConfigOption = None, set_: SetOption = None) -> None:
     """Validate a config file (+ overrides) and print the resolved YAML."""
     from speechless.config import load_config, to_yaml
 

@@ -1,0 +1,296 @@
+"""The whole Speechless pipeline in one run folder: data -> stage 1 -> stage 2 -> stage 3 -> report.
+
+Each step is an ordinary stage recipe (`stages/`) whose inputs the pipeline wires to the exact output of the step
+before it. A step is skipped when its previous result in this run folder was made from the same resolved config and
+the same upstream revisions (a content hash, `stamp`), unless forced; a step that was interrupted is simply run again
+and its recipe resumes from its own `work/` state. `RUN_DIR/pipeline.json` records, per step, the stamp, the output
+revision (sha256 of the step's main output file), the wall time and any pushed store version.
+
+    RUN_DIR/
+      pipeline.json  metrics.json  resolved_config.yaml  report/index.html (+ PNGs)
+      corpus/  stage1/  stage2/  stage3/
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from pydantic import Field
+
+from speechless import log
+from speechless.config import Section, to_yaml
+from speechless.data.hf_import import ImportConfig
+from speechless.data.synth import SynthConfig
+from speechless.errors import UsageError
+from speechless.io import read_json, sha256_file, write_json, write_text
+from speechless.store import StoreConfig
+from stages.stage1_rvq import Stage1Config
+from stages.stage2_t2s import Stage2Config
+
+
+class PipelineRunConfig(Section):
+    out_dir: str = "runs/demo"
+    """The run folder holding every step's output, the pipeline state, the gathered metrics and the report."""
+    push: bool = False
+    """Push each stage's checkpoint to the store (`stageN@vK`) when it is (re)made; downstream steps then read that
+    exact version. A skipped step is not pushed again."""
+
+
+class PipelineDataConfig(Section):
+    source: Literal["synth", "import", "manifest"] = "synth"
+    """'synth': speak template sentences with espeak-ng (the offline demo); 'import': Hugging Face datasets (`imports`),
+    merged into one manifest; 'manifest': an existing manifest (`manifest`)."""
+    synth: SynthConfig = SynthConfig()
+    """With source 'synth': the corpus to synthesize."""
+    imports: list[ImportConfig] = Field(default_factory=list)
+    """With source 'import': the datasets to import (each into `corpus/<n>/`) and merge into `corpus/all.jsonl`."""
+    manifest: str | None = None
+    """With source 'manifest': the manifest (JSONL) to use as it is."""
+
+
+class PipelineConfig(Section):
+    """`speechless run`: every stage's full config, plus how the run folder is laid out. The pipeline sets each
+    stage's `run.out_dir`, `run.push` and its input (`stage1.data.manifest`, `stage2.data.stage1`, ...) itself."""
+
+    run: PipelineRunConfig = PipelineRunConfig()
+    data: PipelineDataConfig = PipelineDataConfig()
+    stage1: Stage1Config = Stage1Config()
+    stage2: Stage2Config = Stage2Config()
+    store: StoreConfig = StoreConfig()
+    """The store every stage pushes to and reads from (each stage's own `store` section is set to this one)."""
+
+
+@dataclass
+class Step:
+    """One pipeline step: its name, what it writes, and how to configure and run it given the upstream outputs."""
+
+    name: str
+    folder: str
+    """Sub-folder of the run folder."""
+    output: str
+    """The file (relative to `folder`) whose sha256 is the step's revision."""
+    configure: Callable[[PipelineConfig, Path, dict], Section | None]
+    """(pipeline config, step folder, upstream results) -> the step's resolved config (None for the data step)."""
+    execute: Callable[[PipelineConfig, Section | None, Path], dict]
+    """Runs the step; returns a summary (it may hold `pushed`)."""
+    upstream: str | None
+
+
+# ------------------------------------------------------------------------------------------------------ the steps
+
+
+def _data_configure(cfg: PipelineConfig, folder: Path, upstream: dict) -> Section:
+    if cfg.data.source == "synth":
+        return cfg.data.synth
+    if cfg.data.source == "import":
+        if not cfg.data.imports:
+            raise UsageError("data.imports: empty; list at least one dataset to import (data_manifests/twi/*.yaml show the fields)")
+        return PipelineDataConfig(source="import", imports=cfg.data.imports)
+    if not cfg.data.manifest or not Path(cfg.data.manifest).is_file():
+        raise UsageError(f"data.manifest {cfg.data.manifest!r}: manifest file not found (source 'manifest' needs one)")
+    return PipelineDataConfig(source="manifest", manifest=str(Path(cfg.data.manifest).resolve()))
+
+
+def _data_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path) -> dict:
+    from speechless.data.manifest import read_manifest, write_manifest
+
+    if cfg.data.source == "synth":
+        from speechless.data.synth import synthesize_from_config
+
+        synthesize_from_config(cfg.data.synth, folder)
+    else:
+        if cfg.data.source == "import":
+            from speechless.data.hf_import import import_hf_dataset
+
+            manifests = [import_hf_dataset(item, folder / f"{number}") for number, item in enumerate(cfg.data.imports)]
+        else:
+            manifests = [Path(cfg.data.manifest)]
+        entries = [entry for manifest in manifests for entry in read_manifest(manifest)]
+        try:
+            write_manifest(folder / "all.jsonl", entries)
+        except ValueError as exc:
+            raise UsageError(f"data: merging {len(manifests)} manifest(s): {exc}; give each source distinct ids") from exc
+    return {"manifest": str(folder / "all.jsonl")}
+
+
+def _stage1_configure(cfg: PipelineConfig, folder: Path, upstream: dict) -> Section:
+    return cfg.stage1.model_copy(update={
+        "run": cfg.stage1.run.model_copy(update={"out_dir": str(folder), "push": cfg.run.push}),
+        "data": cfg.stage1.data.model_copy(update={"manifest": upstream["data"]["summary"]["manifest"]}),
+        "store": cfg.store})
+
+
+def _stage1_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path) -> dict:
+    from stages.stage1_rvq import train
+
+    return train(step_cfg)
+
+
+def _stage2_configure(cfg: PipelineConfig, folder: Path, upstream: dict) -> Section:
+    stage1 = upstream["stage1"]
+    return cfg.stage2.model_copy(update={
+        "run": cfg.stage2.run.model_copy(update={"out_dir": str(folder), "push": cfg.run.push}),
+        "data": cfg.stage2.data.model_copy(update={"stage1": stage1.get("pushed") or stage1["folder"]}),
+        "store": cfg.store})
+
+
+def _stage2_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path) -> dict:
+    from stages.stage2_t2s import train
+
+    return train(step_cfg)
+
+
+STEPS = [
+    Step("data", "corpus", "all.jsonl", _data_configure, _data_execute, None),
+    Step("stage1", "stage1", "model.safetensors", _stage1_configure, _stage1_execute, "data"),
+    Step("stage2", "stage2", "model.safetensors", _stage2_configure, _stage2_execute, "stage1"),
+]
+STEP_NAMES = [step.name for step in STEPS]
+
+
+# ------------------------------------------------------------------------------------------------------ planning
+
+
+def step_stamp(step: Step, step_cfg: Section | None, upstream_revision: str | None) -> str:
+    """Content hash of what a step's output depends on: its resolved config (minus push/store settings, which do not
+    change the output) and the revision of its upstream output."""
+    data = step_cfg.model_dump(mode="json", exclude={"run": {"push", "message"}, "store": True}) if step_cfg else {}
+    if "run" in data:
+        data["run"].pop("out_dir", None)
+    blob = json.dumps({"step": step.name, "config": data, "upstream": upstream_revision}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class PlannedStep:
+    step: Step
+    folder: Path
+    config: Section | None
+    stamp: str | None
+    """None when it cannot be known yet (an upstream step will run first)."""
+    action: str
+    """'skip' (up to date), 'run', 'resume' (work state present), or 'run (forced)'."""
+    reason: str
+
+
+def _state_file(out: Path) -> Path:
+    return out / "pipeline.json"
+
+
+def read_state(out: Path) -> dict:
+    path = _state_file(out)
+    return read_json(path) if path.is_file() else {"steps": {}}
+
+
+def _up_to_date(record: dict | None, folder: Path, output: str, stamp: str | None) -> bool:
+    if not record or stamp is None or record.get("stamp") != stamp:
+        return False
+    target = folder / output
+    return target.is_file() and sha256_file(target) == record.get("revision")
+
+
+def plan_step(step: Step, cfg: PipelineConfig, out: Path, results: dict, state: dict, force: set[str]) -> PlannedStep:
+    """What `run` would do for one step, given the results of the steps before it (known or planned)."""
+    folder = out / step.folder
+    upstream = results.get(step.upstream) if step.upstream else None
+    if step.upstream and upstream is None:
+        return PlannedStep(step, folder, None, None, "run", f"after {step.upstream} (re)runs")
+    step_cfg = step.configure(cfg, folder, results)
+    stamp = step_stamp(step, step_cfg, upstream["revision"] if upstream else None)
+    record = state["steps"].get(step.name)
+    if step.name in force:
+        return PlannedStep(step, folder, step_cfg, stamp, "run (forced)", "--force")
+    if _up_to_date(record, folder, step.output, stamp):
+        return PlannedStep(step, folder, step_cfg, stamp, "skip", f"up to date (revision {record['revision'][:12]})")
+    if (folder / "work").is_dir() or (step.name == "data" and folder.is_dir()):
+        return PlannedStep(step, folder, step_cfg, stamp, "resume", "unfinished or changed output in the folder: resumes where it stopped")
+    return PlannedStep(step, folder, step_cfg, stamp, "run", "no output yet" if record is None else "config or upstream changed")
+
+
+def _result(record: dict, folder: Path) -> dict:
+    return {"revision": record["revision"], "folder": str(folder), "pushed": record.get("pushed"), "summary": record.get("summary", {})}
+
+
+def plan(cfg: PipelineConfig, force: set[str] | None = None) -> list[PlannedStep]:
+    """The dry-run plan: every step with its action, without running anything."""
+    out = Path(cfg.run.out_dir)
+    state = read_state(out)
+    force = _check_force(force)
+    results: dict = {}
+    planned = []
+    for step in STEPS:
+        item = plan_step(step, cfg, out, results, state, force)
+        planned.append(item)
+        if item.action == "skip":
+            results[step.name] = _result(state["steps"][step.name], item.folder)
+    return planned
+
+
+def _check_force(force: set[str] | None) -> set[str]:
+    force = set(force or ())
+    unknown = sorted(force - set(STEP_NAMES))
+    if unknown:
+        raise UsageError(f"--force {unknown[0]}: no such step; steps are {', '.join(STEP_NAMES)}")
+    return force
+
+
+# ------------------------------------------------------------------------------------------------------ running
+
+
+def run_pipeline(cfg: PipelineConfig, force: set[str] | None = None, report: bool = True) -> dict:
+    """Run every step in order (skipping up-to-date ones), gather metrics, write the report; returns the state."""
+    out = Path(cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "resolved_config.yaml", to_yaml(cfg))
+    force = _check_force(force)
+    state = read_state(out)
+    results: dict = {}
+    started = time.time()
+    for step in STEPS:
+        item = plan_step(step, cfg, out, results, state, force)
+        record = state["steps"].get(step.name)
+        if item.action == "skip":
+            log.info(f"pipeline {step.name}: skipped: {item.reason}")
+            results[step.name] = _result(record, item.folder)
+            continue
+        if item.action == "run (forced)" and (item.folder / "work").is_dir():
+            import shutil
+
+            shutil.rmtree(item.folder / "work")
+        log.info(f"pipeline {step.name}: {item.action}: {item.reason}")
+        tick = time.time()
+        summary = step.execute(cfg, item.config, item.folder)
+        revision = sha256_file(item.folder / step.output)
+        record = {"stamp": item.stamp, "revision": revision, "seconds": round(time.time() - tick, 1),
+                  "pushed": summary.get("pushed") if isinstance(summary, dict) else None,
+                  "summary": {k: v for k, v in summary.items() if k in ("manifest", "out_dir", "pushed")}}
+        state["steps"][step.name] = record
+        write_json(_state_file(out), state)  # after every step: a later interruption keeps the finished ones
+        results[step.name] = _result(record, item.folder)
+        log.info(f"pipeline {step.name}: done in {record['seconds']:.0f} s (revision {revision[:12]})")
+    state["last_run_seconds"] = round(time.time() - started, 1)
+    write_json(_state_file(out), state)
+    gather_metrics(out)
+    if report:
+        from speechless.report import write_report
+
+        write_report(out)
+    return state
+
+
+def gather_metrics(out: Path) -> dict:
+    """RUN_DIR/metrics.json: every stage's `eval` block under its step name, plus the step revisions and times."""
+    state = read_state(out)
+    gathered: dict = {"steps": {name: {k: rec.get(k) for k in ("revision", "seconds", "pushed")}
+                                for name, rec in state["steps"].items()}}
+    for step in STEPS[1:]:
+        metrics_file = out / step.folder / "metrics.json"
+        if metrics_file.is_file():
+            gathered[step.name] = read_json(metrics_file).get("eval", {})
+    write_json(out / "metrics.json", gathered)
+    return gathered

@@ -1,0 +1,226 @@
+"""`speechless report RUN_DIR`: one HTML page plus PNG plots (matplotlib) of what a pipeline run produced.
+
+Reads only the run folder (pipeline.json, metrics.json, each stage's metrics.json and token files) and writes
+`RUN_DIR/report/` (index.html + *.png, each written atomically). Sections whose stage has not run yet say so.
+Optionally renders the page in headless Chromium to `report/screenshot.png` (to look at it, and to test it renders).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+from speechless.errors import RuntimeFailure, UsageError
+from speechless.io import atomic_path, read_json, write_text
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+    _plt().close(fig)
+    return path.name
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _metrics(folder: Path) -> dict:
+    path = folder / "metrics.json"
+    return read_json(path) if path.is_file() else {}
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+
+
+def stage1_plots(folder: Path, out: Path) -> list[str]:
+    """Loss curve, per-codebook utilization over eval steps, and code-usage histograms of the eval split's tokens."""
+    metrics = _metrics(folder)
+    history = metrics.get("history", [])
+    if not history:
+        return []
+    plt = _plt()
+    images = []
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot([h["step"] for h in history], [h["train_loss"] for h in history], label="train loss")
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title("Stage 1: RVQ training loss"), ax.legend()
+    images.append(_save(fig, out / "stage1_loss.png"))
+    evals = [h for h in history if "eval" in h]
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        levels = len(evals[0]["eval"]["utilization"])
+        for level in range(levels):
+            ax.plot([h["step"] for h in evals], [h["eval"]["utilization"][level] for h in evals], marker="o", label=f"codebook {level}")
+        size = (read_json(folder / "config.json") if (folder / "config.json").is_file() else {}).get("codebook_size", "all")
+        ax.set_ylim(0, 1.02), ax.set_xlabel("step"), ax.set_ylabel(f"share of the {size} codes used")
+        ax.set_title("Stage 1: held-out utilization per codebook"), ax.legend(fontsize=6, ncol=4)
+        images.append(_save(fig, out / "stage1_utilization.png"))
+    split = metrics.get("eval", {}).get("split", "dev")
+    rows = _read_jsonl(folder / "tokens" / f"{split}.jsonl")
+    if rows:
+        levels = len(rows[0]["codes"])
+        fig, axes = plt.subplots(2, (levels + 1) // 2, figsize=(9, 3.8), sharey=True)
+        for level, ax in enumerate(axes.flat[:levels]):
+            counts = Counter(code for row in rows for code in row["codes"][level])
+            size = rows[0].get("codebook_size") or max(counts) + 1
+            ax.bar(range(size), [counts.get(code, 0) for code in range(size)], width=1.0)
+            ax.set_title(f"codebook {level}", fontsize=8), ax.tick_params(labelsize=6)
+        fig.suptitle(f"Stage 1: code usage on the {split} split ({sum(len(r['codes'][0]) for r in rows)} frames)")
+        images.append(_save(fig, out / "stage1_code_usage.png"))
+    return images
+
+
+def stage2_plots(folder: Path, stage1_folder: Path, out: Path) -> list[str]:
+    """Probe CER on real vs generated tokens, and generated vs real duration per held-out utterance."""
+    ev = _metrics(folder).get("eval", {})
+    if "probe_cer_real" not in ev:
+        return []
+    plt = _plt()
+    images = []
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    values = [ev["probe_cer_real"], ev["probe_cer_generated"]]
+    ax.bar(["real tokens", "stage-2 tokens"], values, color=["#4c72b0", "#dd8452"])
+    ax.axhline(1.25 * ev["probe_cer_real"], color="grey", linestyle="--", label="1.25 x real")
+    for x, v in enumerate(values):
+        ax.text(x, v, f"{v:.3f}", ha="center", va="bottom")
+    ax.set_ylabel("probe CER"), ax.set_title(f"Stage 2 round trip ({ev.get('utterances')} held-out utterances)"), ax.legend()
+    images.append(_save(fig, out / "stage2_probe_cer.png"))
+    generated = {r["id"]: r["frames"] for r in _read_jsonl(folder / "tokens" / f"generated_{ev.get('split', 'test')}.jsonl")}
+    real = {r["id"]: r["frames"] for r in _read_jsonl(stage1_folder / "tokens" / f"{ev.get('split', 'test')}.jsonl")}
+    pairs = [(real[i], generated[i]) for i in generated if i in real]
+    if pairs:
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.scatter([p[0] for p in pairs], [p[1] for p in pairs], s=8, alpha=0.6)
+        top = max(max(p) for p in pairs)
+        ax.plot([0, top], [0, top], color="grey", linestyle="--")
+        ax.set_xlabel("real frames"), ax.set_ylabel("generated frames"), ax.set_title("Stage 2: duration per utterance")
+        images.append(_save(fig, out / "stage2_duration.png"))
+    return images
+
+
+def stage3_plots(folder: Path, out: Path) -> list[str]:
+    """Task scores (synthetic-trained vs topline), adapters compared, text perplexity before/after."""
+    ev = _metrics(folder).get("eval", {})
+    comparison = ev.get("comparison")
+    if not comparison:
+        return []
+    plt = _plt()
+    images = []
+    runs = list(comparison)
+    tasks = sorted({task for run in runs for task in comparison[run].get("scores", {})})
+    if tasks:
+        fig, ax = plt.subplots(figsize=(7, 3.4))
+        width = 0.8 / len(runs)
+        for index, run in enumerate(runs):
+            scores = comparison[run].get("scores", {})
+            ax.bar([t + index * width for t in range(len(tasks))], [scores.get(task, {}).get("score", 0) for task in tasks],
+                   width=width, label=run)
+        ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks)
+        ax.set_ylabel("score (higher is better)"), ax.set_title("Stage 3: task scores on held-out real speech"), ax.legend(fontsize=7)
+        images.append(_save(fig, out / "stage3_tasks.png"))
+    ppl = [(run, comparison[run]["text_perplexity"]) for run in runs if comparison[run].get("text_perplexity")]
+    if ppl:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        xs = range(len(ppl))
+        ax.bar([x - 0.2 for x in xs], [p["before"] for _, p in ppl], width=0.4, label="before")
+        ax.bar([x + 0.2 for x in xs], [p["after"] for _, p in ppl], width=0.4, label="after")
+        ax.set_xticks(list(xs), [run for run, _ in ppl], fontsize=7)
+        ax.set_ylabel("text perplexity"), ax.set_title("Stage 3: text perplexity before / after adaptation"), ax.legend()
+        images.append(_save(fig, out / "stage3_text_perplexity.png"))
+    return images
+
+
+# ------------------------------------------------------------------------------------------------------ page
+
+
+def _table(rows: list[tuple]) -> str:
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{cells}</table>"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return " ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def _section(title: str, numbers: dict, images: list[str], missing: str) -> str:
+    if not numbers and not images:
+        return f"<h2>{html.escape(title)}</h2><p class='missing'>{html.escape(missing)}</p>"
+    body = _table([(key, _fmt(value)) for key, value in numbers.items()]) if numbers else ""
+    body += "".join(f"<img src='{html.escape(name)}' alt='{html.escape(name)}'>" for name in images)
+    return f"<h2>{html.escape(title)}</h2>{body}"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN_DIR/report/index.html and its PNGs; returns the page's path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: run folder not found; give the folder `speechless run` wrote (run.out_dir)")
+    state = read_json(run_dir / "pipeline.json") if (run_dir / "pipeline.json").is_file() else {"steps": {}}
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    s1, s2, s3 = run_dir / "stage1", run_dir / "stage2", run_dir / "stage3"
+    ev1, ev2, ev3 = (_metrics(f).get("eval", {}) for f in (s1, s2, s3))
+    numbers1 = {k: ev1[k] for k in ("split", "frames", "mse", "nmse", "cosine", "centered_cosine", "utilization") if k in ev1}
+    numbers2 = {k: ev2[k] for k in ("split", "utterances", "probe_cer_real", "probe_cer_generated", "probe_cer_ratio",
+                                    "dtw_centered_cosine") if k in ev2}
+    if "duration" in ev2:
+        numbers2["duration ratio (generated / real)"] = ev2["duration"].get("ratio_mean")
+    numbers3 = {k: v for k, v in ev3.items() if not isinstance(v, (dict, list))}
+    steps = _table([("step", "revision", "seconds", "pushed")] + [
+        (name, rec.get("revision", "")[:12], rec.get("seconds"), rec.get("pushed") or "") for name, rec in state["steps"].items()])
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>speechless report: {html.escape(run_dir.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}} table{{border-collapse:collapse;margin:.5em 0}}
+td{{border:1px solid #ccc;padding:2px 8px;font-size:13px}} img{{max-width:100%;display:block;margin:.6em 0}} .missing{{color:#a00}}</style>
+</head><body><h1>speechless run <code>{html.escape(str(run_dir))}</code></h1>
+<p>Steps (output revision = sha256 of the step's main file; total {state.get('last_run_seconds', '?')} s in the last run):</p>{steps}
+{_section("Stage 1: speech tokenizer (held-out)", numbers1, stage1_plots(s1, out), "stage 1 has not run in this folder")}
+{_section("Stage 2: text to semantic tokens (round trip)", numbers2, stage2_plots(s2, s1, out), "stage 2 has not run in this folder")}
+{_section("Stage 3: LLM adaptation (held-out real speech)", numbers3, stage3_plots(s3, out), "stage 3 has not run in this folder")}
+</body></html>"""
+    page_path = out / "index.html"
+    write_text(page_path, page)
+    return page_path
+
+
+def find_chromium() -> str | None:
+    return next((found for name in CHROMIUM_NAMES if (found := shutil.which(name))), None)
+
+
+def screenshot(page: Path, target: Path, width: int = 1100, height: int = 3000) -> Path:
+    """Render the page in headless Chromium and save a PNG screenshot."""
+    binary = find_chromium()
+    if binary is None:
+        raise UsageError("no Chromium found for the screenshot; install it (apt-get install chromium) or leave out --screenshot")
+    tmp = target.with_name(f".{target.stem}.partial.png")  # Chromium picks the image format from the extension
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},{height}",
+           f"--screenshot={tmp}", page.resolve().as_uri()]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
+            raise RuntimeFailure(f"chromium could not render {page}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target

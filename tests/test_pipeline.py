@@ -1,0 +1,133 @@
+"""`speechless run`: the whole pipeline on a tiny corpus; skipping, forcing, dry runs, resuming a killed run, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from test_stage1 import TINY_ENCODER
+from test_t2s import TINY_BACKBONE
+
+
+@pytest.fixture(scope="module")
+def pipeline_config(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    (root / "encoder.json").write_text(json.dumps(TINY_ENCODER))
+    (root / "backbone.json").write_text(json.dumps(TINY_BACKBONE))
+    config = {
+        "run": {"out_dir": str(root / "run")},
+        "store": {"root": str(root / "store")},
+        "data": {"source": "synth", "synth": {"num_sentences": 12, "voices": [{"variant": "m1"}, {"variant": "f2"}]}},
+        "stage1": {"encoder": {"source": str(root / "encoder.json")}, "features": {"shard_size": 8},
+                   "rvq": {"num_quantizers": 4, "codebook_size": 32, "kmeans_sample": 4096},
+                   "train": {"steps": 4, "batch_size": 256, "eval_every": 2, "checkpoint_every": 2, "average_last": 2}},
+        "stage2": {"model": {"backbone": str(root / "backbone.json"), "head_rank": 8, "tokenizer_vocab_size": 40},
+                   "train": {"steps": 40, "batch_size": 8, "warmup_steps": 2, "eval_every": 20, "checkpoint_every": 2, "threads": 1},
+                   "probe": {"steps": 10, "dim": 32, "conv_layers": 1}, "generate": {"max_seconds": 2}},
+    }
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def revisions(run_dir: Path) -> dict:
+    return {name: rec["revision"] for name, rec in json.loads((run_dir / "pipeline.json").read_text())["steps"].items()}
+
+
+@pytest.fixture(scope="module")
+def finished(pipeline_config) -> Path:
+    from speechless.cli import run
+
+    assert run(["run", "-c", str(pipeline_config)]) == 0
+    return pipeline_config.parent / "run"
+
+
+def test_dry_run_plans_without_running(cli, pipeline_config, tmp_path):
+    out = tmp_path / "planned"
+    result = cli("run", "-c", pipeline_config, "--out", out, "--dry-run", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    steps = json.loads(result.stdout)["steps"]
+    assert [s["step"] for s in steps] == ["data", "stage1", "stage2"]
+    assert all(s["action"] == "run" for s in steps) and "after data" in steps[1]["reason"]
+    assert not out.exists()
+
+
+def test_full_run_outputs_and_metrics(finished):
+    state = json.loads((finished / "pipeline.json").read_text())
+    assert set(state["steps"]) == {"data", "stage1", "stage2"}
+    metrics = json.loads((finished / "metrics.json").read_text())
+    assert len(metrics["stage1"]["utilization"]) == 4 and "probe_cer_real" in metrics["stage2"]
+    assert "probe_cer_generated" in metrics["stage2"]
+    # stage 2 consumed exactly the stage-1 weights the pipeline recorded
+    provenance = json.loads((finished / "stage2" / "provenance.json").read_text())
+    assert provenance["stage1"]["revision"] == state["steps"]["stage1"]["revision"]
+    page = (finished / "report" / "index.html").read_text()
+    for image in ("stage1_loss.png", "stage1_utilization.png", "stage1_code_usage.png", "stage2_probe_cer.png", "stage2_duration.png"):
+        assert image in page and (finished / "report" / image).stat().st_size > 1000, image
+
+
+def test_second_run_skips_every_step(cli, finished, pipeline_config):
+    before = revisions(finished)
+    mtime = (finished / "stage2" / "model.safetensors").stat().st_mtime_ns
+    tick = time.time()
+    result = cli("run", "-c", pipeline_config, "--no-report")
+    assert result.exit_code == 0, result.stderr
+    assert time.time() - tick < 20 and result.stderr.count("skipped") == 3
+    assert revisions(finished) == before and (finished / "stage2" / "model.safetensors").stat().st_mtime_ns == mtime
+    plan = json.loads(cli("run", "-c", pipeline_config, "--dry-run", "--format", "json").stdout)["steps"]
+    assert [s["action"] for s in plan] == ["skip", "skip", "skip"]
+
+
+def test_changed_stage2_config_reruns_only_stage2(cli, finished, pipeline_config):
+    plan = json.loads(cli("run", "-c", pipeline_config, "--dry-run", "--format", "json", "--set", "stage2.generate.seed=5").stdout)["steps"]
+    assert [s["action"] for s in plan] == ["skip", "skip", "resume"]
+    forced = json.loads(cli("run", "-c", pipeline_config, "--dry-run", "--format", "json", "--force", "stage1").stdout)["steps"]
+    assert forced[1]["action"] == "run (forced)" and forced[2]["action"] == "run"
+    bad = cli("run", "-c", pipeline_config, "--dry-run", "--force", "stage9")
+    assert bad.exit_code == 2 and "stage9" in bad.stderr and "stage1" in bad.stderr
+
+
+def test_killed_run_resumes_mid_stage2(pipeline_config, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "speechless", "run", "-c", str(pipeline_config), "--out", str(out), "--no-report"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    checkpoints = out / "stage2" / "work" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(checkpoints.glob("step-0000[1-9]*.safetensors")) and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before stage 2 made a checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads((out / "pipeline.json").read_text())
+    assert set(state["steps"]) == {"data", "stage1"}  # stage 2 was not recorded as done
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pipeline stage1: skipped" in done.stderr and "resuming stage 2 from step" in done.stderr
+    assert set(json.loads((out / "pipeline.json").read_text())["steps"]) == {"data", "stage1", "stage2"}
+
+
+def test_report_renders_in_headless_chromium(cli, finished):
+    result = cli("report", finished, "--screenshot")
+    assert result.exit_code == 0, result.stderr
+    shot = finished / "report" / "screenshot.png"
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[0] > 500 and pixels.shape[1] > 500
+    rows_with_content = (pixels[..., :3].std(axis=1).mean(axis=1) > 0.01).sum()
+    assert rows_with_content > 200  # text and plots drawn, not a blank page
+
+
+def test_report_of_a_missing_folder_is_a_usage_error(cli, tmp_path):
+    result = cli("report", tmp_path / "nope")
+    assert result.exit_code == 2 and "nope" in result.stderr
