@@ -26,7 +26,7 @@ MANIFEST_FIELDS = ("id", "audio_filepath", "duration", "text", "language", "spea
 REQUIRED_FIELDS = ("id", "audio_filepath", "duration", "text", "split")
 OPTIONAL_FIELDS = ("language", "speaker_id", "source")
 
-SPLIT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+SPLIT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 """A split names files and folders (tokens/<split>.jsonl, work/features/<split>/): no separators, no leading dot."""
 
 DURATION_TOLERANCE_S = 0.1
