@@ -235,12 +235,21 @@ def hub_requests(ctx: dict) -> int:
     return log.read_text().count("\n") if log.exists() else 0
 
 
+def hub_commits(ctx: dict) -> int:
+    """Commits the fake Hub has acknowledged beyond the repo's initial one."""
+    try:
+        repos = json.loads((ctx["tmp"] / "hub.json").read_text())["repos"]  # replaced atomically by the server side
+    except FileNotFoundError:
+        return 0
+    return sum(len(repo["commits"]) - 1 for repo in repos.values())
+
+
 def hub_push_complete(ctx: dict) -> None:
     sys.path.insert(0, str(HERE))
     from fakehub_cli import load_state
 
     repo = load_state(ctx["tmp"] / "hub.json").repos["my-org/speechless-stage1"]
-    assert list(repo["tags"]) == ["v1"]
+    assert list(repo["tags"]) == ["v1"]  # the commit of the push killed before its tag is left untagged: never a version
     files = repo["commits"][repo["tags"]["v1"]]["files"]
     expected = {p.relative_to(ctx["tmp"] / "ckpt").as_posix(): p.read_bytes() for p in (ctx["tmp"] / "ckpt").rglob("*") if p.is_file()}
     assert {k: v for k, v in files.items() if k != ".gitattributes"} == expected
@@ -265,7 +274,8 @@ STEPS: dict[str, KillStep] = {
         command=local_push_command, prepare=prepare_push, kills=((local_push_started, 0.1),),
         after_kill=only_complete_versions, check=local_push_complete),
     "hub push (mock transport)": KillStep(
-        command=hub_push_command, prepare=prepare_push, kills=((lambda ctx: hub_requests(ctx) >= 1, 0.8),),
+        command=hub_push_command, prepare=prepare_push, kills=((lambda ctx: hub_requests(ctx) >= 1, 0.3),  # before the commit (the 5th request)
+               (lambda ctx: hub_commits(ctx) >= 1, 0.05)),  # then between the commit and its tag
         launcher=lambda ctx: [*FAKEHUB, str(ctx["tmp"] / "hub.json")], resume_in_process=False,
         check=hub_push_complete, env={"FAKEHUB_DELAY_S": "0.15", "HF_TOKEN": "hf_killTestToken"}),
 }
@@ -279,7 +289,7 @@ def kill_at(step: KillStep, ctx: dict, env: dict, marker, max_delay: float, rng:
         status, stderr = run_and_kill([*step.launcher(ctx), *step.command(ctx)], ctx["tmp"], env, lambda: marker(ctx), delay)
         if status == -signal.SIGKILL:
             print(f"killed {delay:.3f} s after the marker: resume step {state_step(ctx)}, {train_shards(ctx)} train shards, "
-                  f"{partial_rows(ctx)} generated rows, {hub_requests(ctx)} Hub requests answered")  # where it landed (-rP)
+                  f"{partial_rows(ctx)} generated rows, {hub_requests(ctx)} Hub requests answered, {hub_commits(ctx)} Hub commits")  # where it landed (-rP)
             return
         assert status == 0, stderr
         for name in os.listdir(ctx["tmp"]):
