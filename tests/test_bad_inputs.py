@@ -171,6 +171,13 @@ def config_file(text: str) -> Callable[[dict], list]:
     return make
 
 
+def import_config(text: str) -> Callable[[dict], list]:
+    def make(ctx: dict) -> list:
+        (ctx["tmp"] / "import.yaml").write_text(text)
+        return ["data", "import", "-c", ctx["tmp"] / "import.yaml", "--out", ctx["out"] / "imported"]
+    return make
+
+
 CASES: dict[str, Case] = {
     # manifests (stage1 train)
     "manifest: line not JSON": Case(train_with_manifest(lambda rows, ctx: rows[:1] + ["{not json"] + rows[1:]), 2, r"bad\.jsonl:2: not valid JSON"),
@@ -215,6 +222,11 @@ CASES: dict[str, Case] = {
     "checkpoint: no config": Case(tokenizer_copy(lambda folder: (folder / "config.json").unlink()), 2, r"ckpt/config\.json: file not found"),
     "checkpoint: weights bit flip (provenance sha256)": Case(tokenizer_copy(flip_byte), 1, r"ckpt/model\.safetensors: sha256"),
     "checkpoint: only a pickle": Case(tokenizer_copy(only_pickle), 2, r"ckpt/model\.safetensors: file not found"),
+    # paths from configs and imported datasets (traversal)
+    "synth: voice name with a path": Case(lambda ctx: ["data", "synth", "--out", ctx["out"] / "corpus", "--set", "num_sentences=2",
+                                                      "--set", "voices=[{variant: m1, name: ../../escaped}]"], 2, r"voices\.0\.name"),
+    "import: split mapped to a path": Case(import_config("dataset: x/y\nsplits: {train: ../up}\n"), 2, r"import\.yaml.*splits"),
+    "manifest: split with a path": Case(train_with_manifest(edit_row(0, split="../../escaped")), 2, r"bad\.jsonl:1: field 'split'"),
     # store references and pushes
     "store: unknown version": Case(lambda ctx: store_args(ctx, "hub", "download", "stage1@v9", "--to", ctx["out"] / "dl"), 2, r"stage1@v9: no such version.*available: v1"),
     "store: malformed ref": Case(lambda ctx: store_args(ctx, "hub", "show", "Stage1@v1"), 2, r"store ref 'Stage1@v1'"),

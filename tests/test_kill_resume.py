@@ -57,12 +57,14 @@ def assert_nothing_half_written(folder: Path) -> None:
         elif path.suffix == ".json":
             json.loads(path.read_text())
         elif path.suffix == ".jsonl" and not path.name.endswith(".partial"):
-            [json.loads(line) for line in path.read_text().splitlines()]
+            [json.loads(line) for line in path.read_text().split("\n") if line]
 
 
-def env_without_threads_fight() -> dict[str, str]:
+def subprocess_env() -> dict[str, str]:
     # Same thread count as the in-process reference runs: float reductions then add up in the same order.
-    return {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": str(__import__("torch").get_num_threads())}
+    import torch
+
+    return {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 def run_and_kill(argv: list[str], cwd: Path, env: dict, under_way: Callable[[], bool], delay_s: float,
@@ -257,6 +259,8 @@ def hub_push_complete(ctx: dict) -> None:
 
 # -------------------------------------------------------------------------------------------------------- the table
 
+# Stage 3 is one more entry: e.g. "stage3 train": KillStep(command=stage3_command, fixtures=(...,), kills=((lambda ctx:
+# state_step(ctx) >= 0, 0.3),), check=same_as_reference("stage3_reference", [...weights and outputs...])).
 STEPS: dict[str, KillStep] = {
     "stage1 train (feature extraction, then training)": KillStep(
         command=stage1_command, fixtures=("corpus", "encoder_json", "stage1_trained"),
@@ -307,7 +311,7 @@ def test_killed_step_resumes_and_completes(name, request, tmp_path):
     step = STEPS[name]
     rng = random.Random(f"kill:{name}")  # seeded: the same kill points on every run of the suite
     ctx = {"tmp": tmp_path, "run": tmp_path / "run", **{f: request.getfixturevalue(f) for f in step.fixtures}}
-    env = {**env_without_threads_fight(), **step.env}
+    env = {**subprocess_env(), **step.env}
     step.prepare(ctx)
     for marker, max_delay in step.kills:
         kill_at(step, ctx, env, marker, max_delay, rng)
