@@ -569,6 +569,11 @@ class HubStore:
             return fn()
         except SpeechlessError:
             raise
+        except ValueError as exc:  # huggingface_hub's own check of the model card's YAML header (/api/validate-yaml)
+            if "README.md" not in str(exc):
+                raise
+            detail = " ".join(str(exc).split("\n", 1)[-1].split())[:200]
+            raise UsageError(f"{repo}: the Hub rejected the metadata of README.md ({detail}); fix its YAML header, then push again") from None
         except Exception as exc:
             mapped = _hub_error(exc, repo, action)
             if mapped is None:

@@ -261,3 +261,10 @@ def test_failed_push_then_retry_succeeds_and_the_token_is_never_written(failure,
     for blob in pushed.values():
         assert FAKE_TOKEN.encode() not in blob
 
+
+
+def test_hub_rejecting_the_model_card_is_one_line(fake_hub, stage1_trained, tmp_path, cli):
+    fake_hub.failures["validate_yaml"] = 400
+    result = cli("hub", "push", stage1_trained, "--stage", "stage1", "--backend", "hub", "--hub-namespace", NS)
+    assert result.exit_code == 2 and "rejected the metadata of README.md" in one_error_line(result)
+    assert not fake_hub.commit_requests()
