@@ -70,14 +70,26 @@ def plan_shards(entries: Sequence[ManifestEntry], shard_size: int) -> list[list[
     return [ordered[i:i + shard_size] for i in range(0, len(ordered), shard_size)]
 
 
+def _content_sha256(vectors: torch.Tensor, offsets: torch.Tensor) -> str:
+    return hashlib.sha256(vectors.contiguous().numpy().tobytes() + offsets.contiguous().numpy().tobytes()).hexdigest()
+
+
 def _shard_is_current(path: Path, fingerprint: str) -> bool:
+    """True when the shard was made from the same inputs and its tensors still match their recorded sha256
+    (a damaged shard is extracted again rather than trained on)."""
     if not path.is_file():
         return False
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("fingerprint") == fingerprint
+            meta = handle.metadata() or {}
+            if meta.get("fingerprint") != fingerprint:
+                return False
+            intact = _content_sha256(handle.get_tensor("vectors"), handle.get_tensor("offsets")) == meta.get("content_sha256")
     except Exception:  # a corrupt or foreign file is simply recomputed
-        return False
+        intact = False
+    if not intact:
+        log.warn(f"{path}: damaged feature shard (unreadable or content sha256 differs); extracting it again")
+    return intact
 
 
 def extract_to_cache(entries: Sequence[ManifestEntry], encoder: LoadedEncoder, cfg: EncoderConfig, cache_dir: Path,
@@ -103,13 +115,15 @@ def extract_to_cache(entries: Sequence[ManifestEntry], encoder: LoadedEncoder, c
         for i in todo:
             utterances = encode_entries(shards[i], encoder, cfg)
             offsets = torch.tensor([0] + [len(u.vectors) for u in utterances]).cumsum(0)
+            vectors = torch.cat([u.vectors for u in utterances])
             metadata = {
                 "fingerprint": _fingerprint(base, shards[i]),
+                "content_sha256": _content_sha256(vectors, offsets),
                 "ids": json.dumps([u.id for u in utterances], ensure_ascii=False),
                 "texts": json.dumps([u.text for u in utterances], ensure_ascii=False),
                 "windows": json.dumps([u.windows for u in utterances]),
             }
-            save_tensors(paths[i], {"vectors": torch.cat([u.vectors for u in utterances]), "offsets": offsets}, metadata)
+            save_tensors(paths[i], {"vectors": vectors, "offsets": offsets}, metadata)
             bar.advance(task, len(shards[i]))
     distributed.barrier()
     return paths

@@ -18,7 +18,8 @@ from speechless.data.manifest import ManifestEntry
 from speechless.encoder import EncoderConfig, LoadedEncoder, load_encoder
 from speechless.errors import UsageError
 from speechless.features import UtteranceVectors, encode_entries
-from speechless.io import read_json, sha256_file
+from speechless.io import read_json
+from speechless.runs import verify_weights
 from speechless.rvq import SpeechRVQ
 from speechless.store import StoreConfig, is_store_ref, open_store
 from speechless.tokens import token_row
@@ -83,6 +84,7 @@ class SpeechTokenizer:
         encoder_cfg = EncoderConfig(**recorded)
         if device is not None:
             encoder_cfg.device = device
+        revision = verify_weights(folder / WEIGHT_FILES[weights], weights)
         rvq = SpeechRVQ.load(folder, weights=WEIGHT_FILES[weights])
         encoder = load_encoder(encoder_cfg)
         if encoder.revision != expected_revision:
@@ -91,7 +93,7 @@ class SpeechTokenizer:
                 f"({encoder.revision[:12]} != {expected_revision[:12]}); use the same encoder checkpoint/seed")
         if encoder.dim != rvq.dim:
             raise UsageError(f"{folder}: checkpoint has dim {rvq.dim}, encoder gives {encoder.dim}")
-        return cls(folder, rvq, encoder, encoder_cfg, sha256_file(folder / WEIGHT_FILES[weights]))
+        return cls(folder, rvq, encoder, encoder_cfg, revision)
 
     def tokenize(self, entries: Sequence[ManifestEntry]) -> list[dict]:
         """Token rows of `entries`, in their order.

@@ -131,14 +131,14 @@ def train(cfg: Stage1Config) -> dict:
     job = distributed.setup()
     out = Path(cfg.run.out_dir)
     work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    if job.is_main:
-        write_text(out / "resolved_config.yaml", to_yaml(cfg))
 
-    # Setup: data and encoder.
+    # Setup: data and encoder, checked before anything is written (bad input leaves the run folder as it was).
     splits = _load_splits(cfg)
     encoder = load_encoder(cfg.encoder)
     log.info(f"encoder: {cfg.encoder.source} (dim {encoder.dim}, weights {encoder.revision[:12]}, {encoder.device})")
+    work.mkdir(parents=True, exist_ok=True)
+    if job.is_main:
+        write_text(out / "resolved_config.yaml", to_yaml(cfg))
 
     # Features: the input of output_proj for every valid frame, cached in resumable shards.
     utterances = {}

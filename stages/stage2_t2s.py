@@ -29,7 +29,7 @@ from speechless.config import Section, to_yaml
 from speechless.errors import RuntimeFailure, UsageError
 from speechless.io import read_json, sha256_file, write_json, write_text
 from speechless.probe import CTCProbe, ProbeConfig, cer, train_probe
-from speechless.runs import RunConfig, code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
+from speechless.runs import RunConfig, code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now, verify_weights
 from speechless.store import StoreConfig, is_store_ref, open_store
 from speechless.t2s import FRAMES_PER_SECOND, T2SConfig, T2SModel, build_model, collate, count_parameters
 from speechless.tokens import read_token_jsonl, token_row
@@ -202,7 +202,7 @@ def load_split(stage1: Stage1, split: str, max_frames: int | None = None) -> lis
     if not path.is_file():
         present = sorted(p.stem for p in (stage1.folder / "tokens").glob("*.jsonl")) if (stage1.folder / "tokens").is_dir() else []
         raise UsageError(f"{path}: no token file for split '{split}' (splits present: {', '.join(present) or 'none'})")
-    rows = read_token_jsonl(path, expect_revision=stage1.revision)
+    rows = read_token_jsonl(path, expect_revision=stage1.revision, codebook_size=stage1.codebook_size)
     for number, row in enumerate(rows, 1):
         if len(row["codes"]) != stage1.num_levels:
             raise UsageError(f"{path}: row {number} has {len(row['codes'])} levels, stage 1 has {stage1.num_levels}")
@@ -228,7 +228,7 @@ def speaker_map(cfg: DataConfig, stage1: Stage1) -> dict[str, str]:
     if not Path(manifest).is_file():
         raise UsageError(f"data.manifest {manifest}: file not found")
     out = {}
-    for line in Path(manifest).read_text(encoding="utf-8").splitlines():
+    for line in Path(manifest).read_text(encoding="utf-8").split("\n"):  # not splitlines(): U+2028 in a text is no line end
         if line.strip():
             try:
                 row = json.loads(line)
@@ -498,7 +498,7 @@ def read_text_requests(path: Path) -> list[GenRequest]:
     if not path.is_file():
         raise UsageError(f"{path}: input file not found")
     requests, seen = [], set()
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")  # not splitlines(): U+2028 in a text is no line end
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -857,8 +857,9 @@ def load_stage2(ref: str, weights: str = "final", store_cfg: StoreConfig | None 
     if weights not in WEIGHT_FILES:
         raise UsageError(f"--weights {weights!r}: choose one of {', '.join(WEIGHT_FILES)}")
     folder = resolve_checkpoint(ref, store_cfg)
+    revision = verify_weights(folder / WEIGHT_FILES[weights], weights)
     model = T2SModel.load(folder, WEIGHT_FILES[weights], device=device)
-    return model, sha256_file(folder / WEIGHT_FILES[weights]), folder
+    return model, revision, folder
 
 
 def evaluate_checkpoint(ref: str, stage1_ref: str | None, split: str, gen: GenerateConfig, ev: EvalConfig,

@@ -13,10 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from speechless.store import open_store
-from test_stage1 import corpus, encoder_json, overrides as stage1_overrides  # noqa: F401  (fixtures)
+from conftest import stage1_overrides
 from test_stage2 import overrides as stage2_overrides
-from test_t2s import TINY_BACKBONE, make_fake_stage1
 
 WORLD = 2
 
@@ -55,12 +53,8 @@ def _rank_job(rank: int, port: int, paths: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def job(corpus, encoder_json, tmp_path_factory):  # noqa: F811
+def job(corpus, encoder_json, stage2_base, tmp_path_factory):
     base = tmp_path_factory.mktemp("distributed")
-    stage2_base = base / "stage2_base"
-    make_fake_stage1(stage2_base / "stage1", sentences=12)
-    open_store(root=stage2_base / "store").push("stage1", stage2_base / "stage1", message="fake")
-    (stage2_base / "backbone.json").write_text(json.dumps(TINY_BACKBONE))
     paths = {"base": str(base), "corpus": str(corpus), "encoder": str(encoder_json), "stage2_base": str(stage2_base)}
     mp.start_processes(_rank_job, args=(_free_port(), paths), nprocs=WORLD, join=True, start_method="spawn")
     return base, [json.loads((base / f"rank{r}.json").read_text()) for r in range(WORLD)]
@@ -81,7 +75,7 @@ def test_stage1_codebooks_identical_on_both_ranks(job):
     assert len(history) == 6 and all(h["train_mse"] > 0 for h in history)
 
 
-def test_tokenizing_on_two_ranks_equals_one_rank(job, corpus, cli):  # noqa: F811
+def test_tokenizing_on_two_ranks_equals_one_rank(job, corpus, cli):
     base, reports = job
     assert [r["tokenize_exit"] for r in reports] == [0, 0]
     one_rank = base / "tokens_1rank.jsonl"
