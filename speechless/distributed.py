@@ -39,7 +39,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 def env() -> Env:
-    """This process's place in the job (rank 0 of 1 without torchrun)."""
+    """This process's place in the job as torchrun announces it (rank 0 of 1 without torchrun)."""
     if dist.is_available() and dist.is_initialized():
         return Env(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0))
     world = _env_int("WORLD_SIZE", 1)
@@ -47,6 +47,11 @@ def env() -> Env:
     if not 0 <= rank < max(world, 1):
         raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}; launch with torchrun")
     return Env(rank, world, _env_int("LOCAL_RANK", 0))
+
+
+def group() -> Env:
+    """This process's place in the joined process group; rank 0 of 1 when none was joined (even under torchrun)."""
+    return env() if is_distributed() else Env(0, 1, 0)
 
 
 def setup() -> Env:
@@ -122,7 +127,7 @@ def all_reduce_mean(value: float) -> float:
 
 def shard(items: list, info: Env | None = None) -> list:
     """This rank's share of `items`: every world_size-th item from position rank (all items in one process)."""
-    info = info or env()
+    info = info or group()
     return items[info.rank::info.world_size]
 
 

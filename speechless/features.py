@@ -96,11 +96,11 @@ def extract_to_cache(entries: Sequence[ManifestEntry], encoder: LoadedEncoder, c
                      shard_size: int, rank: int | None = None, world_size: int | None = None) -> list[Path]:
     """Extract every shard this rank owns (shard i belongs to rank i % world_size); return all shard paths in order.
 
-    rank / world_size default to this process's place in a torchrun job (`speechless.distributed`); in a job every
+    rank / world_size default to this process's place in the joined process group (`speechless.distributed`); in a job every
     rank waits at a barrier until all shards are written, so every rank may read all of them afterwards (the cache
     folder must then be on a filesystem all ranks share).
     """
-    info = distributed.env()
+    info = distributed.group()
     rank = info.rank if rank is None else rank
     world_size = info.world_size if world_size is None else world_size
     cache_dir.mkdir(parents=True, exist_ok=True)

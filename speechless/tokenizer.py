@@ -102,7 +102,7 @@ class SpeechTokenizer:
         order (the other ranks get []). Fixed-shape encoder batches and fixed-chunk RVQ encoding make every row
         independent of which rank or batch computed it, so the result equals a one-process run bit for bit.
         """
-        info = distributed.env()
+        info = distributed.group()
         mine = distributed.shard(list(entries), info)
         rows = tokens_from_vectors(self.rvq, encode_entries(mine, self.encoder, self.encoder_cfg), self.revision)
         if info.world_size == 1:

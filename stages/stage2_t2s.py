@@ -347,7 +347,7 @@ def _load_resume(work: Path, step: int, model: T2SModel, optimizer) -> None:
 
 def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_items: list, out: Path, work: Path) -> dict:
     """The training loop (resumable). Writes model.best.safetensors whenever the eval loss improves; returns state."""
-    job = distributed.env()
+    job = distributed.group()
     device = distributed.local_device(_device(cfg.train.device))
     amp = _autocast_dtype(cfg.train.precision, device)
     model.to(device)
