@@ -1,9 +1,10 @@
-# The two set-up commands: `make demo` (the offline demo) and `make test` (the test suite). Both install first.
+# The set-up commands: `make demo` (the offline demo), `make test` (the test suite), `make bench` (benchmarks, not part
+# of the tests: reads the demo's runs; BENCH_ARGS passes options to benchmarks/run.py). All install first.
 VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install:
 	VENV=$(VENV) scripts/install.sh
@@ -15,6 +16,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest tests
+
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python benchmarks/run.py --stage1 $(OUT)/stage1 --corpus $(OUT)/corpus/all.jsonl --out $(OUT)/bench/results.json $(BENCH_ARGS)
 
 clean:
 	rm -rf runs

@@ -28,6 +28,27 @@ def measure(model, ids: list[list[int]], batch: int, use_cache: bool, max_frames
     return seconds, sum(c.shape[1] for c in outputs), outputs
 
 
+def compare_settings(model, ids: list[list[int]], batch: int, max_frames: int, measure_fn=None) -> list[dict]:
+    """Greedy generation of `ids` with/without KV cache, one at a time and `batch` at a time; one row per setting.
+
+    `measure_fn(callable) -> (result, extra)` may wrap each timed run (the bench runner samples peak memory there)."""
+    import torch
+
+    measure(model, ids[:2], 2, True, max_frames)  # warm-up
+    rows, reference = [], None
+    for size, use_cache in ((1, True), (1, False), (batch, True), (batch, False)):
+        run = lambda: measure(model, ids, size, use_cache, max_frames)  # noqa: E731
+        (seconds, frames, outputs), extra = measure_fn(run) if measure_fn else (run(), {})
+        if reference is None:
+            reference = outputs
+        same = all(torch.equal(a, b) for a, b in zip(outputs, reference))
+        rows.append({"batch": size, "kv_cache": use_cache, "texts": len(ids), "frames": frames, "seconds": round(seconds, 2),
+                     "frames_per_second": round(frames / seconds, 1), "identical_to_batch1_cache": same, **extra})
+        print(f"batch {size:3d} cache {str(use_cache):5s}: {frames} frames in {seconds:.2f} s = {frames / seconds:.1f} frames/s "
+              f"(identical: {same})", file=sys.stderr)
+    return rows
+
+
 def main() -> None:
     import torch
 
@@ -53,17 +74,7 @@ def main() -> None:
     texts = texts[: args.texts]
     ids = [model.text.encode(t).chunks[0] for t in texts]
     max_frames = int(args.max_seconds * 25)
-    measure(model, ids[:2], 2, True, max_frames)  # warm-up
-    rows, reference = [], None
-    for batch, use_cache in ((1, True), (1, False), (args.batch, True), (args.batch, False)):
-        seconds, frames, outputs = measure(model, ids, batch, use_cache, max_frames)
-        if reference is None:
-            reference = outputs
-        same = all(torch.equal(a, b) for a, b in zip(outputs, reference))
-        rows.append({"batch": batch, "kv_cache": use_cache, "texts": len(ids), "frames": frames, "seconds": round(seconds, 2),
-                     "frames_per_second": round(frames / seconds, 1), "identical_to_batch1_cache": same})
-        print(f"batch {batch:3d} cache {str(use_cache):5s}: {frames} frames in {seconds:.2f} s = {frames / seconds:.1f} frames/s "
-              f"(identical: {same})", file=sys.stderr)
+    rows = compare_settings(model, ids, args.batch, max_frames)
     params = sum(p.numel() for p in model.parameters())
     info = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
             "model": {"folder": args.model, "parameters": params, "frame_mode": model.cfg.frame_mode,

@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from speechless import distributed
 from speechless.audio import MAX_WINDOW_S, SAMPLE_RATE
 from speechless.config import Section
 from speechless.errors import RuntimeFailure, UsageError
@@ -74,15 +75,16 @@ class LoadedEncoder:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device for a name; in a torchrun job a bare 'cuda' (or 'auto') means this process's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         device = torch.device(name)
     except RuntimeError as exc:
         raise UsageError(f"encoder.device: unknown device {name!r}; use auto, cpu or cuda[:N]") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"encoder.device: {name!r} requested but CUDA is not available; use auto or cpu")
-    return device
+    return distributed.local_device(device)
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from speechless import log
+from speechless import distributed, log
 from speechless.audio import SAMPLE_RATE, load_audio, window_bounds
 from speechless.data.manifest import ManifestEntry
 from speechless.encoder import AudioWindow, EncoderConfig, LoadedEncoder, encode_windows
@@ -70,19 +70,39 @@ def plan_shards(entries: Sequence[ManifestEntry], shard_size: int) -> list[list[
     return [ordered[i:i + shard_size] for i in range(0, len(ordered), shard_size)]
 
 
+def _content_sha256(vectors: torch.Tensor, offsets: torch.Tensor) -> str:
+    return hashlib.sha256(vectors.contiguous().numpy().tobytes() + offsets.contiguous().numpy().tobytes()).hexdigest()
+
+
 def _shard_is_current(path: Path, fingerprint: str) -> bool:
+    """True when the shard was made from the same inputs and its tensors still match their recorded sha256
+    (a damaged shard is extracted again rather than trained on)."""
     if not path.is_file():
         return False
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("fingerprint") == fingerprint
+            meta = handle.metadata() or {}
+            if meta.get("fingerprint") != fingerprint:
+                return False
+            intact = _content_sha256(handle.get_tensor("vectors"), handle.get_tensor("offsets")) == meta.get("content_sha256")
     except Exception:  # a corrupt or foreign file is simply recomputed
-        return False
+        intact = False
+    if not intact:
+        log.warn(f"{path}: damaged feature shard (unreadable or content sha256 differs); extracting it again")
+    return intact
 
 
 def extract_to_cache(entries: Sequence[ManifestEntry], encoder: LoadedEncoder, cfg: EncoderConfig, cache_dir: Path,
-                     shard_size: int, rank: int = 0, world_size: int = 1) -> list[Path]:
-    """Extract every shard this rank owns (shard i belongs to rank i % world_size); return all shard paths in order."""
+                     shard_size: int, rank: int | None = None, world_size: int | None = None) -> list[Path]:
+    """Extract every shard this rank owns (shard i belongs to rank i % world_size); return all shard paths in order.
+
+    rank / world_size default to this process's place in the joined process group (`speechless.distributed`); in a job every
+    rank waits at a barrier until all shards are written, so every rank may read all of them afterwards (the cache
+    folder must then be on a filesystem all ranks share).
+    """
+    info = distributed.group()
+    rank = info.rank if rank is None else rank
+    world_size = info.world_size if world_size is None else world_size
     cache_dir.mkdir(parents=True, exist_ok=True)
     base = encoder_fingerprint(encoder, cfg)
     shards = plan_shards(entries, shard_size)
@@ -95,14 +115,17 @@ def extract_to_cache(entries: Sequence[ManifestEntry], encoder: LoadedEncoder, c
         for i in todo:
             utterances = encode_entries(shards[i], encoder, cfg)
             offsets = torch.tensor([0] + [len(u.vectors) for u in utterances]).cumsum(0)
+            vectors = torch.cat([u.vectors for u in utterances])
             metadata = {
                 "fingerprint": _fingerprint(base, shards[i]),
+                "content_sha256": _content_sha256(vectors, offsets),
                 "ids": json.dumps([u.id for u in utterances], ensure_ascii=False),
                 "texts": json.dumps([u.text for u in utterances], ensure_ascii=False),
                 "windows": json.dumps([u.windows for u in utterances]),
             }
-            save_tensors(paths[i], {"vectors": torch.cat([u.vectors for u in utterances]), "offsets": offsets}, metadata)
+            save_tensors(paths[i], {"vectors": vectors, "offsets": offsets}, metadata)
             bar.advance(task, len(shards[i]))
+    distributed.barrier()
     return paths
 
 

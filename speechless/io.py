@@ -15,6 +15,16 @@ from typing import Any
 from speechless.errors import RuntimeFailure, UsageError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+"""Mode of written files: what the process's umask gives a new file (read once, at import)."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync and rename it into place, on failure remove it."""
@@ -23,9 +33,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RuntimeFailure(f"{path.parent}: cannot create folder ({exc.strerror}); check permissions") from exc
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise RuntimeFailure(f"{path}: cannot write ({exc.strerror or exc}); free disk space or fix permissions, then re-run") from exc
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, FILE_MODE)  # mkstemp makes 0o600: the final file gets the mode a plain open() would give it
     try:
         yield tmp
         with open(tmp, "rb") as handle:

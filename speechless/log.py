@@ -1,8 +1,12 @@
-"""Logs and progress bars go to stderr (rich); results go to stdout so scripts can read them."""
+"""Logs and progress bars go to stderr (rich); results go to stdout so scripts can read them.
+
+In a torchrun job only rank 0 prints info lines and progress bars (warnings and errors come from every rank).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -12,8 +16,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True, highlight=False)
 
 
+def _secondary_rank() -> bool:
+    return os.environ.get("RANK", "0") not in ("", "0")
+
+
 def info(message: str) -> None:
-    console.print(message)
+    if not _secondary_rank():
+        console.print(message)
 
 
 def warn(message: str) -> None:
@@ -30,7 +39,7 @@ def progress() -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=False,
-        disable=not console.is_terminal,
+        disable=not console.is_terminal or _secondary_rank(),
     )
 
 

@@ -50,11 +50,12 @@ def _checkpoint_path(work: Path, step: int) -> Path:
 def save_checkpoint(work: Path, step: int, model_tensors: dict, optimizer, state: dict, keep: int) -> None:
     """Write a resume checkpoint (model tensors + optimizer slots, safetensors) and `work/state.json`; keep the last K.
 
-    `state` is updated in place: `step` and the list of kept `checkpoints` (the averaging window of stage 1).
+    `state` is updated in place: `step`, the list of kept `checkpoints` (the averaging window of stage 1) and their
+    `checkpoint_sha256` (verified by `load_checkpoint`: a damaged checkpoint is never resumed from).
     """
     import torch
 
-    from speechless.io import save_tensors, write_json
+    from speechless.io import save_tensors, sha256_file, write_json
 
     tensors = {f"model.{k}": v for k, v in model_tensors.items()}
     if optimizer is not None:
@@ -62,6 +63,8 @@ def save_checkpoint(work: Path, step: int, model_tensors: dict, optimizer, state
             tensors.update({f"optim.{index}.{name}": torch.as_tensor(value) for name, value in slots.items()})
     save_tensors(_checkpoint_path(work, step), tensors)
     state["checkpoints"] = (state.get("checkpoints", []) + [step])[-keep:]
+    digests = {**state.get("checkpoint_sha256", {}), str(step): sha256_file(_checkpoint_path(work, step))}
+    state["checkpoint_sha256"] = {str(kept): digests[str(kept)] for kept in state["checkpoints"] if str(kept) in digests}
     state["step"] = step
     write_json(work / "state.json", state)
     for old in (work / "checkpoints").glob("step-*.safetensors"):
@@ -70,10 +73,17 @@ def save_checkpoint(work: Path, step: int, model_tensors: dict, optimizer, state
 
 
 def load_checkpoint(work: Path, step: int, optimizer=None, device=None) -> dict:
-    """Restore the optimizer slots of a resume checkpoint (when given) and return its model tensors."""
-    from speechless.io import load_tensors
+    """Restore the optimizer slots of a resume checkpoint (when given) and return its model tensors. The file must
+    match the sha256 that `work/state.json` records for it."""
+    from speechless.errors import RuntimeFailure
+    from speechless.io import load_tensors, read_json, sha256_file
 
-    tensors = load_tensors(_checkpoint_path(work, step))
+    path = _checkpoint_path(work, step)
+    recorded = read_json(work / "state.json").get("checkpoint_sha256", {}).get(str(step)) if (work / "state.json").is_file() else None
+    if recorded is not None and path.is_file() and sha256_file(path) != recorded:
+        raise RuntimeFailure(f"{path}: sha256 differs from the one recorded in {work / 'state.json'} (damaged resume checkpoint); "
+                             f"delete {work / 'state.json'} to restart training (features are kept)")
+    tensors = load_tensors(path)
     if optimizer is not None:
         saved = optimizer.state_dict()
         slots: dict[int, dict] = {}
@@ -84,3 +94,21 @@ def load_checkpoint(work: Path, step: int, optimizer=None, device=None) -> dict:
         saved["state"] = slots
         optimizer.load_state_dict(saved)
     return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+
+def verify_weights(path: Path, variant: str) -> str:
+    """sha256 of a checkpoint's weight file, checked against the digest its provenance.json records for `variant`
+    (when it records one). safetensors only notices damage to its header: a flipped bit in the tensor bytes would
+    load silently."""
+    from speechless.errors import RuntimeFailure
+    from speechless.io import read_json, sha256_file
+
+    path = Path(path)
+    digest = sha256_file(path) if path.is_file() else ""
+    provenance = path.parent / "provenance.json"
+    recorded = (read_json(provenance).get("weights_sha256") or {}).get(variant) if provenance.is_file() and digest else None
+    if recorded is not None and recorded != digest:
+        raise RuntimeFailure(f"{path}: sha256 {digest[:12]} differs from {recorded[:12]} recorded in provenance.json (file corrupt, "
+                             "or the folder mixes two runs); download or re-create the checkpoint")
+    return digest

@@ -16,6 +16,10 @@ commitment loss) and adds what the stage needs around it:
 Training: call `loss(x)` in train mode. With EMA codebooks (the default) the EMA update and dead-code replacement
 happen INSIDE that forward pass; the returned total has no trainable parameters behind it and is for logging only.
 With `learnable_codebook=True` use `optimizer()` and `train_step()` (backward + step).
+
+Several processes (torchrun): build the quantizer after `speechless.distributed.setup()`; then vqp synchronises the
+EMA update and dead-code replacement across ranks, `train_step()` averages codebook gradients, and each rank passes its
+own slice of a global batch (with `global_batch` = the global size, which the dead-code threshold is scaled by).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from vector_quantize_pytorch import ResidualVQ
 
+from speechless import distributed
 from speechless.config import Section
 from speechless.errors import RuntimeFailure, UsageError
 from speechless.io import load_tensors, read_json, save_tensors, write_json
@@ -265,6 +270,9 @@ class SpeechRVQ(torch.nn.Module):
             commitment_weight=cfg.commitment_weight,
             learnable_codebook=cfg.learnable_codebook,
             ema_update=not cfg.learnable_codebook,
+            # In a torchrun job vqp all-reduces the EMA statistics (cluster sizes, embedding sums) inside forward and
+            # draws replacement codes from all ranks' batches, so the codebooks stay identical on every rank.
+            sync_codebook=distributed.is_distributed(),
         )
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
@@ -355,7 +363,7 @@ class SpeechRVQ(torch.nn.Module):
 
     # ------------------------------------------------------------------ training
     def _prepare_batch(self, batch: int) -> None:
-        """Scale the dead-code threshold to the batch; on the first batch after initialize(), usage shares -> hits."""
+        """Scale the dead-code threshold to the (global) batch; on the first batch after initialize(), shares -> hits."""
         cfg = self.cfg
         threshold = cfg.dead_code_threshold * batch / cfg.codebook_size
         for cb in self._codebook_modules():
@@ -367,16 +375,17 @@ class SpeechRVQ(torch.nn.Module):
                 cb.embed_avg.data.mul_(batch)
         self.needs_usage_rescale.fill_(False)
 
-    def loss(self, x: torch.Tensor) -> dict:
+    def loss(self, x: torch.Tensor, global_batch: int | None = None) -> dict:
         """One training forward on raw vectors x (B, D): {'loss', 'mse', 'cosine', 'commitment', 'codes'}.
 
-        In train mode vqp's EMA codebook update and dead-code replacement happen inside this call. `loss` =
+        In train mode vqp's EMA codebook update and dead-code replacement happen inside this call; in a multi-process
+        job x is this rank's slice of a batch of `global_batch` vectors (the statistics vqp all-reduces). `loss` =
         mse_weight * MSE(x, x_hat) + cosine_weight * (1 - cos(x, x_hat)) + commitment (already weighted, summed over
         levels); MSE / cosine in raw units. With EMA codebooks it has no trainable parameters (log it only).
         """
         self._check_input(x, "loss")
         if self.training:
-            self._prepare_batch(x.shape[0])
+            self._prepare_batch(global_batch or x.shape[0])
             self._codebooks_cache = None
         z = self.standardize(x)
         quantized, indices, commit = self.rvq(z.unsqueeze(0), freeze_codebook=not self.cfg.finetune)
@@ -396,16 +405,26 @@ class SpeechRVQ(torch.nn.Module):
                              "set rvq.learnable_codebook=true or just call loss() for EMA training")
         return torch.optim.Adam(params, lr=self.cfg.learning_rate)
 
-    def train_step(self, x: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> dict:
-        """One training step: loss(x) and, for learnable codebooks, backward + optimizer step. Returns floats."""
+    def train_step(self, x: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
+                   global_batch: int | None = None) -> dict:
+        """One training step: loss(x) and, for learnable codebooks, backward + optimizer step. Returns floats.
+
+        In a multi-process job the gradients are averaged over ranks before the step (as DDP would).
+        """
         self.train()
         if optimizer is None:
             with torch.no_grad():
-                out = self.loss(x)
+                out = self.loss(x, global_batch)
         else:
             optimizer.zero_grad(set_to_none=True)
-            out = self.loss(x)
+            out = self.loss(x, global_batch)
             out["loss"].backward()
+            if distributed.is_distributed():
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            torch.distributed.all_reduce(p.grad)
+                            p.grad /= torch.distributed.get_world_size()
             optimizer.step()
         return {k: float(v.detach()) for k, v in out.items() if k != "codes"}
 
@@ -430,16 +449,19 @@ class SpeechRVQ(torch.nn.Module):
         books, norms = self._encode_tables()
         n, chunk = x.shape[0], self.cfg.encode_chunk
         codes = torch.empty(n, self.num_quantizers, dtype=torch.long)
+        # Buffers reused across chunks and levels (fresh 32 MiB allocations cost page faults); `min(1)` and
+        # `index_select` are ~1.5-2x faster than `argmin(1)` and fancy indexing on CPU and give the same values.
+        residual = torch.empty(chunk, self.dim)
+        scores = torch.empty(chunk, self.codebook_size)
         for start in range(0, n, chunk):
-            block = self.standardize(x[start:start + chunk].to("cpu"))
+            block = x[start:start + chunk].to("cpu")
             rows = block.shape[0]
-            if rows < chunk:
-                block = torch.cat([block, block.new_zeros(chunk - rows, self.dim)])
-            residual = block.contiguous()
+            torch.sub(block.float(), self.mean, out=residual[:rows]).div_(self.std)  # = standardize(block)
+            residual[rows:].zero_()
             for level in range(self.num_quantizers):
-                scores = torch.addmm(norms[level].unsqueeze(0), residual, books[level].t(), alpha=-2.0)
-                idx = scores.argmin(1)
-                residual = residual - books[level][idx]
+                torch.addmm(norms[level].unsqueeze(0), residual, books[level].t(), alpha=-2.0, out=scores)
+                idx = scores.min(1).indices
+                residual.sub_(torch.index_select(books[level], 0, idx))
                 codes[start:start + rows, level] = idx[:rows]
         return codes
 

@@ -34,6 +34,7 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -236,6 +237,9 @@ def _copy_out(src_root: Path, files: list[str] | tuple[str, ...], to: Path, expe
     """Copy `files` from src_root into the folder `to` (atomically: a temp folder renamed into place), checking sha256
     against `expected` when given. `to` must be new or empty, or already hold exactly these files (then kept)."""
     to = Path(to).expanduser().absolute()
+    escaping = [f for f in files if PurePosixPath(f).is_absolute() or ".." in PurePosixPath(f).parts]
+    if escaping:
+        raise UsageError(f"{what}: file path {escaping[0]!r} points outside the version's folder; refusing to download")
     if to.exists() and not to.is_dir():
         raise UsageError(f"--to {to}: exists and is not a folder; pick a new or empty folder")
     if to.is_dir() and any(to.iterdir()):
@@ -320,6 +324,8 @@ def _pick(stage: str, version: str | None, versions: list[VersionInfo], where: s
 
 META_NAME = "version.json"
 FILES_DIR = "files"
+INCOMING_RE = re.compile(r"\.incoming-(?P<host>.+)\.(?P<pid>\d+)\.[^.]+")
+"""Temp folder of a push in progress: `.incoming-<host>.<pid>.<random>`, so a later push can tell an abandoned one."""
 META_FORMAT = 1
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
@@ -439,7 +445,8 @@ class LocalStore:
         sdir = self._stage_dir(stage)
         try:
             sdir.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=sdir))
+            _remove_abandoned_pushes(sdir)
+            tmp = Path(tempfile.mkdtemp(prefix=f".incoming-{socket.gethostname()}.{os.getpid()}.", dir=sdir))
             os.chmod(tmp, 0o755)  # mkdtemp makes 0o700
         except OSError as exc:
             raise RuntimeFailure(f"{sdir}: cannot create folder ({exc.strerror or exc}); check permissions") from exc
@@ -484,6 +491,21 @@ class LocalStore:
         result = self._read_version(sdir / version)
         assert result is not None
         return result
+
+
+def _remove_abandoned_pushes(sdir: Path) -> None:
+    """Delete temp folders of pushes whose process died on this host (a killed push leaves its copy behind)."""
+    host = socket.gethostname()
+    for tmp in sdir.glob(".incoming-*"):
+        match = INCOMING_RE.fullmatch(tmp.name)
+        if match is None or match["host"] != host:
+            continue  # another host's push may still be running
+        try:
+            os.kill(int(match["pid"]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass  # the process exists (owned by someone else)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -547,6 +569,11 @@ class HubStore:
             return fn()
         except SpeechlessError:
             raise
+        except ValueError as exc:  # huggingface_hub's own check of the model card's YAML header (/api/validate-yaml)
+            if "README.md" not in str(exc):
+                raise
+            detail = " ".join(str(exc).split("\n", 1)[-1].split())[:200]
+            raise UsageError(f"{repo}: the Hub rejected the metadata of README.md ({detail}); fix its YAML header, then push again") from None
         except Exception as exc:
             mapped = _hub_error(exc, repo, action)
             if mapped is None:
@@ -678,6 +705,10 @@ class HubStore:
         snapshot = self._call(repo, "download", lambda: snapshot_download(repo, revision=version.revision, allow_patterns=patterns))
         snapshot = Path(snapshot)
         files = sorted(version.files) if version.files else sorted(_listed_files(snapshot))
+        unsafe = [f for f in files if f.lower().endswith(FORBIDDEN_SUFFIXES)]
+        if unsafe:
+            raise UsageError(f"{repo}@{version.version}: holds pickles or code ({', '.join(unsafe[:3])}); speechless never loads "
+                             "them, refusing the version: push one with safetensors + JSON only")
         missing = [f for f in files if not (snapshot / f).is_file()]
         if missing:
             raise RuntimeFailure(f"{snapshot / missing[0]}: missing from the downloaded {version.ref}; re-run the download")

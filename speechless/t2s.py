@@ -297,7 +297,8 @@ def load_backbone(cfg: T2SConfig, vocab_size: int | None, seed: int = 0):
         model = AutoModelForCausalLM.from_config(hf_config)
         return model, {"source": source, "pretrained": False}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.backbone_revision, dtype=torch.float32)
+        # safetensors only: a repo or folder holding only pickled weights (.bin) is refused, never unpickled
+        model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.backbone_revision, dtype=torch.float32, use_safetensors=True)
     except OSError as exc:
         raise UsageError(f"model.backbone {source}: cannot load a pretrained causal LM ({str(exc).splitlines()[0]}); "
                          f"check the id / folder and network access, or use a .json config for random weights") from exc

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
+from speechless import distributed
 from speechless.data.manifest import ManifestEntry
 from speechless.encoder import EncoderConfig, LoadedEncoder, load_encoder
 from speechless.errors import UsageError
 from speechless.features import UtteranceVectors, encode_entries
-from speechless.io import read_json, sha256_file
+from speechless.io import read_json
+from speechless.runs import verify_weights
 from speechless.rvq import SpeechRVQ
 from speechless.store import StoreConfig, is_store_ref, open_store
 from speechless.tokens import token_row
@@ -82,6 +84,7 @@ class SpeechTokenizer:
         encoder_cfg = EncoderConfig(**recorded)
         if device is not None:
             encoder_cfg.device = device
+        revision = verify_weights(folder / WEIGHT_FILES[weights], weights)
         rvq = SpeechRVQ.load(folder, weights=WEIGHT_FILES[weights])
         encoder = load_encoder(encoder_cfg)
         if encoder.revision != expected_revision:
@@ -90,7 +93,24 @@ class SpeechTokenizer:
                 f"({encoder.revision[:12]} != {expected_revision[:12]}); use the same encoder checkpoint/seed")
         if encoder.dim != rvq.dim:
             raise UsageError(f"{folder}: checkpoint has dim {rvq.dim}, encoder gives {encoder.dim}")
-        return cls(folder, rvq, encoder, encoder_cfg, sha256_file(folder / WEIGHT_FILES[weights]))
+        return cls(folder, rvq, encoder, encoder_cfg, revision)
 
     def tokenize(self, entries: Sequence[ManifestEntry]) -> list[dict]:
-        return tokens_from_vectors(self.rvq, encode_entries(entries, self.encoder, self.encoder_cfg), self.revision)
+        """Token rows of `entries`, in their order.
+
+        In a torchrun job each rank encodes every world_size-th entry; rank 0 receives all rows, merged back into input
+        order (the other ranks get []). Fixed-shape encoder batches and fixed-chunk RVQ encoding make every row
+        independent of which rank or batch computed it, so the result equals a one-process run bit for bit.
+        """
+        info = distributed.group()
+        mine = distributed.shard(list(entries), info)
+        rows = tokens_from_vectors(self.rvq, encode_entries(mine, self.encoder, self.encoder_cfg), self.revision)
+        if info.world_size == 1:
+            return rows
+        parts = distributed.gather_json(rows)
+        if parts is None:
+            return []
+        merged: list[dict] = [{}] * len(entries)
+        for rank, part in enumerate(parts):
+            merged[rank::info.world_size] = part
+        return merged

@@ -11,6 +11,7 @@ fixed-width lower-case hex (3 digits for 2048 codes). E.g. two frames of 8 level
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,9 @@ import torch
 
 from speechless.errors import UsageError
 from speechless.io import write_jsonl
+
+
+HEX_GROUP = re.compile(r"[0-9a-fA-F]+")
 
 
 def hex_width(codebook_size: int) -> int:
@@ -38,10 +42,9 @@ def string_to_codes(text: str, num_quantizers: int, codebook_size: int) -> list[
     for position, group in enumerate(text.split()):
         if len(group) != width * num_quantizers:
             raise UsageError(f"token string: frame {position} has {len(group)} characters, expected {width * num_quantizers} ({num_quantizers} codes x {width} hex digits)")
-        try:
-            frame = [int(group[i:i + width], 16) for i in range(0, len(group), width)]
-        except ValueError as exc:
-            raise UsageError(f"token string: frame {position} is not hexadecimal: {group!r}") from exc
+        if not HEX_GROUP.fullmatch(group):  # int(x, 16) alone also takes '-1', '+f', '0_1' and would yield negative codes
+            raise UsageError(f"token string: frame {position} is not hexadecimal: {group!r}")
+        frame = [int(group[i:i + width], 16) for i in range(0, len(group), width)]
         if max(frame) >= codebook_size:
             raise UsageError(f"token string: frame {position} has a code >= codebook size {codebook_size}")
         frames.append(frame)
@@ -65,13 +68,17 @@ def write_token_jsonl(path: Path, rows: list[dict]) -> None:
     write_jsonl(path, rows)
 
 
-def read_token_jsonl(path: Path, expect_revision: str | None = None) -> list[dict]:
-    """Read token rows, checking each line's shape and (optionally) that it belongs to the expected stage-1 revision."""
+def read_token_jsonl(path: Path, expect_revision: str | None = None, codebook_size: int | None = None) -> list[dict]:
+    """Read token rows, checking each line's shape, that codes are ints in [0, codebook_size) (when given) and
+    (optionally) that it belongs to the expected stage-1 revision."""
     rows = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        # JSONL lines end at "\n" only: str.splitlines() would also cut inside a text holding U+2028 or U+0085
+        lines = Path(path).read_bytes().decode("utf-8").split("\n")
     except FileNotFoundError as exc:
         raise UsageError(f"{path}: token file not found") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); re-create the token file") from exc
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -79,13 +86,28 @@ def read_token_jsonl(path: Path, expect_revision: str | None = None) -> list[dic
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UsageError(f"{path}:{number}: not valid JSON ({exc.msg}); the file may be half-written, re-create it") from exc
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
         for key in ("id", "codes", "stage1_revision"):
             if key not in row:
                 raise UsageError(f"{path}:{number}: missing field '{key}'")
         if expect_revision is not None and row["stage1_revision"] != expect_revision:
-            raise UsageError(f"{path}:{number}: tokens come from stage-1 revision {row['stage1_revision'][:12]}, expected {expect_revision[:12]}; re-tokenize with the matching stage-1 checkpoint")
-        lengths = {len(level) for level in row["codes"]}
+            raise UsageError(f"{path}:{number}: tokens come from stage-1 revision {str(row['stage1_revision'])[:12]}, expected {expect_revision[:12]}; re-tokenize with the matching stage-1 checkpoint")
+        codes = row["codes"]
+        if not isinstance(codes, list) or not codes or not all(isinstance(level, list) for level in codes):
+            raise UsageError(f"{path}:{number}: field 'codes': expected one list of ints per codebook level")
+        lengths = {len(level) for level in codes}
         if len(lengths) > 1:
             raise UsageError(f"{path}:{number}: field 'codes': levels have different lengths {sorted(lengths)}")
+        try:
+            values = torch.tensor(codes)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise UsageError(f"{path}:{number}: field 'codes': not integers ({exc})") from exc
+        if values.numel() and values.dtype != torch.int64:
+            raise UsageError(f"{path}:{number}: field 'codes': expected integers, got {values.dtype}")
+        limit = codebook_size if codebook_size is not None else torch.iinfo(torch.int64).max
+        outside = values[(values < 0) | (values >= limit)]
+        if outside.numel():
+            raise UsageError(f"{path}:{number}: field 'codes': code {outside[0].item()} is outside [0, {codebook_size or 'codebook size'})")
         rows.append(row)
     return rows

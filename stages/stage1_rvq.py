@@ -7,6 +7,11 @@ its token JSONL -> push to the store.
 The run folder (`run.out_dir`) is the checkpoint: model*.safetensors, config.json, metrics.json, provenance.json,
 resolved_config.yaml, README.md (model card), and tokens/<split>.jsonl for every split of the manifest. Its `work/`
 subfolder holds the feature cache and resume state; it is never pushed.
+
+Several processes (`torchrun --nproc_per_node N speechless stage1 train ...`): feature shards are split among the
+ranks; rank 0 initialises (or resumes) the codebooks and broadcasts them; every step each rank quantizes its slice of
+the same global batch while vqp all-reduces the EMA statistics, so codebooks stay identical on all ranks; rank 0 alone
+evaluates and writes. `run.out_dir` must be on a filesystem every rank can read.
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from speechless import log
+from speechless import distributed, log
 from speechless.config import Section, to_yaml
 from speechless.data.manifest import manifest_sha256, read_manifest
-from speechless.encoder import EncoderConfig, load_encoder
+from speechless.encoder import EncoderConfig, load_encoder, weights_sha256
 from speechless.errors import UsageError
 from speechless.features import extract_to_cache, read_cache
 from speechless.io import read_json, sha256_file, write_json, write_text
@@ -123,15 +128,17 @@ def evaluate(rvq: SpeechRVQ, vectors: torch.Tensor) -> dict:
 def train(cfg: Stage1Config) -> dict:
     """Run stage 1 end to end; returns a summary (paths, metrics, pushed version)."""
     started = time.time()
+    job = distributed.setup()
     out = Path(cfg.run.out_dir)
     work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    write_text(out / "resolved_config.yaml", to_yaml(cfg))
 
-    # Setup: data and encoder.
+    # Setup: data and encoder, checked before anything is written (bad input leaves the run folder as it was).
     splits = _load_splits(cfg)
     encoder = load_encoder(cfg.encoder)
     log.info(f"encoder: {cfg.encoder.source} (dim {encoder.dim}, weights {encoder.revision[:12]}, {encoder.device})")
+    work.mkdir(parents=True, exist_ok=True)
+    if job.is_main:
+        write_text(out / "resolved_config.yaml", to_yaml(cfg))
 
     # Features: the input of output_proj for every valid frame, cached in resumable shards.
     utterances = {}
@@ -145,26 +152,27 @@ def train(cfg: Stage1Config) -> dict:
         log.warn(f"eval split has {len(eval_vectors)} frames < 10 x codebook_size: utilization is bounded by 1 - exp(-N/K) = "
                  f"{1 - torch.exp(torch.tensor(-len(eval_vectors) / cfg.rvq.codebook_size)).item():.3f}")
 
-    # Model: initialise from the train features, or resume.
+    # Model: initialise from the train features, or resume (rank 0; the other ranks receive its codebooks).
     rvq = SpeechRVQ(cfg.rvq, dim=encoder.dim)
     optimizer = rvq.optimizer() if cfg.rvq.learnable_codebook else None
     fingerprint = config_fingerprint(cfg)
     state_file = work / "state.json"
-    state = read_json(state_file) if state_file.exists() else None
+    state = read_json(state_file) if state_file.exists() and job.is_main else None
     if state is not None and state.get("fingerprint") != fingerprint:
         log.warn(f"{work}: resume state was made with another config; training restarts from step 0 (features are reused when still valid)")
         state = None
-    if state is None:
+    if job.is_main and state is None:
         log.info("initialising codebooks (residual k-means on train features)")
         rvq.initialize(train_vectors, seed=cfg.run.seed)
         state = {"fingerprint": fingerprint, "history": [], "best": None, "train_seconds": 0.0}
         save_checkpoint(work, 0, rvq.tensors(), optimizer, state, cfg.train.average_last)
-    else:
+    elif job.is_main:
         _load_resume(work, state["step"], rvq, optimizer)
         log.info(f"resuming from step {state['step']} of {cfg.train.steps}")
+    rvq.load_tensors(distributed.broadcast_tensors(rvq.tensors()))
 
     # Train: EMA codebook updates (and gradient steps when parameters are trainable), deterministic per step.
-    step = state["step"]
+    step = distributed.broadcast_json(state["step"] if job.is_main else None)
     with log.progress() as bar:
         task = bar.add_task("training RVQ", total=cfg.train.steps, completed=step)
         while step < cfg.train.steps:
@@ -172,7 +180,12 @@ def train(cfg: Stage1Config) -> dict:
             step += 1
             torch.manual_seed(cfg.run.seed * 1_000_003 + step)  # dead-code replacement samples from the global RNG
             batch = train_vectors[torch.randint(len(train_vectors), (cfg.train.batch_size,))]
-            losses = rvq.train_step(batch, optimizer)
+            # Every rank draws the same global batch and quantizes its own slice of it.
+            losses = rvq.train_step(batch[job.rank::job.world_size], optimizer, global_batch=cfg.train.batch_size)
+            losses = {k: distributed.all_reduce_mean(v) for k, v in losses.items()}
+            if not job.is_main:
+                bar.advance(task)
+                continue
             state["train_seconds"] += time.time() - tick
             record = {"step": step, **{f"train_{k}": v for k, v in losses.items()}}
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
@@ -187,6 +200,10 @@ def train(cfg: Stage1Config) -> dict:
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_checkpoint(work, step, rvq.tensors(), optimizer, state, cfg.train.average_last)
             bar.advance(task)
+    if not job.is_main:
+        distributed.barrier()  # until rank 0 has written the checkpoint folder
+        return {"out_dir": str(out), "eval": None, "pushed": None, "revision": None, "rank": job.rank,
+                "codebooks_sha256": weights_sha256(rvq)}
     if cfg.train.steps == 0 and state["best"] is None:
         state["best"] = {"step": 0, "mse": evaluate(rvq, eval_vectors)["mse"]}
         rvq.save(out, weights=WEIGHT_FILES["best"])
@@ -240,7 +257,9 @@ def train(cfg: Stage1Config) -> dict:
         info = open_store(cfg.store).push("stage1", out, message=cfg.run.message)
         pushed = f"{info.stage}@{info.version}"
         log.info(f"pushed {pushed} (revision {info.revision[:12]})")
-    return {"out_dir": str(out), "eval": final_metrics, "pushed": pushed, "revision": revision}
+    distributed.barrier()
+    return {"out_dir": str(out), "eval": final_metrics, "pushed": pushed, "revision": revision, "rank": job.rank,
+            "codebooks_sha256": weights_sha256(rvq)}
 
 
 def evaluate_checkpoint(folder: Path, manifest: str, split: str, weights: str = "final", device: str | None = None) -> dict:

@@ -24,12 +24,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from speechless import log
+from speechless import distributed, log
 from speechless.config import Section, to_yaml
 from speechless.errors import RuntimeFailure, UsageError
 from speechless.io import read_json, sha256_file, write_json, write_text
 from speechless.probe import CTCProbe, ProbeConfig, cer, train_probe
-from speechless.runs import RunConfig, code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
+from speechless.runs import RunConfig, code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now, verify_weights
 from speechless.store import StoreConfig, is_store_ref, open_store
 from speechless.t2s import FRAMES_PER_SECOND, T2SConfig, T2SModel, build_model, collate, count_parameters
 from speechless.tokens import read_token_jsonl, token_row
@@ -202,7 +202,7 @@ def load_split(stage1: Stage1, split: str, max_frames: int | None = None) -> lis
     if not path.is_file():
         present = sorted(p.stem for p in (stage1.folder / "tokens").glob("*.jsonl")) if (stage1.folder / "tokens").is_dir() else []
         raise UsageError(f"{path}: no token file for split '{split}' (splits present: {', '.join(present) or 'none'})")
-    rows = read_token_jsonl(path, expect_revision=stage1.revision)
+    rows = read_token_jsonl(path, expect_revision=stage1.revision, codebook_size=stage1.codebook_size)
     for number, row in enumerate(rows, 1):
         if len(row["codes"]) != stage1.num_levels:
             raise UsageError(f"{path}: row {number} has {len(row['codes'])} levels, stage 1 has {stage1.num_levels}")
@@ -228,7 +228,7 @@ def speaker_map(cfg: DataConfig, stage1: Stage1) -> dict[str, str]:
     if not Path(manifest).is_file():
         raise UsageError(f"data.manifest {manifest}: file not found")
     out = {}
-    for line in Path(manifest).read_text(encoding="utf-8").splitlines():
+    for line in Path(manifest).read_text(encoding="utf-8").split("\n"):  # not splitlines(): U+2028 in a text is no line end
         if line.strip():
             try:
                 row = json.loads(line)
@@ -347,7 +347,8 @@ def _load_resume(work: Path, step: int, model: T2SModel, optimizer) -> None:
 
 def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_items: list, out: Path, work: Path) -> dict:
     """The training loop (resumable). Writes model.best.safetensors whenever the eval loss improves; returns state."""
-    device = _device(cfg.train.device)
+    job = distributed.group()
+    device = distributed.local_device(_device(cfg.train.device))
     amp = _autocast_dtype(cfg.train.precision, device)
     model.to(device)
     optimizer = make_optimizer(model, cfg.train)
@@ -361,11 +362,15 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
         log.warn(f"{work}: resume checkpoint of step {state['step']} is missing; training restarts from step 0")
         state = None
     if state is None:
-        state = {"fingerprint": fingerprint, "history": [], "best": None, "train_seconds": 0.0, "frames": 0}
-        save_checkpoint(work, 0, model.tensors(), optimizer, state, keep=2)
+        state = {"fingerprint": fingerprint, "step": 0, "history": [], "best": None, "train_seconds": 0.0, "frames": 0}
+        if job.is_main:
+            save_checkpoint(work, 0, model.tensors(), optimizer, state, keep=2)
     else:
         _load_resume(work, state["step"], model, optimizer)
         log.info(f"resuming stage 2 from step {state['step']} of {cfg.train.steps}")
+    distributed.barrier()  # every rank has read the resume state before rank 0 writes again
+    # Several processes: DDP averages gradients; each rank trains on its share of every (global) batch.
+    loss_fn = distributed.data_parallel(model, "loss")
     lengths = [item[1].shape[1] + len(item[0]) for item in train_items]
     by_speaker: dict[int, list[int]] = {}
     for index, item in enumerate(train_items):
@@ -388,9 +393,10 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
             picked = join_utterances([train_items[i] for i in batch_idx], train_items, by_speaker, cfg.train.join_prob,
                                      random.Random(cfg.run.seed * 1_000_003 + step), model.cfg.max_text_tokens,
                                      cfg.data.max_frames)
-            batch = collate(picked, model.delays, model.codebook_size).to(device)
+            local = distributed.shard(picked, job) or picked[-1:]  # a batch smaller than the job: reuse one item
+            batch = collate(local, model.delays, model.codebook_size).to(device)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                result = model.loss(batch)
+                result = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
             result["loss"].backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
@@ -398,7 +404,10 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
             step += 1
             state["train_seconds"] += time.time() - tick
             state["frames"] += int(sum(codes.shape[1] for _, codes, _ in picked))
-            loss = float(result["loss"].detach())
+            loss = distributed.all_reduce_mean(float(result["loss"].detach()))
+            if not job.is_main:  # rank 0 alone evaluates, logs and saves
+                bar.advance(task)
+                continue
             window.append(loss)
             record = {"step": step, "loss": round(loss, 4), "grad_norm": round(grad_norm, 3),
                       "lr": optimizer.param_groups[0]["lr"]}
@@ -415,7 +424,7 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_checkpoint(work, step, model.tensors(), optimizer, state, keep=2)
             bar.advance(task)
-    if state["best"] is None:  # steps == 0
+    if state["best"] is None and job.is_main:  # steps == 0
         ev = eval_loss(model, eval_items, cfg.train.batch_size * 2, device, amp)
         state["best"] = {"step": 0, "loss": ev["loss"]}
         model.save_weights(out / WEIGHT_FILES["best"])
@@ -489,7 +498,7 @@ def read_text_requests(path: Path) -> list[GenRequest]:
     if not path.is_file():
         raise UsageError(f"{path}: input file not found")
     requests, seen = [], set()
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")  # not splitlines(): U+2028 in a text is no line end
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -731,6 +740,7 @@ def round_trip(model: T2SModel, probe: CTCProbe, rows: list[dict], speakers: dic
 def train(cfg: Stage2Config) -> dict:
     """Run stage 2 end to end; returns a summary (paths, round-trip metrics, pushed version)."""
     started = time.time()
+    job = distributed.setup()
     out = Path(cfg.run.out_dir)
     work = out / "work"
     if cfg.train.threads is not None:
@@ -747,7 +757,8 @@ def train(cfg: Stage2Config) -> dict:
         log.warn(f"{len(overlap)} sentence(s) of split '{cfg.eval.split}' also occur in '{cfg.data.train_split}': the round trip is not fully held out")
     speakers = speaker_map(cfg.data, stage1)
     work.mkdir(parents=True, exist_ok=True)
-    write_text(out / "resolved_config.yaml", to_yaml(cfg))
+    if job.is_main:
+        write_text(out / "resolved_config.yaml", to_yaml(cfg))
     speaker_names = sorted({speakers[r["id"]] for r in train_rows if r["id"] in speakers}) if cfg.model.speaker_embedding else []
     if cfg.generate.speaker is not None and cfg.generate.speaker not in speaker_names:
         raise UsageError(f"generate.speaker {cfg.generate.speaker!r}: not a training speaker ({', '.join(speaker_names) or 'none'})")
@@ -765,6 +776,8 @@ def train(cfg: Stage2Config) -> dict:
 
     # Train.
     state = train_model(cfg, model, train_items, eval_items, out, work)
+    if not job.is_main:  # torchrun job: rank 0 evaluates and writes the checkpoint
+        return {"out_dir": str(out), "eval": None, "pushed": None, "revision": None, "stage1": stage1.record(), "rank": job.rank}
     model.save(out, WEIGHT_FILES["final"])
 
     # The judge: a CTC probe on REAL tokens of the train split (cached in work/ for resumes).
@@ -844,8 +857,9 @@ def load_stage2(ref: str, weights: str = "final", store_cfg: StoreConfig | None 
     if weights not in WEIGHT_FILES:
         raise UsageError(f"--weights {weights!r}: choose one of {', '.join(WEIGHT_FILES)}")
     folder = resolve_checkpoint(ref, store_cfg)
+    revision = verify_weights(folder / WEIGHT_FILES[weights], weights)
     model = T2SModel.load(folder, WEIGHT_FILES[weights], device=device)
-    return model, sha256_file(folder / WEIGHT_FILES[weights]), folder
+    return model, revision, folder
 
 
 def evaluate_checkpoint(ref: str, stage1_ref: str | None, split: str, gen: GenerateConfig, ev: EvalConfig,

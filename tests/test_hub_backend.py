@@ -52,6 +52,8 @@ class FakeHub:
             kind, repo_id, rest = "create", None, ""
         elif path == "/api/models":
             kind, repo_id, rest = "models", None, ""
+        elif path == "/api/validate-yaml":  # model cards (README.md with YAML front matter) are validated before a commit
+            kind, repo_id, rest = "validate_yaml", None, ""
         elif resolve:
             kind, repo_id, rest = "resolve", resolve.group(1), f"{resolve.group(2)}/{resolve.group(3)}"
         else:
@@ -82,6 +84,9 @@ class FakeHub:
             {"id": r, "_id": r, "modelId": r, "private": True} for r in sorted(self.repos)
             if r.startswith(f"{author}/") and search in r.split("/", 1)[1]
         ])
+
+    def on_validate_yaml(self, request, _repo_id, _rest):
+        return httpx2.Response(200, json={"errors": [], "warnings": []})
 
     def on_resolve(self, request, repo_id, rest):
         repo = self._repo(repo_id)

@@ -13,39 +13,12 @@ import soundfile as sf
 import torch
 
 from speechless.config import load_config
-from speechless.data.synth import synthesize_corpus
 from stages.stage1_rvq import Stage1Config, train
-
-TINY_ENCODER = {"model_type": "gemma4_audio", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                "subsampling_conv_channels": [128, 8], "output_proj_dims": 48}
-
+from conftest import TINY_ENCODER, stage1_overrides as overrides
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    return synthesize_corpus(root, language="sw", voices=["m1", "f2"], num_sentences=12, seed=0)
-
-
-@pytest.fixture(scope="session")
-def encoder_json(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("encoder") / "tiny.json"
-    path.write_text(json.dumps(TINY_ENCODER))
-    return path
-
-
-def overrides(corpus: Path, encoder_json: Path, out: Path, store: Path, *extra: str) -> list[str]:
-    return [f"data.manifest={corpus}", f"encoder.source={encoder_json}", f"run.out_dir={out}", f"store.root={store}",
-            "rvq.num_quantizers=4", "rvq.codebook_size=32", "rvq.kmeans_sample=4096", "train.steps=6",
-            "train.batch_size=256", "train.eval_every=3", "train.checkpoint_every=2", "train.average_last=2",
-            "features.shard_size=8", *extra]
-
-
-@pytest.fixture(scope="session")
-def trained(corpus, encoder_json, tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("stage1")
-    cfg = load_config(Stage1Config, None, overrides(corpus, encoder_json, base / "run", base / "store"))
-    train(cfg)
-    return base / "run"
+def trained(stage1_trained) -> Path:
+    return stage1_trained
 
 
 def file_digests(folder: Path) -> dict[str, str]:
@@ -108,11 +81,11 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(trained, corpus,
     shutil.copytree(trained / "work" / "features", tmp_path / "run" / "work" / "features")  # same features, faster
     real_step, calls = SpeechRVQ.train_step, {"n": 0}
 
-    def dying_step(self, x, optimizer=None):
+    def dying_step(self, x, optimizer=None, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt  # killed after the step-2 checkpoint, mid step 4
-        return real_step(self, x, optimizer)
+        return real_step(self, x, optimizer, **kwargs)
 
     monkeypatch.setattr(SpeechRVQ, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):

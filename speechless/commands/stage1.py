@@ -36,6 +36,8 @@ def train(
         overrides.append("run.push=true")
     cfg = load_config(Stage1Config, config, overrides)
     summary = run_train(cfg)
+    if summary["eval"] is None:  # a rank > 0 of a torchrun job: rank 0 reports
+        return
     fmt = check_format(fmt)
     if fmt == "json":
         emit(summary, "json")

@@ -57,6 +57,8 @@ def train(
         overrides.append("run.push=true")
     cfg = load_config(Stage2Config, config, overrides)
     summary = run_train(cfg)
+    if summary["eval"] is None:  # a rank > 0 of a torchrun job: rank 0 reports
+        return
     if fmt == "json":
         emit(summary, "json")
     else:

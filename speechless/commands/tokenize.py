@@ -28,7 +28,9 @@ def audio(
 
     Text output prints one line per file: its id and the compact code string; JSON prints the full token rows (codes
     as one list per codebook). Audio over 30 s is split into equal windows, recorded in each row's `windows`.
+    Under `torchrun --nproc_per_node N` the utterances are shared among N processes and rank 0 writes the output.
     """
+    from speechless import distributed
     from speechless.data.manifest import read_manifest
     from speechless.errors import UsageError
     from speechless.tokenizer import SpeechTokenizer, entries_for_files
@@ -38,8 +40,11 @@ def audio(
     if bool(files) == bool(manifest):
         raise UsageError("give audio FILES or --manifest M (one of them)")
     entries = read_manifest(manifest, splits=[split] if split else None) if manifest else entries_for_files(files)
+    job = distributed.setup()
     model = SpeechTokenizer.load(tokenizer, weights=weights, device=device)
     rows = model.tokenize(entries)
+    if not job.is_main:
+        return
     if output is not None:
         write_token_jsonl(output, rows)
         emit({"output": str(output), "utterances": len(rows), "frames": sum(r["frames"] for r in rows)} if fmt == "json" else str(output), fmt)

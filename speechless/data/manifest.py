@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,9 @@ from speechless.io import sha256_file, write_text
 MANIFEST_FIELDS = ("id", "audio_filepath", "duration", "text", "language", "speaker_id", "split", "source")
 REQUIRED_FIELDS = ("id", "audio_filepath", "duration", "text", "split")
 OPTIONAL_FIELDS = ("language", "speaker_id", "source")
+
+SPLIT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+"""A split names files and folders (tokens/<split>.jsonl, work/features/<split>/): no separators, no leading dot."""
 
 DURATION_TOLERANCE_S = 0.1
 """`validate_manifest(check_audio=True)` flags entries whose decoded length differs from `duration` by more."""
@@ -144,6 +148,9 @@ def _parse_line(text: str | None, number: int, base_dir: Path) -> tuple[Manifest
     check_string("audio_filepath", allow_empty=False)
     check_string("text", allow_empty=True)
     check_string("split", allow_empty=False)
+    if isinstance(obj.get("split"), str) and obj["split"].strip() and not SPLIT_RE.fullmatch(obj["split"]):
+        problems.append(Problem(number, "split", f"{_short(obj['split'])} is not a plain name (letters, digits, '_', '-', '.'; "
+                                "splits name output files such as tokens/<split>.jsonl)"))
     for name in OPTIONAL_FIELDS:
         if obj.get(name) is not None:
             check_string(name, allow_empty=True)
