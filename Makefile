@@ -10,9 +10,7 @@ install:
 	VENV=$(VENV) scripts/install.sh
 
 demo: install
-	$(BIN)/speechless data synth -c configs/data/demo_synth.yaml --out $(OUT)/corpus
-	$(BIN)/speechless stage1 train -c configs/stage1/demo.yaml --set run.out_dir=$(OUT)/stage1 --set data.manifest=$(OUT)/corpus/all.jsonl --push
-	$(BIN)/speechless tokenize audio --tokenizer stage1@latest --manifest $(OUT)/corpus/all.jsonl --split test --output $(OUT)/test_tokens.jsonl
+	$(BIN)/speechless run -c configs/pipeline/demo.yaml --out $(OUT)
 
 test: install
 	$(BIN)/python -m pytest tests

@@ -8,7 +8,7 @@ revision (sha256 of the step's main output file), the wall time and any pushed s
 
     RUN_DIR/
       pipeline.json  metrics.json  resolved_config.yaml  report/index.html (+ PNGs)
-      corpus/  stage1/  stage2/  stage3/
+      corpus/  stage1/  stage2/  stage3_base/ (demo: the text-pretrained base)  stage3/
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from speechless.io import read_json, sha256_file, write_json, write_text
 from speechless.store import StoreConfig
 from stages.stage1_rvq import Stage1Config
 from stages.stage2_t2s import Stage2Config
+from stages.stage3_llm import Stage3Config
 
 
 class PipelineRunConfig(Section):
@@ -61,6 +62,7 @@ class PipelineConfig(Section):
     data: PipelineDataConfig = PipelineDataConfig()
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
+    stage3: Stage3Config = Stage3Config()
     store: StoreConfig = StoreConfig()
     """The store every stage pushes to and reads from (each stage's own `store` section is set to this one)."""
 
@@ -145,10 +147,30 @@ def _stage2_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path)
     return train(step_cfg)
 
 
+def _stage3_configure(cfg: PipelineConfig, folder: Path, upstream: dict) -> Section:
+    """Stage 3 reads the exact stage-1 and stage-2 outputs of this run (and the corpus for real speech); the demo's
+    text-pretrained base lives beside it in the run folder."""
+    stage1, stage2 = upstream["stage1"], upstream["stage2"]
+    return cfg.stage3.model_copy(update={
+        "run": cfg.stage3.run.model_copy(update={"out_dir": str(folder), "push": cfg.run.push}),
+        "data": cfg.stage3.data.model_copy(update={"stage1": stage1.get("pushed") or stage1["folder"],
+                                                   "stage2": stage2.get("pushed") or stage2["folder"],
+                                                   "manifest": upstream["data"]["summary"]["manifest"]}),
+        "pretrain": cfg.stage3.pretrain.model_copy(update={"out_dir": str(folder.parent / "stage3_base")}),
+        "store": cfg.store})
+
+
+def _stage3_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path) -> dict:
+    from stages.stage3_llm import train
+
+    return train(step_cfg)
+
+
 STEPS = [
     Step("data", "corpus", "all.jsonl", _data_configure, _data_execute, None),
     Step("stage1", "stage1", "model.safetensors", _stage1_configure, _stage1_execute, "data"),
     Step("stage2", "stage2", "model.safetensors", _stage2_configure, _stage2_execute, "stage1"),
+    Step("stage3", "stage3", "adapter.safetensors", _stage3_configure, _stage3_execute, "stage2"),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 
@@ -156,13 +178,13 @@ STEP_NAMES = [step.name for step in STEPS]
 # ------------------------------------------------------------------------------------------------------ planning
 
 
-def step_stamp(step: Step, step_cfg: Section | None, upstream_revision: str | None) -> str:
+def step_stamp(step: Step, step_cfg: Section | None, upstream_revisions: dict[str, str]) -> str:
     """Content hash of what a step's output depends on: its resolved config (minus push/store settings, which do not
-    change the output) and the revision of its upstream output."""
+    change the output) and the output revisions of every step before it (stage 3 reads stage 1 and the corpus too)."""
     data = step_cfg.model_dump(mode="json", exclude={"run": {"push", "message"}, "store": True}) if step_cfg else {}
     if "run" in data:
         data["run"].pop("out_dir", None)
-    blob = json.dumps({"step": step.name, "config": data, "upstream": upstream_revision}, sort_keys=True)
+    blob = json.dumps({"step": step.name, "config": data, "upstream": upstream_revisions}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -201,7 +223,7 @@ def plan_step(step: Step, cfg: PipelineConfig, out: Path, results: dict, state: 
     if step.upstream and upstream is None:
         return PlannedStep(step, folder, None, None, "run", f"after {step.upstream} (re)runs")
     step_cfg = step.configure(cfg, folder, results)
-    stamp = step_stamp(step, step_cfg, upstream["revision"] if upstream else None)
+    stamp = step_stamp(step, step_cfg, {name: result["revision"] for name, result in results.items()})
     record = state["steps"].get(step.name)
     if step.name in force:
         return PlannedStep(step, folder, step_cfg, stamp, "run (forced)", "--force")

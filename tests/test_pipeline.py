@@ -17,6 +17,8 @@ import yaml
 from test_stage1 import TINY_ENCODER
 from test_t2s import TINY_BACKBONE
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def pipeline_config(tmp_path_factory) -> Path:
@@ -33,6 +35,11 @@ def pipeline_config(tmp_path_factory) -> Path:
         "stage2": {"model": {"backbone": str(root / "backbone.json"), "head_rank": 8, "tokenizer_vocab_size": 40},
                    "train": {"steps": 40, "batch_size": 8, "warmup_steps": 2, "eval_every": 20, "checkpoint_every": 2, "threads": 1},
                    "probe": {"steps": 10, "dim": 32, "conv_layers": 1}, "generate": {"max_seconds": 2}},
+        "stage3": {"base": {"source": str(ROOT / "configs/llm/tiny_gemma4.json")},
+                   "data": {"voices_per_sentence": 1, "eval_voices_per_sentence": 1, "generate": {"max_seconds": 2}},
+                   "pretrain": {"steps": 10, "batch_size": 8, "vocab_size": 120},
+                   "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2},
+                   "eval": {"max_new_tokens": 8}, "compare": {"topline": False, "adapters": ["lora"]}},
     }
     path = root / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -56,17 +63,17 @@ def test_dry_run_plans_without_running(cli, pipeline_config, tmp_path):
     result = cli("run", "-c", pipeline_config, "--out", out, "--dry-run", "--format", "json")
     assert result.exit_code == 0, result.stderr
     steps = json.loads(result.stdout)["steps"]
-    assert [s["step"] for s in steps] == ["data", "stage1", "stage2"]
+    assert [s["step"] for s in steps] == ["data", "stage1", "stage2", "stage3"]
     assert all(s["action"] == "run" for s in steps) and "after data" in steps[1]["reason"]
     assert not out.exists()
 
 
 def test_full_run_outputs_and_metrics(finished):
     state = json.loads((finished / "pipeline.json").read_text())
-    assert set(state["steps"]) == {"data", "stage1", "stage2"}
+    assert set(state["steps"]) == {"data", "stage1", "stage2", "stage3"}
     metrics = json.loads((finished / "metrics.json").read_text())
     assert len(metrics["stage1"]["utilization"]) == 4 and "probe_cer_real" in metrics["stage2"]
-    assert "probe_cer_generated" in metrics["stage2"]
+    assert "probe_cer_generated" in metrics["stage2"] and "comparison" in metrics["stage3"]
     # stage 2 consumed exactly the stage-1 weights the pipeline recorded
     provenance = json.loads((finished / "stage2" / "provenance.json").read_text())
     assert provenance["stage1"]["revision"] == state["steps"]["stage1"]["revision"]
@@ -81,15 +88,15 @@ def test_second_run_skips_every_step(cli, finished, pipeline_config):
     tick = time.time()
     result = cli("run", "-c", pipeline_config, "--no-report")
     assert result.exit_code == 0, result.stderr
-    assert time.time() - tick < 20 and result.stderr.count("skipped") == 3
+    assert time.time() - tick < 20 and result.stderr.count("skipped") == 4
     assert revisions(finished) == before and (finished / "stage2" / "model.safetensors").stat().st_mtime_ns == mtime
     plan = json.loads(cli("run", "-c", pipeline_config, "--dry-run", "--format", "json").stdout)["steps"]
-    assert [s["action"] for s in plan] == ["skip", "skip", "skip"]
+    assert [s["action"] for s in plan] == ["skip", "skip", "skip", "skip"]
 
 
 def test_changed_stage2_config_reruns_only_stage2(cli, finished, pipeline_config):
     plan = json.loads(cli("run", "-c", pipeline_config, "--dry-run", "--format", "json", "--set", "stage2.generate.seed=5").stdout)["steps"]
-    assert [s["action"] for s in plan] == ["skip", "skip", "resume"]
+    assert [s["action"] for s in plan] == ["skip", "skip", "resume", "run"]
     forced = json.loads(cli("run", "-c", pipeline_config, "--dry-run", "--format", "json", "--force", "stage1").stdout)["steps"]
     assert forced[1]["action"] == "run (forced)" and forced[2]["action"] == "run"
     bad = cli("run", "-c", pipeline_config, "--dry-run", "--force", "stage9")
@@ -113,7 +120,7 @@ def test_killed_run_resumes_mid_stage2(pipeline_config, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pipeline stage1: skipped" in done.stderr and "resuming stage 2 from step" in done.stderr
-    assert set(json.loads((out / "pipeline.json").read_text())["steps"]) == {"data", "stage1", "stage2"}
+    assert set(json.loads((out / "pipeline.json").read_text())["steps"]) == {"data", "stage1", "stage2", "stage3"}
 
 
 def test_report_renders_in_headless_chromium(cli, finished):

@@ -39,4 +39,5 @@ def test_real_scale_pipeline_imports_twi_and_uses_the_real_stage_configs():
     cfg = load_config(PipelineConfig, ROOT / "configs/pipeline/twi_e2b.yaml")
     assert cfg.data.source == "import" and len(cfg.data.imports) == 3 and all(item.language for item in cfg.data.imports)
     assert cfg.stage1.encoder.source == "google/gemma-4-e2b-it" and cfg.stage2.train.device == "cuda"
+    assert cfg.stage3.base.source == "google/gemma-4-e2b-it" and not cfg.stage3.pretrain.enabled
     assert cfg.store.backend == "hub" and cfg.run.push
