@@ -77,13 +77,13 @@ def stage1_plots(folder: Path, out: Path) -> list[str]:
     rows = _read_jsonl(folder / "tokens" / f"{split}.jsonl")
     if rows:
         levels = len(rows[0]["codes"])
-        fig, axes = plt.subplots(2, (levels + 1) // 2, figsize=(9, 3.8), sharey=True)
-        for level, ax in enumerate(axes.flat[:levels]):
-            counts = Counter(code for row in rows for code in row["codes"][level])
-            size = rows[0].get("codebook_size") or max(counts) + 1
-            ax.bar(range(size), [counts.get(code, 0) for code in range(size)], width=1.0)
-            ax.set_title(f"codebook {level}", fontsize=8), ax.tick_params(labelsize=6)
-        fig.suptitle(f"Stage 1: code usage on the {split} split ({sum(len(r['codes'][0]) for r in rows)} frames)")
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for level in range(levels):
+            counts = sorted(Counter(code for row in rows for code in row["codes"][level]).values(), reverse=True)
+            ax.plot(range(1, len(counts) + 1), counts, label=f"codebook {level}")
+        ax.set_yscale("log"), ax.set_xlabel("codes, most used first"), ax.set_ylabel("frames using the code")
+        frames = sum(len(r["codes"][0]) for r in rows)
+        ax.set_title(f"Stage 1: code usage on the {split} split ({frames} frames; flat = uniform)"), ax.legend(fontsize=6, ncol=4)
         images.append(_save(fig, out / "stage1_code_usage.png"))
     return images
 
@@ -188,6 +188,11 @@ def write_report(run_dir: str | Path) -> Path:
     if "duration" in ev2:
         numbers2["duration ratio (generated / real)"] = ev2["duration"].get("ratio_mean")
     numbers3 = {k: v for k, v in ev3.items() if not isinstance(v, (dict, list))}
+    for run, entry in (ev3.get("comparison") or {}).items():
+        scores = entry.get("scores", {})
+        ppl = entry.get("text_perplexity") or {}
+        numbers3[run] = " ".join(f"{task} {value.get('score', 0):.3f}" for task, value in scores.items()) + (
+            f"; text perplexity change {ppl['relative_change']:+.2%}" if "relative_change" in ppl else "")
     steps = _table([("step", "revision", "seconds", "pushed")] + [
         (name, rec.get("revision", "")[:12], rec.get("seconds"), rec.get("pushed") or "") for name, rec in state["steps"].items()])
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>speechless report: {html.escape(run_dir.name)}</title>

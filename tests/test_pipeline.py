@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,48 @@ def test_killed_run_resumes_mid_stage2(pipeline_config, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pipeline stage1: skipped" in done.stderr and "resuming stage 2 from step" in done.stderr
     assert set(json.loads((out / "pipeline.json").read_text())["steps"]) == {"data", "stage1", "stage2", "stage3"}
+
+
+def _speech_rows(out: Path) -> int:
+    return sum(f.read_bytes().count(b"\n") for f in (out / "stage3" / "work" / "speech").glob("*.partial"))
+
+
+def _stage3_checkpoints(out: Path) -> int:
+    return len(list((out / "stage3" / "work" / "variants").glob("*/checkpoints/step-*.safetensors")))
+
+
+@pytest.mark.parametrize("where, under_way, extra", [
+    ("stage-3 speech synthesis", _speech_rows, ["stage3.data.generate.batch_size=1"]),
+    ("stage-3 training", _stage3_checkpoints, ["stage3.train.steps=40", "stage3.train.checkpoint_every=4"]),
+])
+def test_killed_stage3_resumes_and_completes(pipeline_config, finished, tmp_path, where, under_way, extra):
+    """SIGKILL inside stage 3 (its stage-2 speech cache, then its training); the same command completes, reusing the
+    finished steps and what stage 3 had already written; no visible file is half-written."""
+    from test_kill_resume import assert_nothing_half_written
+
+    out = tmp_path / "killed3"
+    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("stage3", "report"))  # data..stage2 done, stage 3 not
+    state = json.loads((out / "pipeline.json").read_text())
+    state["steps"].pop("stage3")
+    (out / "pipeline.json").write_text(json.dumps(state))
+    cmd = [sys.executable, "-m", "speechless", "run", "-c", str(pipeline_config), "--out", str(out), "--no-report",
+           *(arg for item in extra for arg in ("--set", item))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and under_way(out) < 1:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before {where} was under way"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert_nothing_half_written(out)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("skipped") == 3  # data, stage 1, stage 2: the copied, finished steps
+    if where == "stage-3 training":
+        assert "resuming at step" in done.stderr
+    assert "stage3" in json.loads((out / "pipeline.json").read_text())["steps"]
+    assert_nothing_half_written(out)
 
 
 def test_report_renders_in_headless_chromium(cli, finished):
