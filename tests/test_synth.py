@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from speechless.data.synth import SynthConfig, VoiceConfig, generate_sentences, 
 from speechless.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 
 
 def test_sentences_are_distinct_deterministic_and_translated():
@@ -64,20 +62,17 @@ def test_config_validation():
     with pytest.raises(UsageError, match="distinct 'name'"):
         load_config(SynthConfig, None, ["voices=[{variant: m1}, {variant: m1, speed: 120}]"])
     demo = load_config(SynthConfig, ROOT / "configs" / "data" / "demo_synth.yaml")
-    assert demo.num_sentences == 400 and len(demo.voices) == 6 and demo.language == "sw"
+    assert demo.num_sentences == 500 and len(demo.voices) == 2 and demo.language == "sw"
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng not installed")
     voices = [VoiceConfig(variant="m1", speed=170), VoiceConfig(variant="f4", speed=160, pitch=70)]
     manifest = synthesize_corpus(out, num_sentences=6, voices=voices, seed=0)
     return out, manifest
 
 
-@needs_espeak
 def test_tiny_corpus_audio_matches_manifest(tiny):
     out, manifest = tiny
     assert manifest == out / "all.jsonl"
@@ -93,7 +88,6 @@ def test_tiny_corpus_audio_matches_manifest(tiny):
         assert entry.audio_filepath.is_relative_to(out / "audio" / entry.speaker_id)
 
 
-@needs_espeak
 def test_tiny_corpus_splits_are_disjoint_by_sentence_and_every_voice_speaks_everything(tiny):
     out, manifest = tiny
     entries = read_manifest(manifest)
@@ -114,7 +108,6 @@ def test_tiny_corpus_splits_are_disjoint_by_sentence_and_every_voice_speaks_ever
     assert (out / "resolved_config.yaml").is_file()
 
 
-@needs_espeak
 def test_rerun_resumes_without_resynthesizing(tiny, monkeypatch):
     out, manifest = tiny
     before = manifest.read_bytes()
@@ -129,7 +122,6 @@ def test_rerun_resumes_without_resynthesizing(tiny, monkeypatch):
     assert manifest.read_bytes() == before
 
 
-@needs_espeak
 def test_cli_synth_json_summary(cli, tmp_path):
     result = cli(
         "data", "synth", "--out", tmp_path / "c", "--format", "json",
@@ -149,7 +141,6 @@ def test_missing_espeak_is_exit_2_with_install_hint(cli, tmp_path, monkeypatch):
     assert "apt-get install espeak-ng" in result.stderr
 
 
-@needs_espeak
 def test_unknown_voice_variant_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="espeak-ng --voices=variant"):
         synthesize_corpus(tmp_path, num_sentences=3, voices=["nosuchvoice"])
