@@ -213,7 +213,7 @@ def find_chromium() -> str | None:
     return next((found for name in CHROMIUM_NAMES if (found := shutil.which(name))), None)
 
 
-def screenshot(page: Path, target: Path, width: int = 1100, height: int = 3000) -> Path:
+def screenshot(page: Path, target: Path, width: int = 1100, height: int = 3600) -> Path:
     """Render the page in headless Chromium and save a PNG screenshot."""
     binary = find_chromium()
     if binary is None:

@@ -132,13 +132,15 @@ def _stage3_checkpoints(out: Path) -> int:
     return len(list((out / "stage3" / "work" / "variants").glob("*/checkpoints/step-*.safetensors")))
 
 
-@pytest.mark.parametrize("where, under_way, extra", [
-    ("stage-3 speech synthesis", _speech_rows, ["stage3.data.generate.batch_size=1"]),
-    ("stage-3 training", _stage3_checkpoints, ["stage3.train.steps=40", "stage3.train.checkpoint_every=4"]),
+@pytest.mark.parametrize("where, under_way, max_delay, extra", [
+    ("stage-3 speech synthesis", _speech_rows, 0.05, ["stage3.data.generate.batch_size=1"]),
+    ("stage-3 training", _stage3_checkpoints, 0.5, ["stage3.train.steps=40", "stage3.train.checkpoint_every=4"]),
 ])
-def test_killed_stage3_resumes_and_completes(pipeline_config, finished, tmp_path, where, under_way, extra):
-    """SIGKILL inside stage 3 (its stage-2 speech cache, then its training); the same command completes, reusing the
-    finished steps and what stage 3 had already written; no visible file is half-written."""
+def test_killed_stage3_resumes_and_completes(pipeline_config, finished, tmp_path, where, under_way, max_delay, extra):
+    """SIGKILL inside stage 3 (its stage-2 speech cache, then its training) at a seeded random moment after the step
+    is under way; the same command completes, reusing the finished steps and what stage 3 had already written; no
+    visible file is half-written."""
+    import random
     from test_kill_resume import assert_nothing_half_written
 
     out = tmp_path / "killed3"
@@ -152,7 +154,8 @@ def test_killed_stage3_resumes_and_completes(pipeline_config, finished, tmp_path
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and under_way(out) < 1:
-        time.sleep(0.05)
+        time.sleep(0.02)
+    time.sleep(random.Random(where).uniform(0, max_delay))
     assert proc.poll() is None, f"the run ended before {where} was under way"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
