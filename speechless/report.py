@@ -77,13 +77,15 @@ def stage1_plots(folder: Path, out: Path) -> list[str]:
     rows = _read_jsonl(folder / "tokens" / f"{split}.jsonl")
     if rows:
         levels = len(rows[0]["codes"])
-        fig, ax = plt.subplots(figsize=(6, 3.4))
+        fig, (rank_ax, hist_ax) = plt.subplots(1, 2, figsize=(10, 3.4))
         for level in range(levels):
             counts = sorted(Counter(code for row in rows for code in row["codes"][level]).values(), reverse=True)
-            ax.plot(range(1, len(counts) + 1), counts, label=f"codebook {level}")
-        ax.set_yscale("log"), ax.set_xlabel("codes, most used first"), ax.set_ylabel("frames using the code")
+            rank_ax.plot(range(1, len(counts) + 1), counts, label=f"codebook {level}")
+            hist_ax.hist(counts, bins=[2 ** e for e in range(0, 13)], histtype="step", label=f"codebook {level}")
+        rank_ax.set_yscale("log"), rank_ax.set_xlabel("codes, most used first"), rank_ax.set_ylabel("frames using the code")
+        hist_ax.set_xscale("log"), hist_ax.set_xlabel("frames using a code"), hist_ax.set_ylabel("codes (used at least once)")
         frames = sum(len(r["codes"][0]) for r in rows)
-        ax.set_title(f"Stage 1: code usage on the {split} split ({frames} frames; flat = uniform)"), ax.legend(fontsize=6, ncol=4)
+        fig.suptitle(f"Stage 1: code usage on the {split} split ({frames} frames)"), rank_ax.legend(fontsize=6, ncol=2)
         images.append(_save(fig, out / "stage1_code_usage.png"))
     return images
 
