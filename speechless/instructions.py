@@ -14,11 +14,11 @@ ends with an assistant turn. `closed` marks answers scored by exact match.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from speechless.errors import UsageError
+from speechless.io import read_jsonl
 
 # The demo's tasks: (name, instruction, answer field of sentences.jsonl, closed answer)
 DEMO_TASKS = {
@@ -70,17 +70,8 @@ def check_conversation(row: object, where: str, require_answer: bool = True) -> 
 
 
 def read_conversations(path: str | Path, require_answer: bool = True) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: conversations file not found")
     rows, seen = [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+    for number, row in read_jsonl(path, "conversations file"):
         row = check_conversation(row, f"{path}:{number}", require_answer)
         if row["id"] in seen:
             raise UsageError(f"{path}:{number}: id {row['id']!r} appears twice")
@@ -116,11 +107,7 @@ def demo_conversations(sentences_path: Path, manifest_rows: list[dict], split: s
     unknown = [t for t in tasks if t not in DEMO_TASKS]
     if unknown:
         raise UsageError(f"data.tasks: unknown demo task(s) {unknown}; choose from {', '.join(DEMO_TASKS)}")
-    sentences = {}
-    for line in Path(sentences_path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            sentences[row["sentence_id"]] = row
+    sentences = {row["sentence_id"]: row for _, row in read_jsonl(sentences_path, "sentences file")}
     by_sentence: dict[str, list[dict]] = {}
     for utt in manifest_rows:
         if utt.get("split") == split and utt.get("sentence_id") in sentences:

@@ -80,6 +80,29 @@ def read_json(path: str | os.PathLike) -> Any:
         raise RuntimeFailure(f"{path}: not valid JSON ({exc}); the file is corrupt, re-create it") from exc
 
 
+def read_jsonl(path: str | os.PathLike, what: str = "JSONL file", fix: str = "") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line. Lines end at "\n" only (str.splitlines() would also cut inside a
+    text holding U+2028 or U+0085). A missing file, non-UTF-8 bytes, bad JSON or a non-object line is a UsageError
+    naming the file and line; `fix` (e.g. "; re-create it") is appended to the unreadable-content messages."""
+    path = Path(path)
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise UsageError(f"{path}: {what} not found") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}){fix}") from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}:{number}: not valid JSON ({exc.msg}){fix}") from exc
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        yield number, row
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Save a safetensors file atomically and byte-reproducibly (same tensors + metadata -> same bytes).
 

@@ -8,7 +8,6 @@ Optionally renders the page in headless Chromium to `report/screenshot.png` (to 
 from __future__ import annotations
 
 import html
-import json
 import os
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from speechless.errors import RuntimeFailure, UsageError
-from speechless.io import atomic_path, read_json, write_text
+from speechless.io import atomic_path, read_json, read_jsonl, write_text
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -38,9 +37,7 @@ def _save(fig, path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for _, row in read_jsonl(path)] if path.is_file() else []
 
 
 def _metrics(folder: Path) -> dict:

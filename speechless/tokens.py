@@ -10,7 +10,6 @@ fixed-width lower-case hex (3 digits for 2048 codes). E.g. two frames of 8 level
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from speechless.errors import UsageError
-from speechless.io import write_jsonl
+from speechless.io import read_jsonl, write_jsonl
 
 
 HEX_GROUP = re.compile(r"[0-9a-fA-F]+")
@@ -72,22 +71,7 @@ def read_token_jsonl(path: Path, expect_revision: str | None = None, codebook_si
     """Read token rows, checking each line's shape, that codes are ints in [0, codebook_size) (when given) and
     (optionally) that it belongs to the expected stage-1 revision."""
     rows = []
-    try:
-        # JSONL lines end at "\n" only: str.splitlines() would also cut inside a text holding U+2028 or U+0085
-        lines = Path(path).read_bytes().decode("utf-8").split("\n")
-    except FileNotFoundError as exc:
-        raise UsageError(f"{path}: token file not found") from exc
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); re-create the token file") from exc
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{number}: not valid JSON ({exc.msg}); the file may be half-written, re-create it") from exc
-        if not isinstance(row, dict):
-            raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+    for number, row in read_jsonl(path, "token file", "; the file may be half-written, re-create it"):
         for key in ("id", "codes", "stage1_revision"):
             if key not in row:
                 raise UsageError(f"{path}:{number}: missing field '{key}'")

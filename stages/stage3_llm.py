@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from speechless.config import Section, to_yaml
 from speechless.encoder import EncoderConfig
 from speechless.errors import UsageError
 from speechless.instructions import DEMO_TASKS, answer, as_text, demo_conversations, read_conversations, speech_parts
-from speechless.io import read_json, sha256_file, write_json, write_jsonl, write_text
+from speechless.io import read_json, read_jsonl, sha256_file, write_json, write_jsonl, write_text
 from speechless.llm import AdapterConfig, BaseConfig, Example, SpeechLM, build_demo_tokenizer, load_adapter, load_speech_lm
 from speechless.runs import RunConfig, code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
 from speechless.rvq import SpeechRVQ
@@ -125,14 +124,12 @@ def stage1_encoder(stage1_folder: Path) -> tuple[EncoderConfig, str]:
 
 
 def manifest_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UsageError(f"data.manifest: {path} not found")
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            row["audio_filepath"] = str((path.parent / row["audio_filepath"]).resolve())
-            rows.append(row)
+    for number, row in read_jsonl(path, "data.manifest"):
+        if not row.get("audio_filepath"):
+            raise UsageError(f"{path}:{number}: missing field 'audio_filepath'; check the manifest with `speechless data validate`")
+        row["audio_filepath"] = str((path.parent / row["audio_filepath"]).resolve())
+        rows.append(row)
     return rows
 
 
@@ -235,10 +232,10 @@ def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[d
     source = work / "speech" / "stage2_texts.jsonl"
     output = work / "speech" / f"stage2_{revision[:12]}.jsonl"
     write_jsonl(source, list(texts.values()))
-    if output.exists() and {json.loads(l)["id"] for l in output.read_text().splitlines() if l.strip()} != set(texts):
+    if output.exists() and {row["id"] for _, row in read_jsonl(output)} != set(texts):
         output.unlink()
     generate_corpus(model, revision, source, output, cfg.data.generate)
-    tokens = {r["id"]: r for r in map(json.loads, output.read_text().splitlines()) if r}
+    tokens = {row["id"]: row for _, row in read_jsonl(output)}
     version = open_store(cfg.store).resolve(cfg.data.stage2).ref if is_store_ref(cfg.data.stage2) else None
     return tokens, {"ref": cfg.data.stage2, "version": version, "revision": revision, "stage1_revision": model.stage1["revision"]}
 

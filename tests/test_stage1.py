@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from speechless.config import load_config
 from stages.stage1_rvq import Stage1Config, train

@@ -18,3 +18,15 @@ def check_format(fmt: str) -> str:
     if fmt.lower() not in ("text", "json"):
         raise UsageError(f"--format {fmt!r}: choose text or json")
     return fmt.lower()
+
+
+def load_run_config(schema, config, set_: list[str] | None, out: Path | None = None, push: bool = False):
+    """A stage's config from -c/--set, with the command-line shortcuts --out (run.out_dir) and --push (run.push)."""
+    from speechless.config import load_config
+
+    overrides = list(set_ or [])
+    if out is not None:
+        overrides.append(f"run.out_dir={out}")
+    if push:
+        overrides.append("run.push=true")
+    return load_config(schema, config, overrides)

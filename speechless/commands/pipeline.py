@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from speechless.commands.options import ConfigOption, FormatOption, SetOption, check_format
+from speechless.commands.options import ConfigOption, load_run_config, FormatOption, SetOption, check_format
 from speechless.log import emit
 
 
@@ -25,14 +25,10 @@ def run(
     A step whose output already exists for the same resolved config and the same upstream revision is skipped;
     an interrupted step resumes. Example: speechless run -c configs/pipeline/demo.yaml
     """
-    from speechless.config import load_config
     from speechless.pipeline import PipelineConfig, plan, run_pipeline
 
     fmt = check_format(fmt)
-    overrides = list(set_ or [])
-    if out is not None:
-        overrides.append(f"run.out_dir={out}")
-    cfg = load_config(PipelineConfig, config, overrides)
+    cfg = load_run_config(PipelineConfig, config, set_, out)
     if dry_run:
         steps = plan(cfg, set(force or ()))
         rows = [{"step": p.step.name, "action": p.action, "reason": p.reason, "output": str(p.folder / p.step.output),

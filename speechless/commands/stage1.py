@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from speechless.commands.options import ConfigOption, FormatOption, SetOption, check_format
+from speechless.commands.options import ConfigOption, load_run_config, FormatOption, SetOption, check_format
 from speechless.log import emit
 
 app = typer.Typer(no_args_is_help=True)
@@ -26,15 +26,9 @@ def train(
     Re-running the same command resumes: cached feature shards are reused and training continues from its last
     checkpoint. Example: speechless stage1 train -c configs/stage1/demo.yaml --set train.steps=50
     """
-    from speechless.config import load_config
     from stages.stage1_rvq import Stage1Config, train as run_train
 
-    overrides = list(set_ or [])
-    if out is not None:
-        overrides.append(f"run.out_dir={out}")
-    if push:
-        overrides.append("run.push=true")
-    cfg = load_config(Stage1Config, config, overrides)
+    cfg = load_run_config(Stage1Config, config, set_, out, push)
     summary = run_train(cfg)
     if summary["eval"] is None:  # a rank > 0 of a torchrun job: rank 0 reports
         return

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from speechless.commands.options import ConfigOption, FormatOption, SetOption, check_format
+from speechless.commands.options import ConfigOption, load_run_config, FormatOption, SetOption, check_format
 from speechless.log import emit
 
 app = typer.Typer(no_args_is_help=True)
@@ -46,16 +46,10 @@ def train(
     Re-running the same command resumes from the last checkpoint. Example:
     speechless stage2 train -c configs/stage2/demo.yaml --set data.stage1=stage1@v1
     """
-    from speechless.config import load_config
     from stages.stage2_t2s import Stage2Config, train as run_train
 
     fmt = check_format(fmt)
-    overrides = list(set_ or [])
-    if out is not None:
-        overrides.append(f"run.out_dir={out}")
-    if push:
-        overrides.append("run.push=true")
-    cfg = load_config(Stage2Config, config, overrides)
+    cfg = load_run_config(Stage2Config, config, set_, out, push)
     summary = run_train(cfg)
     if summary["eval"] is None:  # a rank > 0 of a torchrun job: rank 0 reports
         return

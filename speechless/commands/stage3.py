@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from speechless.commands.options import ConfigOption, FormatOption, SetOption, check_format
+from speechless.commands.options import ConfigOption, load_run_config, FormatOption, SetOption, check_format
 from speechless.log import emit
 
 app = typer.Typer(no_args_is_help=True)
@@ -31,16 +31,10 @@ def train(
 
     Re-running the same command resumes. Example: speechless stage3 train -c configs/stage3/demo.yaml
     """
-    from speechless.config import load_config
     from stages.stage3_llm import Stage3Config, train as run_train
 
     fmt = check_format(fmt)
-    overrides = list(set_ or [])
-    if out is not None:
-        overrides.append(f"run.out_dir={out}")
-    if push:
-        overrides.append("run.push=true")
-    summary = run_train(load_config(Stage3Config, config, overrides))
+    summary = run_train(load_run_config(Stage3Config, config, set_, out, push))
     if fmt == "json":
         emit(summary, "json")
         return
@@ -55,18 +49,11 @@ def train(
 
 def _read_requests(path: Path, instruction: str) -> tuple[list[str], list[dict]]:
     from speechless.errors import UsageError
+    from speechless.io import read_jsonl
 
-    if not path.is_file():
-        raise UsageError(f"{path}: manifest not found")
     ids, requests = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict) or not (row.get("audio_filepath") or row.get("instruction")):
+    for number, row in read_jsonl(path, "manifest"):
+        if not (row.get("audio_filepath") or row.get("instruction")):
             raise UsageError(f"{path}:{number}: a row needs 'audio_filepath' (speech) or 'instruction' (text-only request)")
         audio = row.get("audio_filepath")
         ids.append(str(row.get("id", number)))
