@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from speechless.errors import UsageError
+from speechless.errors import RuntimeFailure, UsageError
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,15 @@ def gather_json(obj, to_all: bool = False) -> list | None:
     return [json.loads(b[: int(s.item())].numpy().tobytes().decode()) for b, s in zip(buffers, sizes)]
 
 
+def check_same(value, what: str) -> None:
+    """Refuse to go on when the ranks disagree on `value` (e.g. the sha256 of weights each rank loaded itself)."""
+    values = gather_json(value, to_all=True)
+    differing = [rank for rank, v in enumerate(values) if v != values[0]]
+    if differing:
+        raise RuntimeFailure(f"{what} differs between rank 0 ({values[0]}) and rank {differing[0]} ({values[differing[0]]}); "
+                             "every rank must read the same files (a filesystem all nodes share, the same revisions)")
+
+
 def all_reduce_mean(value: float) -> float:
     """Mean of a float over ranks (for logging)."""
     if not is_distributed():
@@ -143,11 +152,20 @@ class _MethodAsForward(torch.nn.Module):
         return getattr(self.model, self.method)(*args, **kwargs)
 
 
-def data_parallel(model: torch.nn.Module, method: str = "loss"):
+def data_parallel(model: torch.nn.Module, method: str = "loss", trainable_only: bool = False):
     """`model.<method>` as a callable; in a multi-process job wrapped in DistributedDataParallel, so backward averages
-    gradients over ranks (DDP also broadcasts rank 0's parameters once, here). Build it after moving the model."""
+    gradients over ranks (DDP also broadcasts rank 0's parameters once, here). Build it after moving the model.
+
+    `trainable_only` (a large frozen base under a small adapter): DDP leaves the frozen parameters and the buffers
+    alone (not broadcast at start, not synchronised; every rank loaded the same weights) and accepts trainable
+    parameters that a step leaves unused (a speech-only adapter on a text-only batch, LoRA on the k/v projections of
+    layers that reuse another layer's KV)."""
     if not is_distributed():
         return getattr(model, method)
     device = next(model.parameters()).device
+    wrapper = _MethodAsForward(model, method)
+    if trainable_only:
+        frozen = [n for n, p in wrapper.named_parameters() if not p.requires_grad] + [n for n, _ in wrapper.named_buffers()]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, frozen)
     return torch.nn.parallel.DistributedDataParallel(
-        _MethodAsForward(model, method), device_ids=[device.index] if device.type == "cuda" else None)
+        wrapper, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=trainable_only)

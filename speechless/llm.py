@@ -273,6 +273,11 @@ class Example:
     labels: list[int]
     audio: list[torch.Tensor] = field(default_factory=list)
 
+    @property
+    def targets(self) -> int:
+        """Tokens the loss predicts: labelled positions after the first (position 0 is never a target)."""
+        return sum(label != -100 for label in self.labels[1:])
+
 
 class SpeechLM(torch.nn.Module):
     def __init__(self, model, tokenizer, base_cfg: BaseConfig, base_sha256: str, encoder_cfg: EncoderConfig | None = None):
@@ -439,22 +444,22 @@ class SpeechLM(torch.nn.Module):
             out = self.lm(inputs_embeds=inputs, attention_mask=attention, use_cache=use_cache, **extra)
         return out
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: dict, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy on the assistant tokens: their mean, or with reduction "sum" their sum (a
+        data-parallel step divides the sum by the token count of the whole global batch)."""
         logits = self.logits(batch).logits.float()
         labels = batch["labels"].to(self.device)
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100, reduction=reduction)
 
     @torch.no_grad()
     def nll(self, examples: list[Example], batch_size: int = 32) -> tuple[float, int]:
         """Summed negative log-likelihood of the assistant tokens and their count (for perplexity)."""
         total, count = 0.0, 0
         for start in range(0, len(examples), batch_size):
-            batch = self.batch(examples[start:start + batch_size])
-            logits = self.logits(batch).logits.float()
-            labels = batch["labels"].to(self.device)
-            total += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                                             ignore_index=-100, reduction="sum"))
-            count += int((labels[:, 1:] != -100).sum())
+            chunk = examples[start:start + batch_size]
+            total += float(self.loss(self.batch(chunk), reduction="sum"))
+            count += sum(e.targets for e in chunk)
         return total, count
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ same requests as text) -> save the adapter only (+ lineage) -> push `stage3@vN`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -23,13 +24,14 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from speechless import log
+from speechless import distributed, log
 from speechless.config import Section, to_yaml
 from speechless.encoder import EncoderConfig
 from speechless.errors import UsageError
 from speechless.instructions import DEMO_TASKS, answer, as_text, demo_conversations, read_conversations, speech_parts
 from speechless.io import read_json, read_jsonl, sha256_file, write_json, write_jsonl, write_text
-from speechless.llm import AdapterConfig, BaseConfig, Example, SpeechLM, build_demo_tokenizer, load_adapter, load_speech_lm
+from speechless.llm import (AdapterConfig, BaseConfig, Example, SpeechLM, build_demo_tokenizer, load_adapter, load_speech_lm,
+                            resolve_device)
 from speechless.runs import RunConfig, code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
 from speechless.rvq import SpeechRVQ
 from speechless.store import StoreConfig, is_store_ref, open_store
@@ -143,7 +145,12 @@ def lr_at(step: int, steps: int, warmup: int) -> float:
 
 def train_loop(model: SpeechLM, examples: list[Example], steps: int, batch_size: int, lr: float, warmup: int, work: Path,
                fingerprint: str, seed: int, checkpoint_every: int, what: str, gradient_checkpointing: bool = False) -> list[dict]:
-    """AdamW on the trainable parameters, length-bucketed batches, warmup + cosine; resumable from `work/`."""
+    """AdamW on the trainable parameters, length-bucketed batches, warmup + cosine; resumable from `work/`.
+
+    Several processes (torchrun): DDP over the trainable parameters only; every rank takes its share of each global
+    batch (`batch_size` conversations in all) and divides its summed loss by the target tokens of the whole global
+    batch, so N ranks take the step one process would take; rank 0 alone writes the resume checkpoints."""
+    job = distributed.group()
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
     state = {"fingerprint": fingerprint, "history": []}
@@ -157,26 +164,32 @@ def train_loop(model: SpeechLM, examples: list[Example], steps: int, batch_size:
                     p.copy_(tensors[name])
             state, start = saved, saved["step"]
             log.info(f"{what}: resuming at step {start}")
+    distributed.barrier()  # every rank has read the resume state before rank 0 writes again
     if gradient_checkpointing:
         model._inner().gradient_checkpointing_enable()
     model.train()
+    loss_fn = distributed.data_parallel(model, "loss", trainable_only=True)
     lengths = [len(e.ids) for e in examples]
     per_epoch = math.ceil(len(examples) / batch_size)
     began = time.time()
     for step in range(start, steps):
         epoch, index = divmod(step, per_epoch)
-        batch_ids = epoch_batches(lengths, batch_size, seed, epoch)[index]
+        batch = [examples[i] for i in epoch_batches(lengths, batch_size, seed, epoch)[index]]
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_at(step, steps, warmup)
-        loss = model.loss(model.batch([examples[i] for i in batch_ids]))
+        local, scale = distributed.shard(batch, job), job.world_size / max(1, sum(e.targets for e in batch))
+        if not local:  # a global batch smaller than the job: this rank computes one item with no weight
+            local, scale = batch[-1:], 0.0
+        loss = loss_fn(model.batch(local), reduction="sum") * scale
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
         if (step + 1) % 50 == 0 or step + 1 == steps:
-            state["history"].append({"step": step + 1, "loss": round(loss.item(), 4), "seconds": round(time.time() - began, 1)})
-            log.info(f"{what}: step {step + 1}/{steps} loss {loss.item():.4f}")
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            mean_loss = distributed.all_reduce_mean(loss.item())  # the global batch's mean loss
+            state["history"].append({"step": step + 1, "loss": round(mean_loss, 4), "seconds": round(time.time() - began, 1)})
+            log.info(f"{what}: step {step + 1}/{steps} loss {mean_loss:.4f}")
+        if job.is_main and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(work, step + 1, {n: p.detach() for n, p in params.items()}, optimizer, state, keep=1)
     model.eval()
     return state["history"]
@@ -185,23 +198,29 @@ def train_loop(model: SpeechLM, examples: list[Example], steps: int, batch_size:
 # --------------------------------------------------------------------------------------------------- base pretraining
 
 def pretrain_base(cfg: Stage3Config, train_rows: list[dict], encoder_cfg: EncoderConfig, encoder_sha: str, texts: list[str]) -> BaseConfig:
-    """Demo: teach the tiny random-weight Gemma the demo tasks in text; save it (save_pretrained) and reuse it."""
+    """Demo: teach the tiny random-weight Gemma the demo tasks in text; save it (save_pretrained) and reuse it.
+    Several processes: every rank trains (DDP), rank 0 decides on reuse and saves."""
+    job = distributed.group()
     out = Path(cfg.pretrain.out_dir)
     fingerprint = json.dumps({"base": cfg.base.model_dump(mode="json"), "pretrain": cfg.pretrain.model_dump(mode="json", exclude={"out_dir"}),
                               "encoder": encoder_sha, "rows": len(train_rows), "tasks": cfg.data.tasks}, sort_keys=True)
     record = out / "speechless_base.json"
     based = BaseConfig(kind=cfg.base.kind, source=str(out), device=cfg.base.device, dtype=cfg.base.dtype)
-    if record.is_file() and read_json(record).get("fingerprint") == fingerprint:
+    if distributed.broadcast_json(job.is_main and record.is_file() and read_json(record).get("fingerprint") == fingerprint):
         log.info(f"text-pretrained base: reusing {out}")
         return based
     tokenizer = build_demo_tokenizer(texts, cfg.pretrain.vocab_size)
-    model = load_speech_lm(cfg.base, encoder_cfg, encoder_sha, tokenizer)
+    distributed.check_same(hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(), "the demo tokenizer's sha256")
+    model = load_base(cfg.base, encoder_cfg, encoder_sha, tokenizer)
     for name, p in model.lm.named_parameters():
         p.requires_grad_(not name.startswith(("model.audio_tower", "model.embed_audio")))
     examples = [model.encode(as_text(r)["messages"], []) for r in train_rows]
     work = out.with_name(out.name + ".work")
     history = train_loop(model, examples, cfg.pretrain.steps, cfg.pretrain.batch_size, cfg.pretrain.learning_rate, 50, work,
                          fingerprint, cfg.run.seed, cfg.pretrain.steps, "text pretraining")
+    if not job.is_main:
+        distributed.barrier()  # until rank 0 has saved the base
+        return based
     tmp = out.with_name(f".{out.name}.tmp")
     model.lm.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -210,18 +229,27 @@ def pretrain_base(cfg: Stage3Config, train_rows: list[dict], encoder_cfg: Encode
     from speechless.io import replace_dir
 
     replace_dir(tmp, out)
+    distributed.barrier()
     return based
 
 
-def load_base(base: BaseConfig, encoder_cfg: EncoderConfig, encoder_sha: str) -> SpeechLM:
-    return load_speech_lm(base, encoder_cfg, encoder_sha)
+def load_base(base: BaseConfig, encoder_cfg: EncoderConfig, encoder_sha: str, tokenizer=None) -> SpeechLM:
+    """The base LLM; in a job every rank loads it itself, and all must hold the same weights (DDP does not sync them)."""
+    model = load_speech_lm(base, encoder_cfg, encoder_sha, tokenizer)
+    distributed.check_same(model.base_sha256, f"the sha256 of base {base.source}")
+    return model
 
 
 # -------------------------------------------------------------------------------------------------- speech vectors
 
 def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[dict[str, dict], dict]:
-    """Stage-2 tokens for every speech part (by its utterance id, in that recording's voice): cached and resumable."""
-    model, revision, _ = load_stage2(cfg.data.stage2)
+    """Stage-2 tokens for every speech part (by its utterance id, in that recording's voice): cached and resumable.
+
+    Several processes: each rank speaks its share of the texts into its own resumable part file (on its own GPU),
+    then rank 0 merges the parts into the cache in text order. With sampling the draws depend on which texts share a
+    generation batch, so a cache made by N ranks is another (equally valid) sample than a one-process cache."""
+    job = distributed.group()
+    model, revision, _ = load_stage2(cfg.data.stage2, device=str(resolve_device(cfg.base.device)))
     check_stage1_match(model, cfg.data.stage1, cfg.store)
     texts = {}
     for row in rows:
@@ -229,12 +257,34 @@ def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[d
             key = part.get("utterance") or part["text"]
             speaker = part.get("speaker") if part.get("speaker") in model.speakers else None
             texts[key] = {"id": key, "text": part["text"], "speaker": speaker}
-    source = work / "speech" / "stage2_texts.jsonl"
     output = work / "speech" / f"stage2_{revision[:12]}.jsonl"
-    write_jsonl(source, list(texts.values()))
-    if output.exists() and {row["id"] for _, row in read_jsonl(output)} != set(texts):
-        output.unlink()
-    generate_corpus(model, revision, source, output, cfg.data.generate)
+
+    def holds(path: Path, rows: list[dict]) -> bool:
+        return path.exists() and {row["id"] for _, row in read_jsonl(path)} == {row["id"] for row in rows}
+
+    def rank_file(path: Path, rank: int) -> Path:  # one process writes the cache itself
+        return path.with_name(f"{path.stem}.part{rank}of{job.world_size}{path.suffix}") if job.world_size > 1 else path
+
+    if not distributed.broadcast_json(job.is_main and holds(output, list(texts.values()))):
+        if job.is_main:
+            output.unlink(missing_ok=True)  # made for other texts
+        mine = distributed.shard(list(texts.values()), job)
+        if mine:
+            if job.world_size > 1 and rank_file(output, job.rank).exists() and not holds(rank_file(output, job.rank), mine):
+                rank_file(output, job.rank).unlink()  # a part made for other texts
+            source = rank_file(work / "speech" / "stage2_texts.jsonl", job.rank)
+            write_jsonl(source, mine)
+            # each rank draws its own samples (seed + rank; one process: the configured seed)
+            generate_corpus(model, revision, source, rank_file(output, job.rank),
+                            cfg.data.generate.model_copy(update={"seed": cfg.data.generate.seed + job.rank}))
+        distributed.barrier()
+        if job.is_main and job.world_size > 1:
+            by_id = {row["id"]: row for rank in range(job.world_size) if rank_file(output, rank).exists()
+                     for _, row in read_jsonl(rank_file(output, rank))}
+            write_jsonl(output, [by_id[key] for key in texts])
+            for leftover in output.parent.glob("*.part*of*"):  # this job's parts, and any of a job of another size
+                leftover.unlink()
+        distributed.barrier()
     tokens = {row["id"]: row for _, row in read_jsonl(output)}
     version = open_store(cfg.store).resolve(cfg.data.stage2).ref if is_store_ref(cfg.data.stage2) else None
     return tokens, {"ref": cfg.data.stage2, "version": version, "revision": revision, "stage1_revision": model.stage1["revision"]}
@@ -313,18 +363,19 @@ def quantized(rvq: SpeechRVQ, clips: dict[str, list[torch.Tensor]]) -> dict[str,
 
 
 def evaluate(model: SpeechLM, rows: list[dict], clips: dict[str, list[torch.Tensor]] | None, cfg: EvalConfig) -> dict:
-    """Per-task scores of greedy answers; `clips` None = the same requests as text."""
+    """Per-task scores of greedy answers; `clips` None = the same requests as text. Several processes: each rank
+    answers its share of the batches and every rank gets all answers."""
     prompts = []
     for row in rows:
         audio = [] if clips is None else [clips[p.get("utterance") or p["audio"]] for p in speech_parts(row)]
         messages = (as_text(row) if clips is None else row)["messages"][:-1]
         prompts.append(model.encode(messages, audio, with_answer=False))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
+    chunks = [order[start:start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
+    mine = [[i, text] for chunk in distributed.shard(chunks) for i, text in zip(chunk, model.generate([prompts[i] for i in chunk], cfg.max_new_tokens))]
     hyps: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), cfg.batch_size):
-        chunk = order[start:start + cfg.batch_size]
-        for i, text in zip(chunk, model.generate([prompts[i] for i in chunk], cfg.max_new_tokens)):
-            hyps[i] = text
+    for i, text in (pair for answers in distributed.gather_json(mine, to_all=True) for pair in answers):
+        hyps[i] = text
     result = {}
     for task in sorted({r["task"] for r in rows}):
         idx = [i for i, r in enumerate(rows) if r["task"] == task]
@@ -334,19 +385,27 @@ def evaluate(model: SpeechLM, rows: list[dict], clips: dict[str, list[torch.Tens
 
 
 def perplexity(model: SpeechLM, rows: list[dict]) -> float:
-    total, count = model.nll([model.encode(as_text(r)["messages"], []) for r in rows])
-    return round(math.exp(total / max(1, count)), 4)
+    """Text perplexity of the answers (each rank scores its share of the rows)."""
+    parts = distributed.gather_json(model.nll([model.encode(as_text(r)["messages"], []) for r in distributed.shard(rows)]), to_all=True)
+    return round(math.exp(sum(total for total, _ in parts) / max(1, sum(count for _, count in parts))), 4)
 
 
 # ------------------------------------------------------------------------------------------------------------ recipe
 
 def train(cfg: Stage3Config) -> dict:
+    """Run stage 3 end to end; returns a summary (its `eval` is None on ranks > 0 of a torchrun job).
+
+    Several processes (`torchrun ... speechless stage3 train`): every rank holds the frozen base, trains the adapter
+    with DDP on its share of each global batch (`train_loop`), speaks and scores its share of the texts, and gets
+    every answer back; rank 0 alone writes files and pushes."""
     began = time.time()
+    job = distributed.setup()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     out = Path(cfg.run.out_dir)
     work = out / "work"
-    write_text(out / "resolved_config.yaml", to_yaml(cfg))
+    if job.is_main:
+        write_text(out / "resolved_config.yaml", to_yaml(cfg))
 
     # Setup: stage 1 (codebooks + encoder) and stage 2, checked against each other.
     stage1 = resolve_stage1(cfg.data.stage1, cfg.store)
@@ -364,8 +423,9 @@ def train(cfg: Stage3Config) -> dict:
         eval_rows = read_conversations(cfg.data.eval_instructions)
     else:
         eval_rows = demo_conversations(sentences, manifest, cfg.data.eval_split, cfg.data.tasks, cfg.data.eval_voices_per_sentence, cfg.run.seed)
-    write_jsonl(work / "data" / "train.jsonl", train_rows)
-    write_jsonl(work / "data" / "eval.jsonl", eval_rows)
+    if job.is_main:
+        write_jsonl(work / "data" / "train.jsonl", train_rows)
+        write_jsonl(work / "data" / "eval.jsonl", eval_rows)
     log.info(f"conversations: {len(train_rows)} train, {len(eval_rows)} held-out ({cfg.data.eval_split})")
 
     # Base LLM (demo: text-pretrained first, reused when current).
@@ -420,9 +480,8 @@ def train(cfg: Stage3Config) -> dict:
             result["text_perplexity"] = {"before": base_ppl, "after": ppl, "relative_change": round((ppl - base_ppl) / base_ppl, 6)}
             if name == main_name:
                 result["speech_quantized"] = evaluate(model, eval_rows, quantized(rvq, clips), cfg.eval)
-                model.save_adapter(out, lineage)
-            else:
-                model.save_adapter(work / "variants" / name.replace("/", "_") / "adapter", lineage)
+            if job.is_main:
+                model.save_adapter(out if name == main_name else work / "variants" / name.replace("/", "_") / "adapter", lineage)
             result["seconds"] = round(time.time() - t0, 1)
             variants[name] = result
             log.info(f"{name}: " + ", ".join(f"{t} {v['score']:.3f}" for t, v in result["speech"].items()))
@@ -432,6 +491,9 @@ def train(cfg: Stage3Config) -> dict:
                         "held_out": {"split": cfg.data.eval_split, "conversations": len(eval_rows), "recordings": len(clips),
                                      "speech": "real espeak recordings through the model's own audio tower"}},
                "timings": {**timings, "total_s": round(time.time() - began, 1)}, "created": utc_now()}
+    if not job.is_main:  # torchrun job: rank 0 writes, pushes and reports
+        distributed.barrier()
+        return {"out_dir": str(out), "eval": None, "pushed": None, "rank": job.rank}
     write_json(out / "metrics.json", metrics)
     provenance = {**lineage, "base": {"source": base_cfg.source, "weights_sha256": load_adapter_record(out)["base"]["weights_sha256"]},
                   "encoder_sha256": encoder_sha, "manifest_sha256": sha256_file(cfg.data.manifest), "created": utc_now()}
@@ -442,6 +504,7 @@ def train(cfg: Stage3Config) -> dict:
         info = open_store(cfg.store).push("stage3", out, message=cfg.run.message)
         pushed = f"{info.stage}@{info.version}"
         log.info(f"pushed {pushed} (revision {info.revision[:12]})")
+    distributed.barrier()  # the other ranks return once the outputs are written
     return {"out_dir": str(out), "eval": summary, "pushed": pushed}
 
 

@@ -105,11 +105,11 @@ def test_training_resumes_after_a_kill_to_the_same_weights(setup, tmp_path, monk
 
     real_loss, calls = SpeechLM.loss, {"n": 0}
 
-    def dying_loss(self, batch):
+    def dying_loss(self, batch, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt  # killed during step 4, after the step-2 checkpoint
-        return real_loss(self, batch)
+        return real_loss(self, batch, **kwargs)
 
     monkeypatch.setattr(SpeechLM, "loss", dying_loss)
     model, examples = fresh()

@@ -35,6 +35,8 @@ def train(
 
     fmt = check_format(fmt)
     summary = run_train(load_run_config(Stage3Config, config, set_, out, push))
+    if summary["eval"] is None:  # a rank > 0 of a torchrun job: rank 0 reports
+        return
     if fmt == "json":
         emit(summary, "json")
         return
