@@ -10,7 +10,8 @@ Sections (each prints a markdown table: both sides, their ratio, peak memory; al
 3. train     RVQ training: `SpeechRVQ.train_step` (EMA) vs a bare `ResidualVQ` training forward, vectors/s.
 4. generate  stage 2: frames/s with KV cache vs recompute, batched vs one text at a time
              (benchmarks/t2s_generation_speed.py).
-5. stage3    stage-3 training vs a plain transformers Trainer + peft: a slot, skipped until stages/stage3_llm.py exists.
+5. stage3    stage-3 training: `train_loop` (what `speechless stage3 train` runs) vs a plain `transformers.Trainer` +
+             peft on the same tiny Gemma 4, LoRA, conversations and steps; non-pad tokens/s (benchmarks/stage3_training.py).
 
 Peak memory = the highest resident set size (sampled every 2 ms) above the size when the side started. The load
 average (1 min) is recorded before and after each section: on a shared machine the timings move with it.
@@ -21,6 +22,7 @@ average (1 min) is recorded before and after each section: on a shared machine t
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -43,8 +45,18 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _release_free_heap() -> None:
+    """Give the heap memory freed so far back to the OS (glibc keeps it otherwise), so that a side's peak is not
+    hidden by memory an earlier side freed and the allocator kept for reuse."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: peaks may then read low for later sides
+        pass
+
+
 def timed(fn):
     """(result, {"seconds", "peak_mib"}): wall time of fn() and its peak RSS above the starting RSS."""
+    _release_free_heap()
     base = _rss_bytes()
     peak = [base]
     done = threading.Event()
@@ -325,14 +337,6 @@ def _generate(args, report: dict) -> str:
 
 
 def bench_stage3(args, report: dict) -> str:
-    """Slot: stage-3 training vs a plain transformers Trainer + peft LoRA baseline (stage 3 is written elsewhere)."""
-    if not (ROOT / "stages" / "stage3_llm.py").exists():
-        report["stage3"] = {"skipped": "stages/stage3_llm.py does not exist yet"}
-        return "### 5. Stage-3 training vs transformers Trainer + peft\n\nskipped: stages/stage3_llm.py does not exist yet\n"
-    if not (ROOT / "benchmarks" / "stage3_training.py").exists():
-        report["stage3"] = {"skipped": "benchmarks/stage3_training.py (its comparison) is not written yet"}
-        return ("### 5. Stage-3 training vs transformers Trainer + peft\n\nskipped: stage 3 exists but its comparison "
-                "(benchmarks/stage3_training.py with `run(args, report) -> markdown`) is not written yet\n")
     from stage3_training import run
 
     return run(args, report)
@@ -357,6 +361,11 @@ def main() -> None:
     parser.add_argument("--gen-batch", type=int, default=8)
     parser.add_argument("--gen-threads", type=int, default=1, help="torch threads for the stage-2 section")
     parser.add_argument("--gen-seconds", type=float, default=10.0, help="cap on generated speech per text")
+    parser.add_argument("--stage3-conversations", type=int, default=256, help="stage-3 section: demo conversations trained on")
+    parser.add_argument("--stage3-steps", type=int, default=32, help="stage-3 section: optimizer steps (whole epochs)")
+    parser.add_argument("--stage3-batch", type=int, default=16, help="stage-3 section: conversations per step (the demo's)")
+    parser.add_argument("--stage3-lr", type=float, default=3e-3, help="stage-3 section: learning rate (the demo's)")
+    parser.add_argument("--stage3-warmup", type=int, default=4, help="stage-3 section: warmup steps")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/results.json"))
     args = parser.parse_args()
@@ -368,7 +377,7 @@ def main() -> None:
     report: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_average": {}}
     print(f"machine: {report['machine']}\n")
     needs = {"tokenize": [args.stage1, args.corpus], "encode": [args.stage1], "train": [args.stage1],
-             "generate": [args.stage1, args.stage2], "stage3": []}
+             "generate": [args.stage1, args.stage2], "stage3": [args.stage1, args.corpus]}
     for name in chosen:
         missing = [str(p) for p in needs[name] if not Path(p).exists()]
         if missing:

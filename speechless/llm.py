@@ -272,6 +272,8 @@ class Example:
     ids: list[int]
     labels: list[int]
     audio: list[torch.Tensor] = field(default_factory=list)
+    embedded: bool = False
+    """`audio` holds LLM embeddings already (`SpeechLM.embed_audio_once`), not 1024-d vectors."""
 
     @property
     def targets(self) -> int:
@@ -341,6 +343,14 @@ class SpeechLM(torch.nn.Module):
         param = next(self.projector.parameters())
         return self.projector(vectors.to(param.device, param.dtype))
 
+    def embed_audio_once(self, examples: list[Example]) -> list[Example]:
+        """Copies of `examples` whose audio blocks are LLM embeddings: the frozen audio path (output_proj + embed_audio)
+        runs once instead of at every training step. A text LM's projector trains, so its examples stay as they are."""
+        if not self.is_gemma4:
+            return examples
+        with torch.no_grad():
+            return [Example(e.ids, e.labels, [self.embed_vectors(v) for v in e.audio], embedded=True) for e in examples]
+
     def audio_block(self, frames: int) -> str:
         """The text that holds one audio clip's slots: exactly what Gemma4Processor.replace_audio_token produces."""
         return f"{self.boa}{self.slot * frames}{self.eoa}"
@@ -392,7 +402,7 @@ class SpeechLM(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
 
-    def batch(self, examples: list[Example], pad_left: bool = False, embeds: list[torch.Tensor] | None = None) -> dict:
+    def batch(self, examples: list[Example], pad_left: bool = False) -> dict:
         pad = self.tokenizer.pad_token_id
         length = max(len(e.ids) for e in examples)
         ids = torch.full((len(examples), length), pad, dtype=torch.long)
@@ -403,8 +413,12 @@ class SpeechLM(torch.nn.Module):
             ids[row, span] = torch.tensor(e.ids)
             labels[row, span] = torch.tensor(e.labels)
             attention[row, span] = 1
-        vectors = [block for e in examples for block in e.audio]
-        return {"ids": ids, "labels": labels, "attention": attention, "vectors": vectors, "embeds": embeds}
+        blocks = [block for e in examples for block in e.audio]
+        if len({e.embedded for e in examples if e.audio}) > 1:
+            raise RuntimeFailure("a batch mixes embedded and raw audio blocks; embed all its examples or none")
+        embedded = any(e.embedded for e in examples)
+        return {"ids": ids, "labels": labels, "attention": attention, "vectors": [] if embedded else blocks,
+                "embeds": blocks if embedded else None}
 
     def input_embeddings(self, ids: torch.Tensor, vectors: list[torch.Tensor], embeds: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
         """inputs_embeds with the audio slots filled, plus the extra kwargs the LLM needs (Gemma 4's per-layer inputs

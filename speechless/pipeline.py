@@ -22,7 +22,7 @@ from typing import Callable, Literal
 
 from pydantic import Field
 
-from speechless import log
+from speechless import distributed, log
 from speechless.config import Section, to_yaml
 from speechless.data.hf_import import ImportConfig
 from speechless.data.synth import SynthConfig
@@ -266,6 +266,10 @@ def _check_force(force: set[str] | None) -> set[str]:
 
 def run_pipeline(cfg: PipelineConfig, force: set[str] | None = None, report: bool = True) -> dict:
     """Run every step in order (skipping up-to-date ones), gather metrics, write the report; returns the state."""
+    if distributed.env().world_size > 1:
+        raise UsageError("speechless run is one process (its data step and pipeline.json would be written by every rank); "
+                         "launch it without torchrun, or the stage commands under torchrun one after the other "
+                         "(README: Several processes)")
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "resolved_config.yaml", to_yaml(cfg))

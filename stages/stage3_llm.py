@@ -197,6 +197,13 @@ def train_loop(model: SpeechLM, examples: list[Example], steps: int, batch_size:
 
 # --------------------------------------------------------------------------------------------------- base pretraining
 
+def demo_tokenizer_texts(rows: list[dict]) -> list[str]:
+    """What the demo tokenizer is trained on: every text of the conversations (speech parts as their text) and the
+    task instructions."""
+    return [p["text"] for r in rows for m in as_text(r)["messages"]
+            for p in (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}])] + [d[0] for d in DEMO_TASKS.values()]
+
+
 def pretrain_base(cfg: Stage3Config, train_rows: list[dict], encoder_cfg: EncoderConfig, encoder_sha: str, texts: list[str]) -> BaseConfig:
     """Demo: teach the tiny random-weight Gemma the demo tasks in text; save it (save_pretrained) and reuse it.
     Several processes: every rank trains (DDP), rank 0 decides on reuse and saves."""
@@ -431,8 +438,7 @@ def train(cfg: Stage3Config) -> dict:
     # Base LLM (demo: text-pretrained first, reused when current).
     base_cfg = cfg.base
     if cfg.pretrain.enabled:
-        texts = [p["text"] for r in train_rows for m in as_text(r)["messages"] for p in (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}])]
-        base_cfg = pretrain_base(cfg, train_rows, encoder_cfg, encoder_sha, texts + list(d[0] for d in DEMO_TASKS.values()))
+        base_cfg = pretrain_base(cfg, train_rows, encoder_cfg, encoder_sha, demo_tokenizer_texts(train_rows))
 
     # Speech for the user turns: synthetic (stage 2) for model A, real stage-1 tokens for the topline B.
     synthetic, stage2_record = synthetic_tokens(cfg, train_rows, work)
@@ -459,17 +465,11 @@ def train(cfg: Stage3Config) -> dict:
                                                      "speech_only": cfg.adapter.speech_only and kind != "dus_all"})
             model = load_base(base_cfg, encoder_cfg, encoder_sha)
             model.attach(adapter)
-            examples = speech_examples(model, train_rows, tokens, rvq)
-            with torch.no_grad():
-                for e in examples:
-                    e.audio = [model.embed_vectors(v).detach() for v in e.audio] if not model.projector else e.audio
-            if not model.projector:
-                model.embed_vectors = lambda v: v  # frozen embedding precomputed above
+            examples = model.embed_audio_once(speech_examples(model, train_rows, tokens, rvq))
             fingerprint = f"{config_fingerprint(cfg)} {name} {model.dus_after}"
             history = train_loop(model, examples, cfg.train.steps, cfg.train.batch_size, cfg.train.learning_rate, cfg.train.warmup_steps,
                                  work / "variants" / name.replace("/", "_"), fingerprint, cfg.run.seed, cfg.train.checkpoint_every,
                                  name, cfg.train.gradient_checkpointing)
-            del model.embed_vectors  # back to the real audio path for evaluation
             result = {"adapter": adapter.model_dump(mode="json"), "parameters": model.parameter_counts(), "history": history,
                       "speech": evaluate(model, eval_rows, clips, cfg.eval)}
             # The same requests as text. A speech-only adapter leaves text-only inputs exactly the base (tested), so

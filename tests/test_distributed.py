@@ -215,3 +215,11 @@ def test_stage3_recipe_runs_on_two_ranks_and_rank0_writes(job):
     spoken = list(dict.fromkeys(part["utterance"] for row in train_rows for m in row["messages"] if m["role"] == "user"
                                 for part in m["content"] if part["type"] == "speech"))
     assert ids == spoken and len(ids) >= 2
+
+
+def test_pipeline_under_torchrun_is_refused_before_writing(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    result = cli("run", "-c", Path(__file__).parents[1] / "configs/pipeline/demo.yaml", "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "launch it without torchrun" in result.stderr
+    assert not (tmp_path / "run").exists()
