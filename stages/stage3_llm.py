@@ -10,6 +10,9 @@ REAL speech through the model's own audio tower (WER/CER, BLEU/chrF, exact match
 same requests as text) -> save the adapter only (+ lineage) -> push `stage3@vN`.
 
 `work/` (caches, resume state, comparison variants) is never pushed.
+
+Several processes (`torchrun --nproc_per_node N -m speechless stage3 train ...`): DDP over the adapter only, every rank
+on its share of each global batch; speech synthesis and evaluation sharded by rank; rank 0 writes (see `train`).
 """
 
 from __future__ import annotations
