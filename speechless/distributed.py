@@ -164,7 +164,7 @@ def data_parallel(model: torch.nn.Module, method: str = "loss", trainable_only: 
         return getattr(model, method)
     device = next(model.parameters()).device
     wrapper = _MethodAsForward(model, method)
-    if trainable_only:
+    if trainable_only:  # DDP's documented way to leave parameters out (a static method; torch has no public one yet)
         frozen = [n for n, p in wrapper.named_parameters() if not p.requires_grad] + [n for n, _ in wrapper.named_buffers()]
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, frozen)
     return torch.nn.parallel.DistributedDataParallel(

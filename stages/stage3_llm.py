@@ -269,8 +269,8 @@ def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[d
             texts[key] = {"id": key, "text": part["text"], "speaker": speaker}
     output = work / "speech" / f"stage2_{revision[:12]}.jsonl"
 
-    def holds(path: Path, rows: list[dict]) -> bool:
-        return path.exists() and {row["id"] for _, row in read_jsonl(path)} == {row["id"] for row in rows}
+    def holds(path: Path, wanted: list[dict]) -> bool:
+        return path.exists() and {row["id"] for _, row in read_jsonl(path)} == {row["id"] for row in wanted}
 
     def rank_file(path: Path, rank: int) -> Path:  # one process writes the cache itself
         return path.with_name(f"{path.stem}.part{rank}of{job.world_size}{path.suffix}") if job.world_size > 1 else path
@@ -382,7 +382,8 @@ def evaluate(model: SpeechLM, rows: list[dict], clips: dict[str, list[torch.Tens
         prompts.append(model.encode(messages, audio, with_answer=False))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
     chunks = [order[start:start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
-    mine = [[i, text] for chunk in distributed.shard(chunks) for i, text in zip(chunk, model.generate([prompts[i] for i in chunk], cfg.max_new_tokens))]
+    mine = [[i, text] for chunk in distributed.shard(chunks)
+            for i, text in zip(chunk, model.generate([prompts[i] for i in chunk], cfg.max_new_tokens))]
     hyps: list[str] = [""] * len(prompts)
     for i, text in (pair for answers in distributed.gather_json(mine, to_all=True) for pair in answers):
         hyps[i] = text

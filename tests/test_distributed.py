@@ -121,8 +121,9 @@ def _rank_job(rank: int, port: int, paths: dict) -> None:
     from speechless.io import save_tensors
     from stages.stage3_llm import Stage3Config, train as train_stage3
 
-    save_tensors(base / f"loop_straight_rank{rank}.safetensors", stage3_loop(base / "loop_model", base / "loop_straight"))
-    save_tensors(base / f"loop_resumed_rank{rank}.safetensors", stage3_loop(base / "loop_model", base / "loop_resumed", die_at_call=4))
+    model_dir = base / f"loop_model_rank{rank}"  # each rank writes its model's audio config itself
+    save_tensors(base / f"loop_straight_rank{rank}.safetensors", stage3_loop(model_dir, base / "loop_straight"))
+    save_tensors(base / f"loop_resumed_rank{rank}.safetensors", stage3_loop(model_dir, base / "loop_resumed", die_at_call=4))
     own = stage2_overrides(Path(paths["stage2_base"]), base / "stage2_own", "train.steps=4", "probe.steps=4", "eval.max_utterances=2",
                            f"data.stage1={base / 'stage1'}")
     train_stage2(load_config(Stage2Config, None, own))
