@@ -297,15 +297,21 @@ def bench_train(args, report: dict) -> str:
             + f"\n\nours / bare ResidualVQ: {result['ratio']:.2f}x\n")
 
 
-def bench_generate(args, report: dict) -> str:
+def with_threads(threads: int, section, args, report: dict) -> str:
+    """Run a section at `threads` torch threads (then restore): small per-step ops on shared cores lose more to
+    thread hand-offs than a second thread gains."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.gen_threads)  # per-step ops are tiny: extra threads cost hand-offs on shared cores
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        return _generate(args, report)
+        return section(args, report)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+def bench_generate(args, report: dict) -> str:
+    return with_threads(args.gen_threads, _generate, args, report)
 
 
 def _generate(args, report: dict) -> str:
@@ -339,7 +345,7 @@ def _generate(args, report: dict) -> str:
 def bench_stage3(args, report: dict) -> str:
     from stage3_training import run
 
-    return run(args, report)
+    return with_threads(args.stage3_threads, run, args, report)
 
 
 BENCHES = {"tokenize": bench_tokenize, "encode": bench_encode, "train": bench_train, "generate": bench_generate,
@@ -366,6 +372,8 @@ def main() -> None:
     parser.add_argument("--stage3-batch", type=int, default=16, help="stage-3 section: conversations per step (the demo's)")
     parser.add_argument("--stage3-lr", type=float, default=3e-3, help="stage-3 section: learning rate (the demo's)")
     parser.add_argument("--stage3-warmup", type=int, default=4, help="stage-3 section: warmup steps")
+    parser.add_argument("--stage3-threads", type=int, default=1,
+                        help="torch threads for the stage-3 section (measured on the 2 shared cores: 2 threads ran 2-9x slower than 1)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/results.json"))
     args = parser.parse_args()

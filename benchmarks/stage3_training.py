@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import random
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -77,7 +78,7 @@ class LossOf(torch.nn.Module):
         return {"loss": self.speech_lm.loss(batch)}
 
 
-def _trainer(speech_lm, examples, args, grouped: bool, counts: dict, work: str) -> Trainer:
+def _trainer(speech_lm, examples, args, steps: int, grouped: bool, counts: dict, work: str) -> Trainer:
     def collate(items):
         chosen = [examples[item["index"]] for item in items]
         counts["real"] += sum(len(e.ids) for e in chosen)
@@ -85,7 +86,7 @@ def _trainer(speech_lm, examples, args, grouped: bool, counts: dict, work: str) 
         return speech_lm.batch(chosen)
 
     settings = TrainingArguments(
-        output_dir=work, per_device_train_batch_size=args.stage3_batch, max_steps=args.stage3_steps,
+        output_dir=work, per_device_train_batch_size=args.stage3_batch, max_steps=steps,
         learning_rate=args.stage3_lr, warmup_steps=args.stage3_warmup, lr_scheduler_type="cosine", weight_decay=0.0,
         max_grad_norm=1.0, optim="adamw_torch", use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no",
         logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, seed=0,
@@ -116,21 +117,21 @@ def run(args, report: dict) -> str:
     models = {name: build() for name in ("ours", "trainer", "grouped")}
     counts = {"ours": _ours_counts(raw, args), "trainer": {"real": 0, "padded": 0}, "grouped": {"real": 0, "padded": 0}}
 
-    def ours():
+    def ours(steps: int) -> None:
         with tempfile.TemporaryDirectory() as work:
-            train_loop(models["ours"], models["ours"].embed_audio_once(raw), args.stage3_steps, args.stage3_batch, args.stage3_lr,
-                       args.stage3_warmup, Path(work), "bench", 0, args.stage3_steps, "bench: ours")
+            train_loop(models["ours"], models["ours"].embed_audio_once(raw), steps, args.stage3_batch, args.stage3_lr,
+                       args.stage3_warmup, Path(work), "bench", 0, steps, "bench: ours")
 
-    def trainer(name: str, grouped: bool):
-        def side():
-            counts[name] = {"real": 0, "padded": 0}  # the last round's batches
-            examples = models[name].embed_audio_once(raw) if grouped else raw
-            with tempfile.TemporaryDirectory() as work:
-                _trainer(models[name], examples, args, grouped, counts[name], work).train()
-        return side
+    def trainer(name: str, grouped: bool, steps: int) -> None:
+        counts[name] = {"real": 0, "padded": 0}  # the last run's batches
+        examples = models[name].embed_audio_once(raw) if grouped else raw
+        with tempfile.TemporaryDirectory() as work:
+            _trainer(models[name], examples, args, steps, grouped, counts[name], work).train()
 
-    sides = {"ours": ours, "trainer": trainer("trainer", False), "grouped": trainer("grouped", True)}
-    runs = alternate(sides, args.rounds)
+    sides = {"ours": ours, "trainer": partial(trainer, "trainer", False), "grouped": partial(trainer, "grouped", True)}
+    for side in sides.values():  # warm-up, one step each: no side pays the process's one-off allocations
+        side(1)
+    runs = alternate({name: partial(side, args.stage3_steps) for name, side in sides.items()}, args.rounds)
     labels = {"ours": "ours: `train_loop` (length-bucketed batches, audio embedded once)",
               "trainer": "`Trainer` + peft (random batches, audio path every step)",
               "grouped": "`Trainer` + peft, `group_by_length`, audio embedded once"}
