@@ -101,6 +101,13 @@ class T2SConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the summed audio-step embeddings (the backbone keeps its own config's dropout)."""
 
+    progress_buckets: int = Field(0, ge=0)
+    """0 = off. K > 0: every audio step also gets an embedding of how far through the utterance it is,
+    min(floor(s x (K - 1) / T), K - 1) for step s of an utterance of T frames, so the model knows where in the text it
+    should be and that it must stop at bucket K - 1. T is the real length in training and, at generation, the
+    duration model's prediction from the text (a per-speaker least-squares fit of frames on characters and words of
+    the training data, stored in config.json)."""
+
     text_positions: Literal["sequential", "spread"] = "sequential"
     """Position ids (RoPE) of the text and audio parts. 'sequential': one sequence, audio after text. 'spread': text
     and audio both start at 0 and text token i sits at round(i x frames_per_token) (frames_per_token measured on the
@@ -214,6 +221,48 @@ class TextEncoder:
         return out
 
 
+# --------------------------------------------------------------------------------------------------------- duration
+
+def text_features(text: str) -> list[float]:
+    """(characters, words, 1) of a text: what the duration model reads."""
+    words = text.split()
+    return [float(sum(len(w) for w in words)), float(len(words)), 1.0]
+
+
+@dataclass
+class DurationModel:
+    """Frames of an utterance predicted from its text: per speaker, a least-squares fit of frames on `text_features`
+    over the training data. Speakers with too few utterances for a fit use the fit over everyone (key "")."""
+
+    coef: dict[str, list[float]]
+
+    @classmethod
+    def fit(cls, texts: list[str], frames: list[int], speakers: list[str]) -> "DurationModel":
+        x = torch.tensor([text_features(t) for t in texts], dtype=torch.float64)
+        y = torch.tensor(frames, dtype=torch.float64)
+
+        def solve(rows: torch.Tensor) -> list[float]:
+            return [round(v, 5) for v in torch.linalg.lstsq(x[rows], y[rows, None]).solution[:, 0].tolist()]
+
+        coef = {"": solve(torch.arange(len(texts)))}
+        for name in sorted(set(speakers)):
+            rows = torch.tensor([i for i, s in enumerate(speakers) if s == name])
+            if len(rows) >= 4 * x.shape[1]:
+                coef[name] = solve(rows)
+        return cls(coef)
+
+    def predict(self, text: str, speaker: str = "") -> int:
+        weights = self.coef.get(speaker, self.coef[""])
+        return max(1, round(sum(w * f for w, f in zip(weights, text_features(text)))))
+
+
+def progress_buckets(steps: torch.Tensor, frames: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Bucket of audio steps `steps` (B, S) in utterances of `frames` (B,) frames: floor(s x (K - 1) / T), so the last
+    bucket K - 1 is reached exactly at step T (where level 0 says end-of-audio) and kept after it."""
+    last = buckets - 1
+    return torch.clamp(steps * last // frames.clamp_min(1)[:, None], max=last)
+
+
 # ------------------------------------------------------------------------------------------------------------ batch
 
 @dataclass
@@ -224,9 +273,11 @@ class Batch:
     audio_mask: torch.Tensor  # (B, S)
     targets: torch.Tensor  # (B, S, Q) target per step and level; -100 = no loss
     speakers: torch.Tensor  # (B,)
+    frames: torch.Tensor  # (B,) frames of each utterance
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.text_ids, self.text_mask, self.audio_in, self.audio_mask, self.targets, self.speakers)))
+        return Batch(*(t.to(device) for t in (self.text_ids, self.text_mask, self.audio_in, self.audio_mask, self.targets,
+                                                self.speakers, self.frames)))
 
 
 def delayed_tokens(codes: torch.Tensor, delays: list[int], codebook_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,7 +320,8 @@ def collate(items: list[tuple[list[int], torch.Tensor, int]], delays: list[int],
         audio_mask[row, : inp.shape[0]] = 1
         targets[row, : tgt.shape[0]] = tgt
     speakers = torch.tensor([s for _, _, s in items], dtype=torch.long)
-    return Batch(text_ids, text_mask, audio_in, audio_mask, targets, speakers)
+    frames = torch.tensor([codes.shape[1] for _, codes, _ in items], dtype=torch.long)
+    return Batch(text_ids, text_mask, audio_in, audio_mask, targets, speakers, frames)
 
 
 # ------------------------------------------------------------------------------------------------------------ model
@@ -326,8 +378,11 @@ class T2SModel(torch.nn.Module):
     """Backbone + summed level embeddings in + per-level heads out; see the module docstring."""
 
     def __init__(self, cfg: T2SConfig, backbone, text: TextEncoder, num_levels: int, codebook_size: int,
-                 speakers: list[str], stage1: dict, backbone_source: dict | None = None, frames_per_token: float = 1.0):
+                 speakers: list[str], stage1: dict, backbone_source: dict | None = None, frames_per_token: float = 1.0,
+                 duration: DurationModel | None = None):
         super().__init__()
+        self.duration = duration
+        """Predicts an utterance's frames from its text (needed when cfg.progress_buckets > 0)."""
         self.frames_per_token = float(frames_per_token)
         """Mean audio frames per text token on the training data (used by text_positions='spread')."""
         self.cfg = cfg
@@ -350,6 +405,12 @@ class T2SModel(torch.nn.Module):
         self.speaker_embed = torch.nn.Embedding(max(len(self.speakers), 1), hidden) if cfg.speaker_embedding and self.speakers else None
         if self.speaker_embed is not None:
             torch.nn.init.normal_(self.speaker_embed.weight, std=0.02)
+        self.progress_embed = None
+        if cfg.progress_buckets:
+            if duration is None:
+                raise UsageError("model.progress_buckets needs a duration model: build the model from training data with frames")
+            self.progress_embed = torch.nn.Embedding(cfg.progress_buckets, hidden)
+            torch.nn.init.normal_(self.progress_embed.weight, std=0.02)
         self.head_norm = torch.nn.LayerNorm(hidden)
         rank = cfg.head_rank
         if rank is None:
@@ -398,12 +459,20 @@ class T2SModel(torch.nn.Module):
         return self.speakers.index(speaker)
 
     # ------------------------------------------------------------------ forward
-    def _audio_embeds(self, tokens: torch.Tensor, speakers: torch.Tensor) -> torch.Tensor:
-        """(B, S, Q) tokens -> (B, S, H): the sum of one embedding per level (+ speaker)."""
+    def _audio_embeds(self, tokens: torch.Tensor, speakers: torch.Tensor, steps: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """(B, S, Q) tokens of audio steps `steps` (B, S) of utterances of `frames` (B,) frames -> (B, S, H): the sum of
+        one embedding per level (+ speaker, + progress)."""
         emb = self.level_embed(tokens + self.level_offsets).sum(-2)
         if self.speaker_embed is not None:
             emb = emb + self.speaker_embed(speakers)[:, None, :]
+        if self.progress_embed is not None:
+            emb = emb + self.progress_embed(progress_buckets(steps, frames, self.progress_embed.num_embeddings))
         return self.dropout(emb)
+
+    def predict_frames(self, text_ids: list[int], speaker: int) -> int:
+        """The duration model's frames for one text (token ids) in one speaker's voice."""
+        name = self.speakers[speaker] if self.speaker_embed is not None else ""
+        return self.duration.predict(self.text.tokenizer.decode(text_ids), name)
 
     def _text_embeds(self, text_ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(text_ids)
@@ -436,9 +505,9 @@ class T2SModel(torch.nn.Module):
 
     def loss(self, batch: Batch) -> dict:
         """Weighted mean of per-level cross-entropies over the audio steps: {'loss', 'level_loss' (Q,), 'level_count' (Q,)}."""
-        embeds = torch.cat([self._text_embeds(batch.text_ids), self._audio_embeds(batch.audio_in, batch.speakers)], 1)
-        mask = torch.cat([batch.text_mask, batch.audio_mask], 1)
         steps = (batch.audio_mask.cumsum(-1) - 1).clamp_min(0)
+        embeds = torch.cat([self._text_embeds(batch.text_ids), self._audio_embeds(batch.audio_in, batch.speakers, steps, batch.frames)], 1)
+        mask = torch.cat([batch.text_mask, batch.audio_mask], 1)
         positions = torch.cat([self._text_positions(batch.text_mask), self._audio_positions(batch.text_mask, steps)], 1)
         hidden, _ = self._run(embeds, mask, positions)
         lt = batch.text_ids.shape[1]
@@ -459,11 +528,13 @@ class T2SModel(torch.nn.Module):
     @torch.no_grad()
     def generate(self, text_ids: list[list[int]], speakers: list[int] | None = None, max_frames: int = 750,
                  temperature: float = 0.0, top_k: int = 0, use_cache: bool = True, generator: torch.Generator | None = None,
-                 min_frames: int = 1) -> tuple[list[torch.Tensor], list[bool]]:
+                 min_frames: int = 1, target_frames: list[int] | None = None) -> tuple[list[torch.Tensor], list[bool]]:
         """Codes (Q, T_i) for each text (token ids), in one batch; and whether each hit `max_frames` without EOA.
 
         temperature 0 = greedy; otherwise softmax sampling at that temperature, restricted to the top_k codes when
         top_k > 0. use_cache=False recomputes the whole sequence at every step (same result, for speed comparison).
+        With progress buckets, `target_frames` is each text's length the progress is counted against (None = the
+        duration model's prediction).
         """
         if not text_ids:
             return [], []
@@ -483,6 +554,9 @@ class T2SModel(torch.nn.Module):
             tids[row, lt - len(ids):] = torch.tensor(ids, device=device)
             tmask[row, lt - len(ids):] = 1
         spk = torch.tensor(speakers if speakers is not None else [0] * b, dtype=torch.long, device=device)
+        if target_frames is None and self.progress_embed is not None:
+            target_frames = [self.predict_frames(ids, int(s)) for ids, s in zip(text_ids, spk.tolist())]
+        frames_t = torch.tensor(target_frames or [1] * b, dtype=torch.long, device=device).clamp(1, max_frames)
         delay_t = torch.tensor(delays, device=device)
         step_tokens = torch.full((b, 1, q), self.boa, dtype=torch.long, device=device)
         all_inputs = [step_tokens]
@@ -495,7 +569,8 @@ class T2SModel(torch.nn.Module):
             from transformers import DynamicCache
 
             past = DynamicCache(config=self.lm.config)
-        hidden, past = self._run(torch.cat([prefix, self._audio_embeds(step_tokens, spk)], 1), mask, positions, past)
+        first = torch.zeros(b, 1, dtype=torch.long, device=device)
+        hidden, past = self._run(torch.cat([prefix, self._audio_embeds(step_tokens, spk, first, frames_t)], 1), mask, positions, past)
         codes = torch.zeros(b, q, max_frames, dtype=torch.long, device=device)
         end = torch.full((b,), -1, dtype=torch.long, device=device)  # frames of each row once level 0 said EOA
         capped = torch.zeros(b, dtype=torch.bool, device=device)
@@ -535,11 +610,11 @@ class T2SModel(torch.nn.Module):
             mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long, device=device)], 1)
             if use_cache:
                 positions = positions[:, -1:] + 1
-                hidden, past = self._run(self._audio_embeds(step_tokens, spk), mask, positions, past)
+                hidden, past = self._run(self._audio_embeds(step_tokens, spk, first + step, frames_t), mask, positions, past)
             else:
                 steps_so_far = torch.arange(step + 1, device=device).expand(b, -1)
                 positions = torch.cat([text_pos, self._audio_positions(tmask, steps_so_far)], 1)
-                embeds = torch.cat([prefix, self._audio_embeds(torch.cat(all_inputs, 1), spk)], 1)
+                embeds = torch.cat([prefix, self._audio_embeds(torch.cat(all_inputs, 1), spk, steps_so_far, frames_t)], 1)
                 hidden, _ = self._run(embeds, mask, positions)
         out = [codes[row, :, : int(end[row])].cpu() for row in range(b)]
         return out, capped.cpu().tolist()
@@ -583,6 +658,7 @@ class T2SModel(torch.nn.Module):
             backbone_config=self.lm.config.to_dict(), backbone_source=self.backbone_source,
             num_levels=self.num_levels, codebook_size=self.codebook_size, frames_per_second=FRAMES_PER_SECOND,
             delays=self.delays, speakers=self.speakers, frames_per_token=self.frames_per_token,
+            duration_model=self.duration.coef if self.duration is not None else None,
             known_chars="".join(sorted(self.text.known_chars)) if self.text.known_chars is not None else None,
             special_ids={"eoa": self.eoa, "pad": self.pad, "boa": self.boa},
             stage1=self.stage1,
@@ -625,7 +701,8 @@ class T2SModel(torch.nn.Module):
         hf_config = AutoConfig.for_model(bc.pop("model_type"), **bc)
         backbone = AutoModelForCausalLM.from_config(hf_config)
         model = cls(cfg, backbone, text, int(meta["num_levels"]), int(meta["codebook_size"]), meta.get("speakers") or [],
-                    meta["stage1"], meta.get("backbone_source"), float(meta.get("frames_per_token", 1.0)))
+                    meta["stage1"], meta.get("backbone_source"), float(meta.get("frames_per_token", 1.0)),
+                    DurationModel(meta["duration_model"]) if meta.get("duration_model") else None)
         model.load_weights(load_tensors(folder / weights), str(folder / weights))
         if device is not None:
             model.to(device)
@@ -633,7 +710,8 @@ class T2SModel(torch.nn.Module):
 
 
 def build_model(cfg: T2SConfig, train_texts: list[str], num_levels: int, codebook_size: int, speakers: list[str],
-                stage1: dict, seed: int = 0, train_frames: list[int] | None = None) -> T2SModel:
+                stage1: dict, seed: int = 0, train_frames: list[int] | None = None,
+                train_speakers: list[str] | None = None) -> T2SModel:
     """A fresh model: the text tokenizer (trained on `train_texts` or loaded), the backbone, the level embeddings/heads."""
     from tokenizers import Tokenizer
 
@@ -655,8 +733,12 @@ def build_model(cfg: T2SConfig, train_texts: list[str], num_levels: int, codeboo
     if train_frames:
         tokens = sum(len(chunk) for t in train_texts for chunk in text.encode(t).chunks)
         frames_per_token = round(sum(train_frames) / max(tokens, 1), 4)
+    duration = None
+    if cfg.progress_buckets and train_frames:
+        duration = DurationModel.fit([normalize_text(t) for t in train_texts], train_frames,
+                                     train_speakers or [""] * len(train_texts))
     torch.manual_seed(seed + 1)
-    return T2SModel(cfg, backbone, text, num_levels, codebook_size, speakers, stage1, source, frames_per_token)
+    return T2SModel(cfg, backbone, text, num_levels, codebook_size, speakers, stage1, source, frames_per_token, duration)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -770,7 +770,8 @@ def train(cfg: Stage2Config) -> dict:
 
     # Model: tokenizer + backbone + level embeddings/heads (deterministic for the seed; resumed weights replace them).
     model = build_model(cfg.model, [r["text"] for r in train_rows], stage1.num_levels, stage1.codebook_size, speaker_names,
-                        stage1.record(), seed=cfg.run.seed, train_frames=[r["frames"] for r in train_rows])
+                        stage1.record(), seed=cfg.run.seed, train_frames=[r["frames"] for r in train_rows],
+                        train_speakers=[speakers.get(r["id"], "") for r in train_rows])
     train_items = _items(train_rows, model, speakers)
     eval_items = _items(eval_rows, model, speakers)
 

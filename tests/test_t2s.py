@@ -83,7 +83,9 @@ def tiny_model(tmp_path, frame_mode="delay", levels=4, codebook=16, speakers=("a
     path = tmp_path / "backbone.json"
     path.write_text(json.dumps(TINY_BACKBONE))
     cfg = T2SConfig(backbone=str(path), frame_mode=frame_mode, head_rank=8, tokenizer_vocab_size=40, **extra)
-    return build_model(cfg, TEXTS, levels, codebook, list(speakers), {"revision": "r" * 64, "ref": "fake"}, seed=0)
+    frames = [len(t) // 2 for t in TEXTS]  # the duration model's training data (used with progress buckets)
+    return build_model(cfg, TEXTS, levels, codebook, list(speakers), {"revision": "r" * 64, "ref": "fake"}, seed=0,
+                       train_frames=frames, train_speakers=[speakers[i % len(speakers)] for i in range(len(TEXTS))])
 
 
 @pytest.mark.parametrize("mode, delays", [("delay", [0, 1, 2]), ("parallel", [0, 0, 0]), ("coarse_first", [0, 1, 1])])
@@ -121,10 +123,11 @@ def test_loss_is_per_level_and_decreases_when_overfitting(tmp_path):
     assert float(model.loss(batch)["loss"].detach()) < 0.5 * float(first["loss"].detach())
 
 
-@pytest.mark.parametrize("mode, positions", [("delay", "sequential"), ("parallel", "sequential"), ("coarse_first", "sequential"),
-                                             ("delay", "spread")])
-def test_kv_cache_and_batching_do_not_change_greedy_output(tmp_path, mode, positions):
-    model = tiny_model(tmp_path, frame_mode=mode, text_positions=positions)
+@pytest.mark.parametrize("mode, positions, progress", [("delay", "sequential", 0), ("parallel", "sequential", 0),
+                                                       ("coarse_first", "sequential", 0), ("delay", "spread", 0),
+                                                       ("delay", "sequential", 8)])
+def test_kv_cache_and_batching_do_not_change_greedy_output(tmp_path, mode, positions, progress):
+    model = tiny_model(tmp_path, frame_mode=mode, text_positions=positions, progress_buckets=progress)
     model.frames_per_token = 2.6
     ids = [model.text.encode(t).chunks[0] for t in TEXTS]
     cached, capped = model.generate(ids, [0, 1, 0, 1], max_frames=12)
@@ -199,3 +202,48 @@ def test_save_and_load_round_trip(tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text('{"format": "something-else"}')
     with pytest.raises(UsageError, match="not a speechless stage-2"):
         T2SModel.load(tmp_path / "ckpt")
+
+
+def test_duration_model_fits_per_speaker_and_falls_back_to_everyone():
+    from speechless.t2s import DurationModel, text_features
+
+    texts = [" ".join("ab" * (1 + (i * j) % 3) for j in range(1 + i % 4)) for i in range(40)]
+    speakers = ["slow" if i % 2 else "fast" for i in range(40)]
+    truth = {"fast": (2.0, 3.0, 5.0), "slow": (4.0, 1.0, 9.0)}
+    frames = [round(sum(w * f for w, f in zip(truth[s], text_features(t)))) for t, s in zip(texts, speakers)]
+    model = DurationModel.fit(texts, frames, speakers)
+    for name, coef in truth.items():
+        assert model.coef[name] == pytest.approx(coef, abs=1e-3)
+    assert model.predict("abab ab", "slow") == 4 * 6 + 2 + 9 and model.predict("abab ab", "fast") == 2 * 6 + 6 + 5
+    # an unknown voice gets the fit over everyone: between the two
+    assert 2 * 6 + 6 + 5 < model.predict("abab ab", "other") < 4 * 6 + 2 + 9
+    few = DurationModel.fit(texts[:5], frames[:5], speakers[:5])  # too few per speaker: only the joint fit
+    assert set(few.coef) == {""}
+
+
+def test_progress_buckets_reach_the_last_exactly_at_the_end():
+    from speechless.t2s import progress_buckets
+
+    steps = torch.arange(12).expand(2, -1)
+    buckets = progress_buckets(steps, torch.tensor([10, 4]), 8)
+    assert buckets[0].tolist() == [0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 7, 7]  # floor(s * 7 / 10); 7 from step 10 on
+    assert buckets[1].tolist() == [0, 1, 3, 5, 7, 7, 7, 7, 7, 7, 7, 7]
+    assert bool((buckets[:, :-1] <= buckets[:, 1:]).all())
+
+
+def test_progress_model_counts_against_the_given_length_and_round_trips_save_load(tmp_path):
+    model = tiny_model(tmp_path, progress_buckets=8)
+    ids = [model.text.encode(t).chunks[0] for t in TEXTS]
+    predicted = [model.predict_frames(i, s) for i, s in zip(ids, [0, 1, 0, 1])]
+    assert all(p >= 1 for p in predicted)
+    g = lambda **kw: model.generate(ids, [0, 1, 0, 1], max_frames=30, **kw)[0]
+    default, explicit = g(), g(target_frames=predicted)
+    assert all(torch.equal(a, b) for a, b in zip(default, explicit))  # None = the duration model's lengths
+    other = g(target_frames=[p + 7 for p in predicted])  # another length: other progress embeddings, other codes
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(default, other))
+    model.save(tmp_path / "ckpt")
+    loaded = T2SModel.load(tmp_path / "ckpt")
+    assert loaded.duration.coef == model.duration.coef
+    assert all(torch.equal(a, b) for a, b in zip(default, loaded.generate(ids, [0, 1, 0, 1], max_frames=30)[0]))
+    with pytest.raises(UsageError, match="duration model"):
+        build_model(model.cfg, TEXTS, 4, 16, ["a", "b"], {"revision": "r" * 64, "ref": "fake"})  # no frames to fit on
