@@ -106,7 +106,9 @@ class T2SConfig(Section):
     min(floor(s x (K - 1) / T), K - 1) for step s of an utterance of T frames, so the model knows where in the text it
     should be and that it must stop at bucket K - 1. T is the real length in training and, at generation, the
     duration model's prediction from the text (a per-speaker least-squares fit of frames on characters and words of
-    the training data, stored in config.json)."""
+    the training data, stored in config.json). Measured on the demo corpus with 64 buckets: generated vs real duration
+    correlation 0.95 (0.21 without), probe CER ratio 1.44 (1.47 without); on the 1000-sentence corpus 1.33 either way.
+    Default 0 (off) until measured on real speech, where a character count predicts duration less well."""
 
     text_positions: Literal["sequential", "spread"] = "sequential"
     """Position ids (RoPE) of the text and audio parts. 'sequential': one sequence, audio after text. 'spread': text
