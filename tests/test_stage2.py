@@ -30,9 +30,12 @@ def overrides(base: Path, out: Path, *extra: str) -> list[str]:
             "generate.max_seconds=2", *extra]
 
 
+TRAINED = ("run.push=true", "model.progress_buckets=8")  # the shared run (progress conditioning on, as in the demo)
+
+
 @pytest.fixture(scope="module")
 def trained(base) -> Path:
-    cfg = load_config(Stage2Config, None, overrides(base, base / "run", "run.push=true"))
+    cfg = load_config(Stage2Config, None, overrides(base, base / "run", *TRAINED))
     summary = train(cfg)
     assert summary["pushed"] == "stage2@v1"
     return base / "run"
@@ -56,6 +59,9 @@ def test_outputs_of_a_run(trained, base):
     assert provenance["code_version"].startswith("speechless") and len(provenance["weights_sha256"]["final"]) == 64
     config = json.loads((trained / "config.json").read_text())
     assert config["stage1"]["revision"] == revision and config["delays"] == [0, 1, 2, 3] and config["speakers"] == ["s1", "s2"]
+    # the duration model behind progress conditioning: per speaker, fitted on the training frames (s2 speaks slower)
+    duration = config["duration_model"]
+    assert set(duration) == {"", "s1", "s2"} and duration["s2"][0] > duration["s1"][0] > 0
     rows = [json.loads(line) for line in (trained / "tokens" / "generated_test.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(r["stage1_revision"] == revision and len(r["codes"]) == 4 for r in rows)
     card = (trained / "README.md").read_text()
@@ -66,7 +72,7 @@ def test_outputs_of_a_run(trained, base):
 def test_resume_after_interruption_matches_an_uninterrupted_run(trained, base, tmp_path, monkeypatch):
     from speechless.t2s import T2SModel
 
-    cfg = load_config(Stage2Config, None, overrides(base, tmp_path / "run", "run.push=true"))
+    cfg = load_config(Stage2Config, None, overrides(base, tmp_path / "run", *TRAINED))
     real_loss, calls = T2SModel.loss, {"n": 0}
 
     def dying_loss(self, batch):
