@@ -85,8 +85,9 @@ def main() -> None:
     generated = generate()
     lines = [("real tokens", score(real)), ("generated at the real length", score(generated))]
     for k in (1, 2, 4):
-        lines.append((f"generated levels 0-{k - 1}, real finer levels", score(mixed(real, generated, k))))
-        lines.append((f"real levels 0-{k - 1}, generated finer levels", score(mixed(generated, real, k))))
+        levels = "level 0" if k == 1 else f"levels 0-{k - 1}"
+        lines.append((f"generated {levels}, real finer levels", score(mixed(real, generated, k))))
+        lines.append((f"real {levels}, generated finer levels", score(mixed(generated, real, k))))
     model._pick = mbr_level0(model, codebooks[0].float())
     lines.append(("generated, level 0 by minimum Bayes risk", score(generate())))
     print(f"| tokens ({len(rows)} utterances of split '{args.split}', T {args.temperature}, top-k {args.top_k}) | probe CER |")
