@@ -102,15 +102,16 @@ def answer(row: dict) -> str:
 
 def demo_conversations(sentences_path: Path, manifest_rows: list[dict], split: str, tasks: list[str], voices_per_sentence: int,
                        seed: int) -> list[dict]:
-    """The demo task set for one split: for each sentence, `voices_per_sentence` of its recordings (seeded choice),
+    """The demo task set for one split (or several joined by '+', e.g. 'dev+test'): for each sentence, `voices_per_sentence` of its recordings (seeded choice),
     and for each recording one conversation per task whose answer the sentence has (`place`/`subject` may be empty)."""
     unknown = [t for t in tasks if t not in DEMO_TASKS]
     if unknown:
         raise UsageError(f"data.tasks: unknown demo task(s) {unknown}; choose from {', '.join(DEMO_TASKS)}")
     sentences = {row["sentence_id"]: row for _, row in read_jsonl(sentences_path, "sentences file")}
+    wanted = set(split.split("+"))
     by_sentence: dict[str, list[dict]] = {}
     for utt in manifest_rows:
-        if utt.get("split") == split and utt.get("sentence_id") in sentences:
+        if utt.get("split") in wanted and utt.get("sentence_id") in sentences:
             by_sentence.setdefault(utt["sentence_id"], []).append(utt)
     if not by_sentence:
         raise UsageError(f"{sentences_path}: no sentences of split '{split}' with recordings in the manifest")

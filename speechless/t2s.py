@@ -101,6 +101,12 @@ class T2SConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the summed audio-step embeddings (the backbone keeps its own config's dropout)."""
 
+    code_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """In training, the probability that one input code (one level at one step) is replaced by nothing, so the model
+    must read the text rather than continue the codes it was given: at generation those codes are its own, with its own
+    errors (exposure bias). Tacotron's pre-net dropout serves the same end. Measured on the demo corpus (with
+    text_window 2, 300 steps): probe CER ratio 1.22 with 0.3 vs 1.36 without, 1.27 with 0.5."""
+
     progress_buckets: int = Field(0, ge=0)
     """0 = off. K > 0: every audio step also gets an embedding of how far through the utterance it is,
     min(floor(s x (K - 1) / T), K - 1) for step s of an utterance of T frames, so the model knows where in the text it
@@ -109,6 +115,14 @@ class T2SConfig(Section):
     the training data, stored in config.json). Measured on the demo corpus with 64 buckets: generated vs real duration
     correlation 0.95 (0.21 without), probe CER ratio 1.44 (1.47 without); on the 1000-sentence corpus 1.33 either way.
     Default 0 (off) until measured on real speech, where a character count predicts duration less well."""
+
+    text_window: int = Field(0, ge=0)
+    """0 = off. W > 0 (needs progress_buckets): every audio step also reads the text where a constant speaking rate
+    would put it: of the n text tokens, token floor(s x n / T) at step s of T frames and W tokens on each side, each
+    through its own linear map of the text embedding (tokens past either end add nothing). An alignment prior: the
+    model reads the text locally instead of finding its place by attention alone, which a few hundred training
+    sentences do not teach well for unseen text. Measured on the demo corpus (progress 64, 300 steps): probe CER ratio
+    1.36 with W = 2 vs 1.44 without; W = 4 no better. Default 0 (off), as progress_buckets."""
 
     text_positions: Literal["sequential", "spread"] = "sequential"
     """Position ids (RoPE) of the text and audio parts. 'sequential': one sequence, audio after text. 'spread': text
@@ -265,6 +279,16 @@ def progress_buckets(steps: torch.Tensor, frames: torch.Tensor, buckets: int) ->
     return torch.clamp(steps * last // frames.clamp_min(1)[:, None], max=last)
 
 
+def aligned_text_index(text_mask: torch.Tensor, steps: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """For audio steps `steps` (B, S) of utterances of `frames` (B,) frames whose text fills the right end of
+    `text_mask` (B, Lt) (left padding): the index into the text of the token a constant speaking rate puts at each
+    step, floor(s x n / T) counted from the first real token and kept at the last one from step T on."""
+    n = text_mask.sum(-1)
+    start = text_mask.shape[1] - n
+    rel = torch.minimum(steps * n[:, None] // frames.clamp_min(1)[:, None], (n - 1).clamp_min(0)[:, None])
+    return start[:, None] + rel
+
+
 # ------------------------------------------------------------------------------------------------------------ batch
 
 @dataclass
@@ -413,6 +437,12 @@ class T2SModel(torch.nn.Module):
                 raise UsageError("model.progress_buckets needs a duration model: build the model from training data with frames")
             self.progress_embed = torch.nn.Embedding(cfg.progress_buckets, hidden)
             torch.nn.init.normal_(self.progress_embed.weight, std=0.02)
+        self.text_window_proj = None
+        if cfg.text_window:
+            if not cfg.progress_buckets:
+                raise UsageError("model.text_window needs model.progress_buckets > 0 (it places the text by the utterance's length)")
+            self.text_window_proj = torch.nn.Linear((2 * cfg.text_window + 1) * hidden, hidden, bias=False)
+            torch.nn.init.normal_(self.text_window_proj.weight, std=0.02 / math.sqrt(2 * cfg.text_window + 1))
         self.head_norm = torch.nn.LayerNorm(hidden)
         rank = cfg.head_rank
         if rank is None:
@@ -461,15 +491,33 @@ class T2SModel(torch.nn.Module):
         return self.speakers.index(speaker)
 
     # ------------------------------------------------------------------ forward
-    def _audio_embeds(self, tokens: torch.Tensor, speakers: torch.Tensor, steps: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    def _audio_embeds(self, tokens: torch.Tensor, speakers: torch.Tensor, steps: torch.Tensor, frames: torch.Tensor,
+                      text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """(B, S, Q) tokens of audio steps `steps` (B, S) of utterances of `frames` (B,) frames -> (B, S, H): the sum of
-        one embedding per level (+ speaker, + progress)."""
-        emb = self.level_embed(tokens + self.level_offsets).sum(-2)
+        one embedding per level (+ speaker, + progress, + the text window of cfg.text_window)."""
+        codes = self.level_embed(tokens + self.level_offsets)
+        if self.training and self.cfg.code_dropout:
+            codes = codes * (torch.rand(codes.shape[:-1], device=codes.device) >= self.cfg.code_dropout)[..., None]
+        emb = codes.sum(-2)
         if self.speaker_embed is not None:
             emb = emb + self.speaker_embed(speakers)[:, None, :]
         if self.progress_embed is not None:
             emb = emb + self.progress_embed(progress_buckets(steps, frames, self.progress_embed.num_embeddings))
+        if self.text_window_proj is not None:
+            emb = emb + self._text_window(text_ids, text_mask, steps, frames)
         return self.dropout(emb)
+
+    def _text_window(self, text_ids: torch.Tensor, text_mask: torch.Tensor, steps: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """(B, S, H): the text embeddings around each step's aligned token (see T2SConfig.text_window), mapped to H."""
+        width = self.cfg.text_window
+        offsets = torch.arange(-width, width + 1, device=steps.device)
+        index = aligned_text_index(text_mask, steps, frames)[..., None] + offsets  # (B, S, 2W + 1)
+        first = (text_mask.shape[1] - text_mask.sum(-1))[:, None, None]
+        inside = (index >= first) & (index < text_mask.shape[1])
+        index = index.clamp(0, text_mask.shape[1] - 1)
+        tokens = torch.gather(text_ids[:, None, :].expand(-1, index.shape[1], -1), 2, index)
+        window = self._text_embeds(tokens) * inside[..., None].to(self.level_embed.weight.dtype)
+        return self.text_window_proj(window.flatten(-2))
 
     def predict_frames(self, text_ids: list[int], speaker: int) -> int:
         """The duration model's frames for one text (token ids) in one speaker's voice."""
@@ -508,7 +556,7 @@ class T2SModel(torch.nn.Module):
     def loss(self, batch: Batch) -> dict:
         """Weighted mean of per-level cross-entropies over the audio steps: {'loss', 'level_loss' (Q,), 'level_count' (Q,)}."""
         steps = (batch.audio_mask.cumsum(-1) - 1).clamp_min(0)
-        embeds = torch.cat([self._text_embeds(batch.text_ids), self._audio_embeds(batch.audio_in, batch.speakers, steps, batch.frames)], 1)
+        embeds = torch.cat([self._text_embeds(batch.text_ids), self._audio_embeds(batch.audio_in, batch.speakers, steps, batch.frames, batch.text_ids, batch.text_mask)], 1)
         mask = torch.cat([batch.text_mask, batch.audio_mask], 1)
         positions = torch.cat([self._text_positions(batch.text_mask), self._audio_positions(batch.text_mask, steps)], 1)
         hidden, _ = self._run(embeds, mask, positions)
@@ -572,7 +620,7 @@ class T2SModel(torch.nn.Module):
 
             past = DynamicCache(config=self.lm.config)
         first = torch.zeros(b, 1, dtype=torch.long, device=device)
-        hidden, past = self._run(torch.cat([prefix, self._audio_embeds(step_tokens, spk, first, frames_t)], 1), mask, positions, past)
+        hidden, past = self._run(torch.cat([prefix, self._audio_embeds(step_tokens, spk, first, frames_t, tids, tmask)], 1), mask, positions, past)
         codes = torch.zeros(b, q, max_frames, dtype=torch.long, device=device)
         end = torch.full((b,), -1, dtype=torch.long, device=device)  # frames of each row once level 0 said EOA
         capped = torch.zeros(b, dtype=torch.bool, device=device)
@@ -612,11 +660,11 @@ class T2SModel(torch.nn.Module):
             mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long, device=device)], 1)
             if use_cache:
                 positions = positions[:, -1:] + 1
-                hidden, past = self._run(self._audio_embeds(step_tokens, spk, first + step, frames_t), mask, positions, past)
+                hidden, past = self._run(self._audio_embeds(step_tokens, spk, first + step, frames_t, tids, tmask), mask, positions, past)
             else:
                 steps_so_far = torch.arange(step + 1, device=device).expand(b, -1)
                 positions = torch.cat([text_pos, self._audio_positions(tmask, steps_so_far)], 1)
-                embeds = torch.cat([prefix, self._audio_embeds(torch.cat(all_inputs, 1), spk, steps_so_far, frames_t)], 1)
+                embeds = torch.cat([prefix, self._audio_embeds(torch.cat(all_inputs, 1), spk, steps_so_far, frames_t, tids, tmask)], 1)
                 hidden, _ = self._run(embeds, mask, positions)
         out = [codes[row, :, : int(end[row])].cpu() for row in range(b)]
         return out, capped.cpu().tolist()

@@ -59,6 +59,8 @@ class DataConfig(Section):
     """Demo tasks: asr (transcribe), ast (translate to English), where/who (closed answers, exact match)."""
     train_split: str = "train"
     eval_split: str = "test"
+    """Held-out split of the demo task set, or several joined by '+' ('dev+test': twice the sentences to measure on;
+    no stage trains on them; stages 1 and 2 only report eval losses on dev)."""
     voices_per_sentence: int = Field(2, ge=1)
     """Training recordings (and stage-2 voices) per sentence."""
     eval_voices_per_sentence: int = Field(2, ge=1)

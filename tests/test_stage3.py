@@ -45,14 +45,17 @@ def test_bad_conversations_are_refused_with_file_line_and_field(tmp_path, row, m
 
 
 def test_demo_task_set_and_text_version():
-    sentences = [{"sentence_id": "s1", "split": "train", "text": "Mtoto anakula.", "translation": "The child eats.", "subject": "The child",
-                  "place": "", "verb": "eat"}]
-    manifest = [{"id": f"s1-{v}", "sentence_id": "s1", "split": "train", "speaker_id": v, "audio_filepath": f"/a/{v}.wav"} for v in ("m1", "f2", "m3")]
+    sentences = [{"sentence_id": sid, "split": split, "text": "Mtoto anakula.", "translation": "The child eats.", "subject": "The child",
+                  "place": "", "verb": "eat"} for sid, split in (("s1", "train"), ("s2", "dev"), ("s3", "test"))]
+    manifest = [{"id": f"{s['sentence_id']}-{v}", "sentence_id": s["sentence_id"], "split": s["split"], "speaker_id": v,
+                 "audio_filepath": f"/a/{v}.wav"} for s in sentences for v in ("m1", "f2", "m3")]
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         spath = write_lines(Path(tmp) / "sentences.jsonl", sentences)
         rows = demo_conversations(spath, manifest, "train", ["asr", "ast", "where", "who"], voices_per_sentence=2, seed=0)
+        held_out = demo_conversations(spath, manifest, "dev+test", ["asr"], voices_per_sentence=1, seed=0)
+    assert sorted(r["id"].split("-")[0] for r in held_out) == ["s2", "s3"]  # '+' joins splits
     assert len(rows) == 2 * 3  # the empty 'place' gives no 'where' question
     assert {r["task"] for r in rows} == {"asr", "ast", "who"} and all(r["closed"] == (r["task"] == "who") for r in rows)
     speech = rows[0]["messages"][0]["content"][1]

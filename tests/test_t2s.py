@@ -123,11 +123,11 @@ def test_loss_is_per_level_and_decreases_when_overfitting(tmp_path):
     assert float(model.loss(batch)["loss"].detach()) < 0.5 * float(first["loss"].detach())
 
 
-@pytest.mark.parametrize("mode, positions, progress", [("delay", "sequential", 0), ("parallel", "sequential", 0),
-                                                       ("coarse_first", "sequential", 0), ("delay", "spread", 0),
-                                                       ("delay", "sequential", 8)])
-def test_kv_cache_and_batching_do_not_change_greedy_output(tmp_path, mode, positions, progress):
-    model = tiny_model(tmp_path, frame_mode=mode, text_positions=positions, progress_buckets=progress)
+@pytest.mark.parametrize("mode, positions, progress, window", [
+    ("delay", "sequential", 0, 0), ("parallel", "sequential", 0, 0), ("coarse_first", "sequential", 0, 0),
+    ("delay", "spread", 0, 0), ("delay", "sequential", 8, 0), ("delay", "sequential", 8, 2)])
+def test_kv_cache_and_batching_do_not_change_greedy_output(tmp_path, mode, positions, progress, window):
+    model = tiny_model(tmp_path, frame_mode=mode, text_positions=positions, progress_buckets=progress, text_window=window)
     model.frames_per_token = 2.6
     ids = [model.text.encode(t).chunks[0] for t in TEXTS]
     cached, capped = model.generate(ids, [0, 1, 0, 1], max_frames=12)
@@ -229,6 +229,50 @@ def test_progress_buckets_reach_the_last_exactly_at_the_end():
     assert buckets[0].tolist() == [0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 7, 7]  # floor(s * 7 / 10); 7 from step 10 on
     assert buckets[1].tolist() == [0, 1, 3, 5, 7, 7, 7, 7, 7, 7, 7, 7]
     assert bool((buckets[:, :-1] <= buckets[:, 1:]).all())
+
+
+def test_aligned_text_index_walks_the_text_at_a_constant_rate_with_left_padding():
+    from speechless.t2s import aligned_text_index
+
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # 4 and 6 text tokens, left-padded
+    index = aligned_text_index(mask, torch.arange(10).expand(2, -1), torch.tensor([8, 3]))
+    assert index[0].tolist() == [2, 2, 3, 3, 4, 4, 5, 5, 5, 5]  # floor(s * 4 / 8) after 2 pads; the last token from step 8
+    assert index[1].tolist() == [0, 2, 4, 5, 5, 5, 5, 5, 5, 5]
+
+
+def test_text_window_reads_the_aligned_text_and_needs_progress(tmp_path):
+    model = tiny_model(tmp_path, progress_buckets=8, text_window=1)
+    ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    steps, frames = torch.arange(6).expand(2, -1), torch.tensor([6, 6])
+    window = model._text_window(ids, mask, steps, frames)
+    other = ids.clone()
+    other[0, 3] = 12  # the last token of row 0: read only by the steps whose window reaches it (aligned index >= 2)
+    changed = (model._text_window(other, mask, steps, frames) - window).abs().sum(-1) > 0
+    assert changed[0].tolist() == [False, False, True, True, True, True] and not bool(changed[1].any())
+    with pytest.raises(UsageError, match="progress_buckets"):
+        tiny_model(tmp_path, text_window=1)
+
+
+def test_code_dropout_acts_in_training_only(tmp_path):
+    model = tiny_model(tmp_path, code_dropout=0.5)
+    tokens = torch.randint(0, 16, (2, 7, 4))
+    args = (tokens, torch.tensor([0, 1]), torch.arange(7).expand(2, -1), torch.tensor([7, 7]),
+            torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
+    model.eval()
+    full = model._audio_embeds(*args)
+    model.train()
+    torch.manual_seed(0)
+    dropped = model._audio_embeds(*args)
+    model.eval()
+    assert torch.equal(model._audio_embeds(*args), full)
+    # each step keeps a subset of its level embeddings: what is missing is a sum of some of them
+    level = model.level_embed(tokens + model.level_offsets).detach()  # (B, S, Q, H)
+    missing = (full - dropped).detach()
+    subsets = torch.tensor([[(k >> q) & 1 for q in range(4)] for k in range(16)], dtype=level.dtype)  # all 16 subsets
+    candidates = torch.einsum("kq,bsqh->bskh", subsets, level)
+    error = (candidates - missing[:, :, None]).abs().amax(-1).amin(-1)
+    assert bool((error < 1e-5).all()) and float(missing.abs().sum()) > 0
 
 
 def test_progress_model_counts_against_the_given_length_and_round_trips_save_load(tmp_path):
