@@ -3,7 +3,8 @@
 Each held-out text is generated at its REAL length (`target_frames`; needs a model with `progress_buckets`), so frame t
 of the generated and the real tokens stand for about the same moment and levels can be mixed frame by frame. Also
 measured: minimum-Bayes-risk decoding of level 0 (the code nearest the expected level-0 codeword under the model's
-distribution, instead of a sampled code).
+distribution, instead of a sampled code); and where in the sentence the probe loses the text: the share of reference
+characters it reads back (aligned as equal by jiwer) in the first, middle and last third of each sentence.
 
     python benchmarks/t2s_level_diagnostic.py --model runs/demo/stage2 --stage1 runs/demo/stage1
 """
@@ -18,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from speechless.probe import CTCProbe, cer  # noqa: E402
+from speechless.probe import CTCProbe, cer, probe_text  # noqa: E402
 from speechless.t2s import T2SModel  # noqa: E402
 from stages.stage2_t2s import DataConfig, _items, load_split, resolve_stage1, row_codes, speaker_map, stage1_codebooks  # noqa: E402
 
@@ -36,6 +37,26 @@ def mbr_level0(model: T2SModel, codebook: torch.Tensor):
         return tokens
 
     return pick
+
+
+def recall_by_third(references: list[str], hypotheses: list[str]) -> list[float]:
+    """Share of reference characters read back (jiwer alignment 'equal') in each third of the reference."""
+    import jiwer
+
+    hits, totals = [0, 0, 0], [0, 0, 0]
+    for ref, hyp in zip(references, hypotheses):
+        ref, hyp = probe_text(ref), probe_text(hyp)
+        if not ref:
+            continue
+        hit = [False] * len(ref)
+        for chunk in jiwer.process_characters(ref, hyp or " ").alignments[0]:
+            if chunk.type == "equal":
+                hit[chunk.ref_start_idx:chunk.ref_end_idx] = [True] * (chunk.ref_end_idx - chunk.ref_start_idx)
+        for i, h in enumerate(hit):
+            third = min(3 * i // len(ref), 2)
+            totals[third] += 1
+            hits[third] += h
+    return [round(h / max(t, 1), 4) for h, t in zip(hits, totals)]
 
 
 def main() -> None:
@@ -83,6 +104,11 @@ def main() -> None:
         return out
 
     generated = generate()
+    print(f"| tokens | characters read back: first third | middle third | last third |")
+    print("|---|---|---|---|")
+    for name, codes in (("real", real), ("generated at the real length", generated)):
+        print(f"| {name} | " + " | ".join(str(v) for v in recall_by_third(texts, probe.transcribe(codes))) + " |")
+    print()
     lines = [("real tokens", score(real)), ("generated at the real length", score(generated))]
     for k in (1, 2, 4):
         levels = "level 0" if k == 1 else f"levels 0-{k - 1}"
