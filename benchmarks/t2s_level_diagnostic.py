@@ -104,12 +104,13 @@ def main() -> None:
         return out
 
     generated = generate()
-    print(f"| tokens | characters read back: first third | middle third | last third |")
+    heard = {"real": probe.transcribe(real), "generated at the real length": probe.transcribe(generated)}
+    print("| tokens | characters read back: first third | middle third | last third |")
     print("|---|---|---|---|")
-    for name, codes in (("real", real), ("generated at the real length", generated)):
-        print(f"| {name} | " + " | ".join(str(v) for v in recall_by_third(texts, probe.transcribe(codes))) + " |")
+    for name, transcripts in heard.items():
+        print(f"| {name} | " + " | ".join(str(v) for v in recall_by_third(texts, transcripts)) + " |")
     print()
-    lines = [("real tokens", score(real)), ("generated at the real length", score(generated))]
+    lines = [(f"{name} tokens" if name == "real" else name, round(cer(texts, transcripts), 4)) for name, transcripts in heard.items()]
     for k in (1, 2, 4):
         levels = "level 0" if k == 1 else f"levels 0-{k - 1}"
         lines.append((f"generated {levels}, real finer levels", score(mixed(real, generated, k))))

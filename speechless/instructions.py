@@ -102,8 +102,9 @@ def answer(row: dict) -> str:
 
 def demo_conversations(sentences_path: Path, manifest_rows: list[dict], split: str, tasks: list[str], voices_per_sentence: int,
                        seed: int) -> list[dict]:
-    """The demo task set for one split (or several joined by '+', e.g. 'dev+test'): for each sentence, `voices_per_sentence` of its recordings (seeded choice),
-    and for each recording one conversation per task whose answer the sentence has (`place`/`subject` may be empty)."""
+    """The demo task set for one split (or several joined by '+', e.g. 'dev+test'): for each sentence,
+    `voices_per_sentence` of its recordings (seeded choice), and for each recording one conversation per task whose
+    answer the sentence has (`place`/`subject` may be empty)."""
     unknown = [t for t in tasks if t not in DEMO_TASKS]
     if unknown:
         raise UsageError(f"data.tasks: unknown demo task(s) {unknown}; choose from {', '.join(DEMO_TASKS)}")
