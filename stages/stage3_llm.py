@@ -38,7 +38,9 @@ from speechless.llm import (AdapterConfig, BaseConfig, Example, SpeechLM, build_
 from speechless.runs import RunConfig, code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
 from speechless.rvq import SpeechRVQ
 from speechless.store import StoreConfig, is_store_ref, open_store
-from stages.stage2_t2s import GenerateConfig, check_stage1_match, epoch_batches, generate_corpus, load_split, load_stage2, resolve_stage1
+from speechless.probe import CTCProbe, cer
+from stages.stage2_t2s import (GenerateConfig, _probe_reads_vectors, check_stage1_match, epoch_batches, generate_corpus, load_split,
+                               load_stage2, resolve_stage1, stage1_codebooks)
 
 
 class DataConfig(Section):
@@ -67,6 +69,10 @@ class DataConfig(Section):
     """Held-out recordings per test sentence."""
     generate: GenerateConfig = GenerateConfig(max_seconds=20.0)
     """How stage 2 speaks the user turns (each in the voice of the recording it stands for)."""
+    synthetic_draws: int = Field(1, ge=1)
+    """Stage 2 speaks each user turn this many times and the draw its CTC probe (trained on REAL stage-1 tokens) reads
+    closest to the text is kept: best-of-n filtering of synthetic speech by an ASR, which costs n x the generation and
+    no real speech. 1 = one draw, no probe needed."""
 
 
 class PretrainConfig(Section):
@@ -261,14 +267,21 @@ def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[d
     then rank 0 merges the parts into the cache in text order. With sampling the draws depend on which texts share a
     generation batch, so a cache made by N ranks is another (equally valid) sample than a one-process cache."""
     job = distributed.group()
-    model, revision, _ = load_stage2(cfg.data.stage2, device=str(resolve_device(cfg.base.device)))
+    model, revision, folder = load_stage2(cfg.data.stage2, device=str(resolve_device(cfg.base.device)))
     check_stage1_match(model, cfg.data.stage1, cfg.store)
-    texts = {}
+    draws = cfg.data.synthetic_draws
+    if draws > 1 and not (folder / "probe" / "config.json").is_file():
+        raise UsageError(f"data.synthetic_draws={draws}: the stage-2 checkpoint {folder} has no CTC probe (probe/) to choose "
+                         "between draws; set data.synthetic_draws=1")
+    texts, part_of = {}, {}  # generation requests (one per draw) and the speech part each draw is for
     for row in rows:
         for part in speech_parts(row):
             key = part.get("utterance") or part["text"]
             speaker = part.get("speaker") if part.get("speaker") in model.speakers else None
-            texts[key] = {"id": key, "text": part["text"], "speaker": speaker}
+            for draw in range(draws):
+                draw_id = key if draws == 1 else f"{key}#{draw}"
+                texts[draw_id] = {"id": draw_id, "text": part["text"], "speaker": speaker}
+                part_of[draw_id] = key
     output = work / "speech" / f"stage2_{revision[:12]}.jsonl"
 
     def holds(path: Path, wanted: list[dict]) -> bool:
@@ -299,7 +312,33 @@ def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[d
         distributed.barrier()
     tokens = {row["id"]: row for _, row in read_jsonl(output)}
     version = open_store(cfg.store).resolve(cfg.data.stage2).ref if is_store_ref(cfg.data.stage2) else None
-    return tokens, {"ref": cfg.data.stage2, "version": version, "revision": revision, "stage1_revision": model.stage1["revision"]}
+    record = {"ref": cfg.data.stage2, "version": version, "revision": revision, "stage1_revision": model.stage1["revision"]}
+    if draws > 1:
+        stage1 = resolve_stage1(cfg.data.stage1, cfg.store)
+        probe_dir = folder / "probe"
+        probe = CTCProbe.load(probe_dir, stage1_codebooks(stage1) if _probe_reads_vectors(probe_dir) else None)
+        tokens, chosen = best_draws(tokens, texts, part_of, probe)
+        record["draws"] = {"n": draws, **chosen}
+        log.info(f"stage-2 speech: kept the best of {draws} draws per turn; probe CER {record['draws']['probe_cer_first_draw']:.4f} "
+                 f"(first draw) -> {record['draws']['probe_cer_kept']:.4f} (kept)")
+    return tokens, record
+
+
+def best_draws(generated: dict[str, dict], texts: dict[str, dict], part_of: dict[str, str], probe: CTCProbe) -> tuple[dict[str, dict], dict]:
+    """For each speech part, the draw whose probe transcript has the lowest CER against its text (ties: the earlier draw),
+    keyed by the part; with the corpus probe CER of the first draws and of the kept ones."""
+    ids = list(texts)
+    heard = dict(zip(ids, probe.transcribe([torch.tensor(generated[i]["codes"], dtype=torch.long) for i in ids])))
+    error = {i: cer([texts[i]["text"]], [heard[i]]) for i in ids}
+    kept: dict[str, str] = {}
+    first: dict[str, str] = {}
+    for i in ids:
+        first.setdefault(part_of[i], i)
+        if error[i] < error[kept.setdefault(part_of[i], i)]:
+            kept[part_of[i]] = i
+    summary = {"probe_cer_first_draw": round(cer([texts[i]["text"] for i in first.values()], [heard[i] for i in first.values()]), 4),
+               "probe_cer_kept": round(cer([texts[i]["text"] for i in kept.values()], [heard[i] for i in kept.values()]), 4)}
+    return {key: {**generated[i], "id": key, "draw": i} for key, i in kept.items()}, summary
 
 
 def vectors_from_tokens(rvq: SpeechRVQ, row: dict) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 
 from speechless.config import load_config
 from speechless.errors import UsageError
+from speechless.io import read_jsonl
 from speechless.instructions import as_text, demo_conversations, read_conversations
 from stages.stage3_llm import Stage3Config, score_task, synthetic_tokens, train_loop
 from test_llm import clip, conversation, make, setup  # noqa: F401  (fixture)
@@ -64,7 +65,9 @@ def test_demo_task_set_and_text_version():
     assert [p["type"] for p in text] == ["text", "text"] and text[1]["text"] == "Mtoto anakula."
 
 
-def test_stage2_trained_on_another_stage1_is_refused_and_speech_is_cached(tmp_path):
+def tiny_stage2(tmp_path: Path) -> tuple[list[dict], list[str], dict]:
+    """Fake stage 1 `s1a` (and an unrelated `s1b`), a random tiny stage 2 `s2` trained on s1a, two conversations, and
+    the config overrides that point stage 3 at them."""
     from speechless.io import sha256_file
     from speechless.t2s import T2SConfig, build_model
 
@@ -75,20 +78,50 @@ def test_stage2_trained_on_another_stage1_is_refused_and_speech_is_cached(tmp_pa
     model = build_model(T2SConfig(backbone=str(tmp_path / "backbone.json"), tokenizer_vocab_size=40, head_rank=8), ["Ba ka.", "Di mo."],
                         4, 32, ["s1", "s2"], stage1)
     model.save(tmp_path / "s2")
-    rows = [{"id": "c1", "task": "asr", "closed": False, "messages": [
-        {"role": "user", "content": [{"type": "speech", "text": "Ba ka.", "speaker": "s2", "utterance": "u1"}]},
-        {"role": "assistant", "content": "Ba ka."}]}]
-    common = [f"data.stage2={tmp_path / 's2'}", "data.generate.max_seconds=0.4", f"store.root={tmp_path / 'store'}"]
-    wrong = load_config(Stage3Config, None, [f"data.stage1={tmp_path / 's1b'}", *common])
+    rows = [{"id": f"c{i}", "task": "asr", "closed": False, "messages": [
+        {"role": "user", "content": [{"type": "speech", "text": text, "speaker": "s2", "utterance": f"u{i}"}]},
+        {"role": "assistant", "content": text}]} for i, text in enumerate(["Ba ka.", "Di mo."], 1)]
+    common = [f"data.stage2={tmp_path / 's2'}", "data.generate.max_seconds=0.4", f"store.root={tmp_path / 'store'}",
+              f"data.stage1={tmp_path / 's1a'}"]
+    return rows, common, stage1
+
+
+def test_stage2_trained_on_another_stage1_is_refused_and_speech_is_cached(tmp_path):
+    rows, common, stage1 = tiny_stage2(tmp_path)
+    wrong = load_config(Stage3Config, None, [*common, f"data.stage1={tmp_path / 's1b'}"])
     with pytest.raises(UsageError, match="stage-1 mismatch"):
         synthetic_tokens(wrong, rows, tmp_path / "work")
-    cfg = load_config(Stage3Config, None, [f"data.stage1={tmp_path / 's1a'}", *common])
+    cfg = load_config(Stage3Config, None, common)
     tokens, record = synthetic_tokens(cfg, rows, tmp_path / "work")
-    assert set(tokens) == {"u1"} and tokens["u1"]["stage1_revision"] == stage1["revision"] and record["stage1_revision"] == stage1["revision"]
+    assert set(tokens) == {"u1", "u2"} and tokens["u1"]["stage1_revision"] == stage1["revision"]
+    assert record["stage1_revision"] == stage1["revision"] and "draws" not in record
     cached = list((tmp_path / "work" / "speech").glob("stage2_*.jsonl"))
     assert len(cached) == 2  # the texts and the generated tokens (named by the stage-2 revision)
     again, _ = synthetic_tokens(cfg, rows, tmp_path / "work")
     assert again == tokens  # served from the cache
+
+
+def test_best_of_n_draws_keeps_the_draw_the_stage2_probe_reads_best(tmp_path):
+    from speechless.probe import CTCProbe, ProbeConfig, cer, train_probe
+    from speechless.tokens import read_token_jsonl
+
+    rows, common, _ = tiny_stage2(tmp_path)
+    cfg = load_config(Stage3Config, None, [*common, "data.synthetic_draws=4"])
+    with pytest.raises(UsageError, match=r"data.synthetic_draws=4: the stage-2 checkpoint .* has no CTC probe"):
+        synthetic_tokens(cfg, rows, tmp_path / "work")
+    real = read_token_jsonl(tmp_path / "s1a" / "tokens" / "train.jsonl")
+    probe, _ = train_probe([torch.tensor(r["codes"]) for r in real], [r["text"] for r in real], ProbeConfig(dim=16, steps=3), 4, 32)
+    probe.save(tmp_path / "s2" / "probe")
+    tokens, record = synthetic_tokens(cfg, rows, tmp_path / "work")
+    assert set(tokens) == {"u1", "u2"} and record["draws"]["n"] == 4
+    draws = {r["id"]: r for _, r in read_jsonl(next((tmp_path / "work" / "speech").glob("stage2_????????????.jsonl")))}
+    assert len(draws) == 8  # 4 draws of each turn were generated and cached
+    probe = CTCProbe.load(tmp_path / "s2" / "probe")
+    for key, text in (("u1", "Ba ka."), ("u2", "Di mo.")):
+        errors = [cer([text], probe.transcribe([torch.tensor(draws[f"{key}#{d}"]["codes"])])) for d in range(4)]
+        chosen = int(tokens[key]["draw"].rsplit("#", 1)[1])
+        assert errors[chosen] == min(errors) and tokens[key]["codes"] == draws[f"{key}#{chosen}"]["codes"]
+    assert record["draws"]["probe_cer_kept"] <= record["draws"]["probe_cer_first_draw"]
 
 
 def test_training_resumes_after_a_kill_to_the_same_weights(setup, tmp_path, monkeypatch):  # noqa: F811
