@@ -262,6 +262,8 @@ def load_base(base: BaseConfig, encoder_cfg: EncoderConfig, encoder_sha: str, to
 
 def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[dict[str, dict], dict]:
     """Stage-2 tokens for every speech part (by its utterance id, in that recording's voice): cached and resumable.
+    With `data.synthetic_draws` n > 1 every part is spoken n times (all draws cached) and the one stage 2's CTC probe
+    reads closest to the text is kept (`best_draws`); the lineage records n and the probe CER of first and kept draws.
 
     Several processes: each rank speaks its share of the texts into its own resumable part file (on its own GPU),
     then rank 0 merges the parts into the cache in text order. With sampling the draws depend on which texts share a
