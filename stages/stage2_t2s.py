@@ -239,15 +239,17 @@ def speaker_map(cfg: DataConfig, stage1: Stage1) -> dict[str, str]:
     return out
 
 
-def _probe_reads_vectors(probe_dir: Path) -> bool:
-    return read_json(probe_dir / "config.json").get("probe", {}).get("input") == "vectors"
-
-
 def stage1_codebooks(stage1: Stage1) -> torch.Tensor:
     """(Q, K, D) codebooks of the stage-1 version, in its standardised units (what a 'vectors' probe reads)."""
     from speechless.rvq import SpeechRVQ
 
     return SpeechRVQ.load(stage1.folder).codebooks()
+
+
+def load_probe(probe_dir: Path, stage1: Stage1) -> CTCProbe:
+    """A saved probe, with the stage-1 codebooks when it reads decoded vectors."""
+    reads_vectors = read_json(probe_dir / "config.json").get("probe", {}).get("input") == "vectors"
+    return CTCProbe.load(probe_dir, stage1_codebooks(stage1) if reads_vectors else None)
 
 
 def row_codes(row: dict) -> torch.Tensor:
@@ -873,7 +875,7 @@ def evaluate_checkpoint(ref: str, stage1_ref: str | None, split: str, gen: Gener
     rows = load_split(stage1, split)
     if ev.max_utterances is not None:
         rows = rows[: ev.max_utterances]
-    probe = CTCProbe.load(folder / "probe", stage1_codebooks(stage1) if _probe_reads_vectors(folder / "probe") else None)
+    probe = load_probe(folder / "probe", stage1)
     speakers = speaker_map(DataConfig(stage1=stage1_ref, manifest=manifest), stage1)
     metrics, _ = round_trip(model, probe, rows, speakers, gen, ev.model_copy(update={"split": split}), stage1.folder)
     return metrics

@@ -39,8 +39,8 @@ from speechless.runs import RunConfig, code_version, config_fingerprint, load_ch
 from speechless.rvq import SpeechRVQ
 from speechless.store import StoreConfig, is_store_ref, open_store
 from speechless.probe import CTCProbe, cer
-from stages.stage2_t2s import (GenerateConfig, _probe_reads_vectors, check_stage1_match, epoch_batches, generate_corpus, load_split,
-                               load_stage2, resolve_stage1, stage1_codebooks)
+from stages.stage2_t2s import (GenerateConfig, check_stage1_match, epoch_batches, generate_corpus, load_probe, load_split, load_stage2,
+                               resolve_stage1)
 
 
 class DataConfig(Section):
@@ -316,9 +316,7 @@ def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[d
     version = open_store(cfg.store).resolve(cfg.data.stage2).ref if is_store_ref(cfg.data.stage2) else None
     record = {"ref": cfg.data.stage2, "version": version, "revision": revision, "stage1_revision": model.stage1["revision"]}
     if draws > 1:
-        stage1 = resolve_stage1(cfg.data.stage1, cfg.store)
-        probe_dir = folder / "probe"
-        probe = CTCProbe.load(probe_dir, stage1_codebooks(stage1) if _probe_reads_vectors(probe_dir) else None)
+        probe = load_probe(folder / "probe", resolve_stage1(cfg.data.stage1, cfg.store))
         tokens, chosen = best_draws(tokens, texts, part_of, probe)
         record["draws"] = {"n": draws, **chosen}
         log.info(f"stage-2 speech: kept the best of {draws} draws per turn; probe CER {record['draws']['probe_cer_first_draw']:.4f} "
