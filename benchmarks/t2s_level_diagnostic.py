@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-k", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (1 = off)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,7 +87,8 @@ def main() -> None:
         for start in range(0, len(items), 64):
             chunk = items[start:start + 64]
             codes, _ = model.generate([i[0] for i in chunk], [i[2] for i in chunk], max_frames=750, temperature=args.temperature,
-                                      top_k=args.top_k, generator=generator, target_frames=[i[1].shape[1] for i in chunk])
+                                      top_k=args.top_k, generator=generator, target_frames=[i[1].shape[1] for i in chunk],
+                                      guidance=args.guidance)
             out += codes
         return out
 

@@ -107,6 +107,12 @@ class T2SConfig(Section):
     errors (exposure bias). Tacotron's pre-net dropout serves the same end. Measured on the demo corpus (with
     text_window 2, 300 steps): probe CER ratio 1.22 with 0.3 vs 1.36 without, 1.27 with 0.5."""
 
+    unconditional_prob: float = Field(0.0, ge=0.0, lt=1.0)
+    """In training, the probability that an utterance is learned without its text (text prefix masked out, text window
+    empty), so one model also knows the text-free distribution and generation can use classifier-free guidance
+    (`generate.guidance`, as in text-to-speech and MusicGen): logits u + w (c - u) push each step away from what any
+    sentence would say there and toward what this text says. Default 0 (off; guidance then refused)."""
+
     progress_buckets: int = Field(0, ge=0)
     """0 = off. K > 0: every audio step also gets an embedding of how far through the utterance it is,
     min(floor(s x (K - 1) / T), K - 1) for step s of an utterance of T frames, so the model knows where in the text it
@@ -556,9 +562,13 @@ class T2SModel(torch.nn.Module):
     def loss(self, batch: Batch) -> dict:
         """Weighted mean of per-level cross-entropies over the audio steps: {'loss', 'level_loss' (Q,), 'level_count' (Q,)}."""
         steps = (batch.audio_mask.cumsum(-1) - 1).clamp_min(0)
-        embeds = torch.cat([self._text_embeds(batch.text_ids), self._audio_embeds(batch.audio_in, batch.speakers, steps, batch.frames, batch.text_ids, batch.text_mask)], 1)
-        mask = torch.cat([batch.text_mask, batch.audio_mask], 1)
-        positions = torch.cat([self._text_positions(batch.text_mask), self._audio_positions(batch.text_mask, steps)], 1)
+        text_mask = batch.text_mask
+        if self.training and self.cfg.unconditional_prob:
+            keep_text = torch.rand(text_mask.shape[0], device=text_mask.device) >= self.cfg.unconditional_prob
+            text_mask = text_mask * keep_text[:, None]
+        embeds = torch.cat([self._text_embeds(batch.text_ids), self._audio_embeds(batch.audio_in, batch.speakers, steps, batch.frames, batch.text_ids, text_mask)], 1)
+        mask = torch.cat([text_mask, batch.audio_mask], 1)
+        positions = torch.cat([self._text_positions(text_mask), self._audio_positions(text_mask, steps)], 1)
         hidden, _ = self._run(embeds, mask, positions)
         lt = batch.text_ids.shape[1]
         valid = batch.audio_mask.bool()
@@ -578,18 +588,23 @@ class T2SModel(torch.nn.Module):
     @torch.no_grad()
     def generate(self, text_ids: list[list[int]], speakers: list[int] | None = None, max_frames: int = 750,
                  temperature: float = 0.0, top_k: int = 0, use_cache: bool = True, generator: torch.Generator | None = None,
-                 min_frames: int = 1, target_frames: list[int] | None = None) -> tuple[list[torch.Tensor], list[bool]]:
+                 min_frames: int = 1, target_frames: list[int] | None = None, guidance: float = 1.0) -> tuple[list[torch.Tensor], list[bool]]:
         """Codes (Q, T_i) for each text (token ids), in one batch; and whether each hit `max_frames` without EOA.
 
         temperature 0 = greedy; otherwise softmax sampling at that temperature, restricted to the top_k codes when
         top_k > 0. use_cache=False recomputes the whole sequence at every step (same result, for speed comparison).
         With progress buckets, `target_frames` is each text's length the progress is counted against (None = the
-        duration model's prediction).
+        duration model's prediction). guidance w != 1 (classifier-free guidance; needs a model trained with
+        unconditional_prob > 0) runs every row twice, with and without its text, and picks from u + w (c - u).
         """
         if not text_ids:
             return [], []
         if max_frames < 1:
             raise UsageError(f"max_frames must be >= 1, got {max_frames}")
+        guided = guidance != 1.0
+        if guided and not self.cfg.unconditional_prob:
+            raise UsageError(f"guidance {guidance:g} needs a model trained with model.unconditional_prob > 0 (this one: 0); "
+                             "use guidance 1 or retrain")
         self.eval()
         device = self.device
         b, q = len(text_ids), self.num_levels
@@ -607,19 +622,22 @@ class T2SModel(torch.nn.Module):
         if target_frames is None and self.progress_embed is not None:
             target_frames = [self.predict_frames(ids, int(s)) for ids, s in zip(text_ids, spk.tolist())]
         frames_t = torch.tensor(target_frames or [1] * b, dtype=torch.long, device=device).clamp(1, max_frames)
+        if guided:  # rows b.. are the same rows without their text
+            tids, tmask, spk, frames_t = torch.cat([tids, tids]), torch.cat([tmask, torch.zeros_like(tmask)]), spk.repeat(2), frames_t.repeat(2)
+        mb = tids.shape[0]  # rows the model runs
         delay_t = torch.tensor(delays, device=device)
-        step_tokens = torch.full((b, 1, q), self.boa, dtype=torch.long, device=device)
+        step_tokens = torch.full((mb, 1, q), self.boa, dtype=torch.long, device=device)
         all_inputs = [step_tokens]
         prefix = self._text_embeds(tids)
-        mask = torch.cat([tmask, torch.ones(b, 1, dtype=torch.long, device=device)], 1)
+        mask = torch.cat([tmask, torch.ones(mb, 1, dtype=torch.long, device=device)], 1)
         text_pos = self._text_positions(tmask)
-        positions = torch.cat([text_pos, self._audio_positions(tmask, torch.zeros(b, 1, dtype=torch.long, device=device))], 1)
+        positions = torch.cat([text_pos, self._audio_positions(tmask, torch.zeros(mb, 1, dtype=torch.long, device=device))], 1)
         past = None
         if use_cache:
             from transformers import DynamicCache
 
             past = DynamicCache(config=self.lm.config)
-        first = torch.zeros(b, 1, dtype=torch.long, device=device)
+        first = torch.zeros(mb, 1, dtype=torch.long, device=device)
         hidden, past = self._run(torch.cat([prefix, self._audio_embeds(step_tokens, spk, first, frames_t, tids, tmask)], 1), mask, positions, past)
         codes = torch.zeros(b, q, max_frames, dtype=torch.long, device=device)
         end = torch.full((b,), -1, dtype=torch.long, device=device)  # frames of each row once level 0 said EOA
@@ -628,6 +646,8 @@ class T2SModel(torch.nn.Module):
         step = 0
         while True:
             logits = self.logits(hidden[:, -1]).float()  # (B, Q, V)
+            if guided:
+                logits = logits[b:] + guidance * (logits[:b] - logits[b:])
             frame = step - delay_t  # (Q,) frame each level is at
             # levels > 0 never end by themselves; level 0 may end after min_frames (and must at the cap)
             logits[:, 1:, self.eoa] = -math.inf
@@ -655,14 +675,14 @@ class T2SModel(torch.nn.Module):
             if bool(done.all()):
                 break
             step += 1
-            step_tokens = tokens.unsqueeze(1)
+            step_tokens = tokens.unsqueeze(1).repeat(mb // b, 1, 1)
             all_inputs.append(step_tokens)
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long, device=device)], 1)
+            mask = torch.cat([mask, torch.ones(mb, 1, dtype=torch.long, device=device)], 1)
             if use_cache:
                 positions = positions[:, -1:] + 1
                 hidden, past = self._run(self._audio_embeds(step_tokens, spk, first + step, frames_t, tids, tmask), mask, positions, past)
             else:
-                steps_so_far = torch.arange(step + 1, device=device).expand(b, -1)
+                steps_so_far = torch.arange(step + 1, device=device).expand(mb, -1)
                 positions = torch.cat([text_pos, self._audio_positions(tmask, steps_so_far)], 1)
                 embeds = torch.cat([prefix, self._audio_embeds(torch.cat(all_inputs, 1), spk, steps_so_far, frames_t, tids, tmask)], 1)
                 hidden, _ = self._run(embeds, mask, positions)

@@ -95,6 +95,10 @@ class GenerateConfig(Section):
     the right length (ratio 1.05) with a lower probe CER (benchmarks/RESULTS.md)."""
     top_k: int = Field(30, ge=0)
     """With sampling: keep only the k most likely codes per level (0 = all)."""
+    guidance: float = Field(1.0, ge=0.0)
+    """Classifier-free guidance weight w: 1 = off (the model as trained); w > 1 samples from u + w (c - u), the
+    text-conditioned logits c pushed away from the text-free ones u, at twice the generation cost. Needs a model trained
+    with model.unconditional_prob > 0."""
     max_seconds: float = Field(30.0, gt=0.0)
     """Cap on generated speech per text chunk (25 frames per second); a text that reaches it is cut, with a warning."""
     batch_size: int = Field(64, ge=1)
@@ -471,7 +475,7 @@ def generate_rows(model: T2SModel, requests: list[GenRequest], gen: GenerateConf
         group = jobs[start:start + gen.batch_size]
         codes, capped = model.generate([encoded[r].chunks[c] for r, c in group], [spk[r] for r, _ in group],
                                        max_frames=max_frames, temperature=gen.temperature, top_k=gen.top_k,
-                                       use_cache=use_cache, generator=generator)
+                                       use_cache=use_cache, generator=generator, guidance=gen.guidance)
         for (r, c), code, cap in zip(group, codes, capped):
             pieces[(r, c)] = code
             if cap:
@@ -729,7 +733,7 @@ def round_trip(model: T2SModel, probe: CTCProbe, rows: list[dict], speakers: dic
         "dtw_centered_cosine": mean(ccos),
         "dtw_centered_cosine_reference": {"real_same_sentence_other_speaker": mean(ref_same),
                                           "real_different_sentence": mean(ref_other)},
-        "generation": {"temperature": gen.temperature, "top_k": gen.top_k, "speakers": ev.speakers,
+        "generation": {"temperature": gen.temperature, "top_k": gen.top_k, "guidance": gen.guidance, "speakers": ev.speakers,
                        "seconds": round(gen_seconds, 2), "frames_per_second": round(float(gen_frames.sum()) / max(gen_seconds, 1e-9), 1)},
         "examples": [{"id": rows[i]["id"], "text": texts[i], "probe_real": hyp_real[i], "probe_generated": hyp_gen[i],
                       "frames_real": int(real_frames[i]), "frames_generated": int(gen_frames[i])} for i in range(min(5, len(rows)))],

@@ -181,6 +181,12 @@ def test_bad_text_gives_a_clear_message(trained, cli, text, code, pattern):
     assert re.search(pattern, result.stderr.replace("\n", "")), result.stderr
 
 
+def test_guidance_on_a_model_trained_without_unconditional_rows_is_refused(trained, cli):
+    result = cli("tokenize", "text", "Naku gabu.", "--model", trained, "--guidance", "2")
+    assert result.exit_code == 2
+    assert "model.unconditional_prob" in result.stderr.replace("\n", " ")
+
+
 def test_generation_cap_warns(trained, cli):
     result = cli("tokenize", "text", "Gufifa ki du gide taka gifina mugu", "--model", trained, "--max-seconds", "0.2", "--format", "json")
     assert result.exit_code == 0, result.stderr

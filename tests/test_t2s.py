@@ -291,3 +291,39 @@ def test_progress_model_counts_against_the_given_length_and_round_trips_save_loa
     assert all(torch.equal(a, b) for a, b in zip(default, loaded.generate(ids, [0, 1, 0, 1], max_frames=30)[0]))
     with pytest.raises(UsageError, match="duration model"):
         build_model(model.cfg, TEXTS, 4, 16, ["a", "b"], {"revision": "r" * 64, "ref": "fake"})  # no frames to fit on
+
+
+def test_unconditional_training_rows_do_not_see_their_text(tmp_path):
+    model = tiny_model(tmp_path, progress_buckets=8, text_window=2, unconditional_prob=0.999)
+    gen = torch.Generator().manual_seed(0)
+    codes = [torch.randint(0, 16, (4, 6 + i), generator=gen) for i in range(2)]
+
+    def loss(texts, train):
+        model.train(train)
+        torch.manual_seed(1)  # the same rows are drawn unconditional in both calls
+        items = [(model.text.encode(t).chunks[0], c, i) for i, (t, c) in enumerate(zip(texts, codes))]
+        return float(model.loss(collate(items, model.delays, model.codebook_size))["loss"].detach())
+
+    with_text, other_text = loss(TEXTS[:2], True), loss(TEXTS[2:], True)
+    assert math.isfinite(with_text) and with_text == other_text  # text masked out and window empty: the text plays no part
+    assert loss(TEXTS[:2], False) != loss(TEXTS[2:], False)  # in eval the text always counts
+    model.eval()
+
+
+def test_guidance_zero_is_text_free_and_guided_generation_batches_like_single_rows(tmp_path):
+    model = tiny_model(tmp_path, progress_buckets=8, text_window=2, unconditional_prob=0.2)
+    with torch.no_grad():  # a random model barely reads the text; make text embeddings matter
+        model.lm.get_input_embeddings().weight.mul_(50)
+    ids = [model.text.encode(t).chunks[0] for t in TEXTS]
+    frames = [9, 9, 9, 9]
+    text_free, _ = model.generate(ids, [0, 0, 0, 0], max_frames=12, target_frames=frames, guidance=0.0)
+    assert all(torch.equal(text_free[0], c) for c in text_free[1:])  # u alone: the same codes whatever the text
+    plain, _ = model.generate(ids, [0, 0, 0, 0], max_frames=12, target_frames=frames)
+    assert any(not torch.equal(plain[0], c) for c in plain[1:])
+    guided, capped = model.generate(ids, [0, 1, 0, 1], max_frames=12, target_frames=frames, guidance=3.0)
+    uncached, _ = model.generate(ids, [0, 1, 0, 1], max_frames=12, target_frames=frames, guidance=3.0, use_cache=False)
+    single = [model.generate([i], [s], max_frames=12, target_frames=[9], guidance=3.0)[0][0] for i, s in zip(ids, [0, 1, 0, 1])]
+    assert len(capped) == 4 and all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(guided, uncached, single))
+    assert any(not torch.equal(a, b) for a, b in zip(guided, model.generate(ids, [0, 1, 0, 1], max_frames=12, target_frames=frames)[0]))
+    with pytest.raises(UsageError, match="unconditional_prob"):
+        tiny_model(tmp_path).generate(ids[:1], max_frames=5, guidance=2.0)

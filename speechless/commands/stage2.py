@@ -17,16 +17,18 @@ Stage1Option = Annotated[Optional[str], typer.Option("--stage1", help="The stage
 StoreRootOption = Annotated[Optional[Path], typer.Option("--store-root", help="Local store folder (default: $SPEECHLESS_STORE or ./store).")]
 
 
-def generate_settings(temperature: float, top_k: int, max_seconds: float, batch_size: int, speaker: Optional[str], seed: int):
+def generate_settings(temperature: float, top_k: int, max_seconds: float, batch_size: int, speaker: Optional[str], seed: int,
+                      guidance: float = 1.0):
     from speechless.config import validate
     from stages.stage2_t2s import GenerateConfig
 
     return validate(GenerateConfig, dict(temperature=temperature, top_k=top_k, max_seconds=max_seconds, batch_size=batch_size,
-                                         speaker=speaker, seed=seed), "generation options")
+                                         speaker=speaker, seed=seed, guidance=guidance), "generation options")
 
 
 TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 = greedy (may loop on a weak model); > 0 = sampling (seeded).")]
 TopKOption = Annotated[int, typer.Option("--top-k", help="With sampling: only the k most likely codes (0 = all).")]
+GuidanceOption = Annotated[float, typer.Option("--guidance", help="Classifier-free guidance weight (1 = off; > 1 needs a model trained with model.unconditional_prob > 0).")]
 MaxSecondsOption = Annotated[float, typer.Option("--max-seconds", help="Cap on generated speech per text chunk (seconds).")]
 SpeakerOption = Annotated[Optional[str], typer.Option("--speaker", help="Voice (a training speaker); default: the model's first.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Sampling seed.")]
@@ -71,6 +73,7 @@ def generate(
     weights: Annotated[str, typer.Option("--weights", help="final or best.")] = "final",
     temperature: TemperatureOption = 0.7,
     top_k: TopKOption = 30,
+    guidance: GuidanceOption = 1.0,
     max_seconds: MaxSecondsOption = 30.0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts generated together.")] = 64,
     speaker: SpeakerOption = None,
@@ -85,7 +88,7 @@ def generate(
     from stages.stage2_t2s import check_stage1_match, generate_corpus, load_stage2
 
     fmt = check_format(fmt)
-    gen = generate_settings(temperature, top_k, max_seconds, batch_size, speaker, seed)
+    gen = generate_settings(temperature, top_k, max_seconds, batch_size, speaker, seed, guidance)
     store_cfg = store_config(root=store_root)
     t2s, revision, _ = load_stage2(model, weights, store_cfg, device)
     check_stage1_match(t2s, stage1, store_cfg)
@@ -105,6 +108,7 @@ def evaluate(
     speakers: Annotated[str, typer.Option("--speakers", help="each (every utterance in its own speaker) or default.")] = "each",
     temperature: TemperatureOption = 0.7,
     top_k: TopKOption = 30,
+    guidance: GuidanceOption = 1.0,
     max_seconds: MaxSecondsOption = 30.0,
     seed: SeedOption = 0,
     store_root: StoreRootOption = None,
@@ -117,7 +121,7 @@ def evaluate(
     from stages.stage2_t2s import EvalConfig, evaluate_checkpoint
 
     fmt = check_format(fmt)
-    gen = generate_settings(temperature, top_k, max_seconds, 64, None, seed)
+    gen = generate_settings(temperature, top_k, max_seconds, 64, None, seed, guidance)
     ev = validate(EvalConfig, dict(split=split, max_utterances=max_utterances, weights=weights, speakers=speakers), "eval options")
     metrics = evaluate_checkpoint(model, stage1, split, gen, ev, manifest, store_config(root=store_root))
     if fmt == "json":

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from speechless.commands.options import FormatOption, check_format
+from speechless.commands.stage2 import (GuidanceOption, MaxSecondsOption, SeedOption, SpeakerOption, TemperatureOption, TopKOption,
+                                        generate_settings)
 from speechless.log import emit
 
 app = typer.Typer(no_args_is_help=True)
@@ -60,11 +62,12 @@ def text(
     model: Annotated[str, typer.Option("--model", "-m", help="Stage-2 checkpoint folder or store reference (stage2@v1, stage2@latest).")] = "stage2@latest",
     stage1: Annotated[Optional[str], typer.Option("--stage1", help="The stage-1 version the codes must belong to (folder or stage1@vN): refused if the model was trained on another.")] = None,
     weights: Annotated[str, typer.Option("--weights", help="final or best.")] = "final",
-    speaker: Annotated[Optional[str], typer.Option("--speaker", help="Voice (a training speaker); default: the model's first.")] = None,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (may loop on a weak model); > 0 = sampling (seeded).")] = 0.7,
-    top_k: Annotated[int, typer.Option("--top-k", help="With sampling: only the k most likely codes (0 = all).")] = 30,
-    max_seconds: Annotated[float, typer.Option("--max-seconds", help="Cap on generated speech per text chunk (seconds).")] = 30.0,
-    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    speaker: SpeakerOption = None,
+    temperature: TemperatureOption = 0.7,
+    top_k: TopKOption = 30,
+    guidance: GuidanceOption = 1.0,
+    max_seconds: MaxSecondsOption = 30.0,
+    seed: SeedOption = 0,
     store_root: Annotated[Optional[Path], typer.Option("--store-root", help="Local store folder (default: $SPEECHLESS_STORE or ./store).")] = None,
     fmt: FormatOption = "text",
 ) -> None:
@@ -72,12 +75,11 @@ def text(
 
     Text output prints the compact code string of each text (one line each); JSON prints token rows like `audio`.
     """
-    from speechless.commands.stage2 import generate_settings
     from speechless.store import store_config
     from stages.stage2_t2s import GenRequest, check_stage1_match, generate_rows, load_stage2
 
     fmt = check_format(fmt)
-    gen = generate_settings(temperature, top_k, max_seconds, 64, speaker, seed)
+    gen = generate_settings(temperature, top_k, max_seconds, 64, speaker, seed, guidance)
     store_cfg = store_config(root=store_root)
     t2s, revision, _ = load_stage2(model, weights, store_cfg)
     check_stage1_match(t2s, stage1, store_cfg)
