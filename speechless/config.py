@@ -104,11 +104,28 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def _fill_defaults(schema: type[Section], data: Any, default: Section | None = None) -> Any:
+    """`data` with each partly given section completed from the enclosing schema's default for it, so that a key left
+    out keeps that default: stage 3's `data.generate` (max_seconds 20) given only `guidance` keeps max_seconds 20
+    rather than falling back to GenerateConfig's own 30."""
+    if not isinstance(data, dict):
+        return data
+    out = {name: getattr(default, name) for name in schema.model_fields} if default is not None else {}
+    for key, value in data.items():
+        field = schema.model_fields.get(key)
+        sub = _section_type(field.annotation) if field is not None else None
+        if sub is not None and isinstance(value, dict):
+            inner = getattr(default, key) if default is not None else field.default
+            value = _fill_defaults(sub, value, inner if isinstance(inner, Section) else None)
+        out[key] = value
+    return out
+
+
 def validate(schema: type[Schema], data: dict, where: str) -> Schema:
     """Validate `data` against `schema`, turning the first problem into one clear line."""
     _check_keys(schema, data, where)
     try:
-        return schema.model_validate(data)
+        return schema.model_validate(_fill_defaults(schema, data))
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"])

@@ -35,6 +35,18 @@ def test_defaults_file_and_overrides(tmp_path):
     assert load_config(Outer, None).train.steps == 10
 
 
+class Stage(Section):
+    fast: Inner = Inner(steps=3, lr=0.1)  # this schema's own defaults for the section
+    slow: Outer = Outer(train=Inner(steps=99))
+
+
+def test_a_partly_given_section_keeps_its_enclosing_defaults(tmp_path):
+    cfg = load_config(Stage, write(tmp_path, "fast:\n  lr: 0.2\n"), ["slow.train.lr=0.7"])
+    assert (cfg.fast.steps, cfg.fast.lr) == (3, 0.2)  # steps stays Stage's 3, not Inner's 10
+    assert (cfg.slow.train.steps, cfg.slow.train.lr, cfg.slow.out_dir) == (99, 0.7, "runs/x")
+    assert load_config(Stage, None, ["fast.names=[z]"]).fast.lr == 0.1
+
+
 def test_unknown_key_lists_valid_keys_and_suggests(tmp_path):
     with pytest.raises(UsageError) as err:
         load_config(Outer, write(tmp_path, "train:\n  stpes: 5\n"))
