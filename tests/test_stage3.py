@@ -96,9 +96,13 @@ def test_stage2_trained_on_another_stage1_is_refused_and_speech_is_cached(tmp_pa
     assert set(tokens) == {"u1", "u2"} and tokens["u1"]["stage1_revision"] == stage1["revision"]
     assert record["stage1_revision"] == stage1["revision"] and "draws" not in record
     cached = list((tmp_path / "work" / "speech").glob("stage2_*.jsonl"))
-    assert len(cached) == 2  # the texts and the generated tokens (named by the stage-2 revision)
+    assert len(cached) == 2  # the texts and the generated tokens (named by the stage-2 revision and generation settings)
     again, _ = synthetic_tokens(cfg, rows, tmp_path / "work")
     assert again == tokens  # served from the cache
+    reseeded = load_config(Stage3Config, None, [*common, "data.generate.seed=5"])
+    other, _ = synthetic_tokens(reseeded, rows, tmp_path / "work")
+    assert len(list((tmp_path / "work" / "speech").glob("stage2_*_*.jsonl"))) == 2  # another sample, another cache
+    assert any(other[k]["codes"] != tokens[k]["codes"] for k in tokens)
 
 
 def test_best_of_n_draws_keeps_the_draw_the_stage2_probe_reads_best(tmp_path):
@@ -114,7 +118,7 @@ def test_best_of_n_draws_keeps_the_draw_the_stage2_probe_reads_best(tmp_path):
     probe.save(tmp_path / "s2" / "probe")
     tokens, record = synthetic_tokens(cfg, rows, tmp_path / "work")
     assert set(tokens) == {"u1", "u2"} and record["draws"]["n"] == 4
-    draws = {r["id"]: r for _, r in read_jsonl(next((tmp_path / "work" / "speech").glob("stage2_????????????.jsonl")))}
+    draws = {r["id"]: r for _, r in read_jsonl(next((tmp_path / "work" / "speech").glob("stage2_????????????_????????.jsonl")))}
     assert len(draws) == 8  # 4 draws of each turn were generated and cached
     probe = CTCProbe.load(tmp_path / "s2" / "probe")
     for key, text in (("u1", "Ba ka."), ("u2", "Di mo.")):
