@@ -1,12 +1,16 @@
 """Markdown tables of a stage-3 run's metrics.json (the figures in benchmarks/RESULTS.md, section Stage 3).
 
-    python benchmarks/stage3_tables.py runs/demo/stage3/metrics.json
+    python benchmarks/stage3_tables.py runs/demo/stage3/metrics.json [--corpus runs/demo/corpus]
+
+With --corpus, also what the demo's closed tasks score without listening: always the commonest training answer, and
+the commonest training answer for the sentence's verb (what a model that hears only the verb can do).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+from collections import Counter, defaultdict
 from pathlib import Path
 
 
@@ -45,5 +49,29 @@ def tables(metrics: dict) -> str:
     return "\n".join(out)
 
 
+def closed_task_baselines(corpus: Path, held_out: tuple[str, ...] = ("dev", "test")) -> str:
+    """Scores of two guessers on the held-out sentences (each is asked once per recording, the same for every one)."""
+    sentences = [json.loads(line) for line in (corpus / "sentences.jsonl").read_text().splitlines()]
+    out = ["| task | held-out sentences | commonest answer | commonest answer for the verb |", "|---|---|---|---|"]
+    for task, field in (("where", "place"), ("who", "subject")):
+        train = [s for s in sentences if s["split"] == "train" and s.get(field)]
+        test = [s for s in sentences if s["split"] in held_out and s.get(field)]
+        overall = Counter(s[field] for s in train).most_common(1)[0][0]
+        by_verb = defaultdict(Counter)
+        for s in train:
+            by_verb[s["verb"]][s[field]] += 1
+        guess = lambda s: by_verb[s["verb"]].most_common(1)[0][0] if by_verb[s["verb"]] else overall
+        out.append(f"| {task} | {len(test)} | {sum(s[field] == overall for s in test) / len(test):.3f} | "
+                   f"{sum(s[field] == guess(s) for s in test) / len(test):.3f} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    print(tables(json.loads(Path(sys.argv[1]).read_text())))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("metrics", type=Path, help="a stage-3 run's metrics.json")
+    parser.add_argument("--corpus", type=Path, help="the demo corpus folder (sentences.jsonl): print the closed tasks' guessing baselines")
+    args = parser.parse_args()
+    print(tables(json.loads(args.metrics.read_text())))
+    if args.corpus:
+        print("\nWithout listening (held-out dev + test):\n")
+        print(closed_task_baselines(args.corpus))
