@@ -223,9 +223,15 @@ def speaker_map(cfg: DataConfig, stage1: Stage1) -> dict[str, str]:
     manifest = cfg.manifest
     if manifest is None:
         prov = stage1.folder / "provenance.json"
-        manifest = read_json(prov).get("manifest", {}).get("path") if prov.is_file() else None
+        recorded = read_json(prov).get("manifest", {}) if prov.is_file() else {}
+        manifest = recorded.get("path")
         if manifest and not Path(manifest).is_file():
-            log.warn(f"stage-1 manifest {manifest} not found: training without speaker ids (set data.manifest)")
+            log.warn(f"stage-1 manifest {manifest} not found: no speaker ids (set data.manifest)")
+            return {}
+        # a relative path is read from the working folder, where another manifest may stand under the same name
+        if manifest and recorded.get("sha256") and sha256_file(manifest) != recorded["sha256"]:
+            log.warn(f"{manifest} is not the manifest stage 1 read (sha256 differs; a relative path is read from the "
+                     "working folder): no speaker ids (set data.manifest)")
             return {}
     if not manifest:
         return {}

@@ -252,3 +252,21 @@ def test_join_utterances_joins_same_speaker_within_caps():
     assert join_utterances(pool, pool, by_speaker, 0.0, random.Random(0), 10, 100) == pool
     capped = join_utterances(pool, pool, by_speaker, 1.0, random.Random(0), max_tokens=3, max_frames=100)
     assert all(len(ids) <= 3 for ids, _, _ in capped) and capped[2][0] == [4, 5, 6]
+
+
+def test_speakers_come_only_from_the_manifest_stage1_read(tmp_path, monkeypatch, capsys):
+    from speechless.io import sha256_file, write_json
+    from stages.stage2_t2s import DataConfig, resolve_stage1, speaker_map
+
+    folder = make_fake_stage1(tmp_path / "stage1", sentences=4)
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "all.jsonl").write_bytes((folder / "manifest.jsonl").read_bytes())
+    write_json(folder / "provenance.json", {"stage": "stage1", "manifest": {"path": "all.jsonl", "sha256": sha256_file(folder / "manifest.jsonl")}})
+    stage1 = resolve_stage1(str(folder))
+    monkeypatch.chdir(tmp_path / "here")
+    assert speaker_map(DataConfig(stage1=str(folder)), stage1)["u0000-s2"] == "s2"
+    (tmp_path / "there").mkdir()  # another manifest under the same relative name: its speakers are not used
+    (tmp_path / "there" / "all.jsonl").write_text(json.dumps({"id": "u0000-s2", "speaker_id": "s1"}) + "\n")
+    monkeypatch.chdir(tmp_path / "there")
+    assert speaker_map(DataConfig(stage1=str(folder)), stage1) == {}
+    assert "not the manifest stage 1 read" in capsys.readouterr().err.replace("\n", " ")
