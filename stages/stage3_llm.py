@@ -258,6 +258,17 @@ def load_base(base: BaseConfig, encoder_cfg: EncoderConfig, encoder_sha: str, to
     return model
 
 
+def adapted_model(base: BaseConfig, encoder_cfg: EncoderConfig, encoder_sha: str, adapter: AdapterConfig, seed: int,
+                  tokenizer=None) -> SpeechLM:
+    """The base with a new adapter whose random initial weights come from `seed` alone, not from whatever ran before in
+    this process (text pre-training, other variants): so models A and B start from the same adapter and the same
+    dropout stream, and differ only in the speech they learn from."""
+    model = load_base(base, encoder_cfg, encoder_sha, tokenizer)
+    torch.manual_seed(seed)
+    model.attach(adapter)
+    return model
+
+
 # -------------------------------------------------------------------------------------------------- speech vectors
 
 def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[dict[str, dict], dict]:
@@ -510,8 +521,7 @@ def train(cfg: Stage3Config) -> dict:
             t0 = time.time()
             adapter = cfg.adapter.model_copy(update={"kind": "dus" if kind == "dus_all" else kind,
                                                      "speech_only": cfg.adapter.speech_only and kind != "dus_all"})
-            model = load_base(base_cfg, encoder_cfg, encoder_sha)
-            model.attach(adapter)
+            model = adapted_model(base_cfg, encoder_cfg, encoder_sha, adapter, cfg.run.seed)
             examples = model.embed_audio_once(speech_examples(model, train_rows, tokens, rvq))
             fingerprint = f"{config_fingerprint(cfg)} {name} {model.dus_after}"
             history = train_loop(model, examples, cfg.train.steps, cfg.train.batch_size, cfg.train.learning_rate, cfg.train.warmup_steps,

@@ -14,7 +14,7 @@ from speechless.config import load_config
 from speechless.errors import UsageError
 from speechless.io import read_jsonl
 from speechless.instructions import as_text, demo_conversations, read_conversations
-from stages.stage3_llm import Stage3Config, score_task, synthetic_tokens, train_loop
+from stages.stage3_llm import Stage3Config, adapted_model, score_task, synthetic_tokens, train_loop
 from test_llm import clip, conversation, make, setup  # noqa: F401  (fixture)
 from test_t2s import TINY_BACKBONE, make_fake_stage1
 
@@ -126,6 +126,22 @@ def test_best_of_n_draws_keeps_the_draw_the_stage2_probe_reads_best(tmp_path):
         chosen = int(tokens[key]["draw"].rsplit("#", 1)[1])
         assert errors[chosen] == min(errors) and tokens[key]["codes"] == draws[f"{key}#{chosen}"]["codes"]
     assert record["draws"]["probe_cer_kept"] <= record["draws"]["probe_cer_first_draw"]
+
+
+@pytest.mark.parametrize("kind", ["lora", "dus"])
+def test_every_variant_starts_from_the_same_adapter_whatever_ran_before(setup, kind):  # noqa: F811
+    from speechless.llm import AdapterConfig, BaseConfig
+
+    from test_llm import ROOT
+
+    base = BaseConfig(kind="gemma4_audio", source=str(ROOT / "configs/llm/tiny_gemma4.json"), device="cpu")
+    make_one = lambda seed: adapted_model(base, setup[1], setup[2], AdapterConfig(kind=kind, dus_blocks=1), seed, setup[3])
+    first = {k: v.detach().clone() for k, v in make_one(0).trainable_parameters().items()}
+    torch.randn(1000)  # other work in between (text pre-training, an earlier variant) moves the global random state
+    second = make_one(0).trainable_parameters()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    if kind == "lora":  # random initial weights (DUS blocks are copies of base blocks with zeroed outputs: no randomness)
+        assert any(not torch.equal(first[k], v) for k, v in make_one(1).trainable_parameters().items())
 
 
 def test_training_resumes_after_a_kill_to_the_same_weights(setup, tmp_path, monkeypatch):  # noqa: F811
