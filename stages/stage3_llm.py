@@ -296,8 +296,7 @@ def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[d
                 texts[draw_id] = {"id": draw_id, "text": part["text"], "speaker": speaker}
                 part_of[draw_id] = key
     # named by the stage-2 weights and every generation setting, so changed settings never reuse another sample's cache
-    settings = hashlib.sha256(json.dumps(cfg.data.generate.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
-    output = work / "speech" / f"stage2_{revision[:12]}_{settings}.jsonl"
+    output = work / "speech" / f"stage2_{revision[:12]}_{config_fingerprint(cfg.data.generate)[:8]}.jsonl"
 
     def holds(path: Path, wanted: list[dict]) -> bool:
         return path.exists() and {row["id"] for _, row in read_jsonl(path)} == {row["id"] for row in wanted}
