@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from speechless import distributed, log
 from speechless.config import Section, to_yaml
@@ -73,6 +73,16 @@ class DataConfig(Section):
     """Stage 2 speaks each user turn this many times and the draw its CTC probe (trained on REAL stage-1 tokens) reads
     closest to the text is kept: best-of-n filtering of synthetic speech by an ASR, which costs n x the generation and
     no real speech. 1 = one draw, no probe needed."""
+    kept_draws: int = Field(1, ge=1)
+    """Of those n draws, the k the probe reads best are all kept, and every conversation is trained on in each of
+    them (k x the examples, as many steps): several takes of each turn, at no extra generation cost. At most n."""
+
+    @model_validator(mode="after")
+    def _kept_draws_within_draws(self):
+        if self.kept_draws > self.synthetic_draws:
+            raise ValueError(f"kept_draws={self.kept_draws} is more than synthetic_draws={self.synthetic_draws}: keep at most "
+                             "the draws that are generated")
+        return self
 
 
 class PretrainConfig(Section):
@@ -271,10 +281,11 @@ def adapted_model(base: BaseConfig, encoder_cfg: EncoderConfig, encoder_sha: str
 
 # -------------------------------------------------------------------------------------------------- speech vectors
 
-def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[dict[str, dict], dict]:
+def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[list[dict[str, dict]], dict]:
     """Stage-2 tokens for every speech part (by its utterance id, in that recording's voice): cached and resumable.
-    With `data.synthetic_draws` n > 1 every part is spoken n times (all draws cached) and the one stage 2's CTC probe
-    reads closest to the text is kept (`best_draws`); the lineage records n and the probe CER of first and kept draws.
+    One {part: tokens} take per kept draw, the best first. With `data.synthetic_draws` n > 1 every part is spoken n
+    times (all draws cached) and the `data.kept_draws` that stage 2's CTC probe reads closest to the text are kept
+    (`best_draws`); the lineage records n, k and the probe CER of the first, best and kept draws.
 
     Several processes: each rank speaks its share of the texts into its own resumable part file (on its own GPU),
     then rank 0 merges the parts into the cache in text order. With sampling the draws depend on which texts share a
@@ -327,30 +338,38 @@ def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[d
     tokens = {row["id"]: row for _, row in read_jsonl(output)}
     version = open_store(cfg.store).resolve(cfg.data.stage2).ref if is_store_ref(cfg.data.stage2) else None
     record = {"ref": cfg.data.stage2, "version": version, "revision": revision, "stage1_revision": model.stage1["revision"]}
-    if draws > 1:
-        probe = load_probe(folder / "probe", resolve_stage1(cfg.data.stage1, cfg.store))
-        tokens, chosen = best_draws(tokens, texts, part_of, probe)
-        record["draws"] = {"n": draws, **chosen}
-        log.info(f"stage-2 speech: kept the best of {draws} draws per turn; probe CER {record['draws']['probe_cer_first_draw']:.4f} "
-                 f"(first draw) -> {record['draws']['probe_cer_kept']:.4f} (kept)")
-    return tokens, record
+    if draws == 1:
+        return [tokens], record
+    probe = load_probe(folder / "probe", resolve_stage1(cfg.data.stage1, cfg.store))
+    takes, chosen = best_draws(tokens, texts, part_of, probe, cfg.data.kept_draws)
+    record["draws"] = {"n": draws, "kept": cfg.data.kept_draws, **chosen}
+    log.info(f"stage-2 speech: kept the best {cfg.data.kept_draws} of {draws} draws per turn; probe CER "
+             f"{chosen['probe_cer_first_draw']:.4f} (first draw) -> {chosen['probe_cer_best']:.4f} (best), "
+             f"{chosen['probe_cer_kept']:.4f} (all kept)")
+    return takes, record
 
 
-def best_draws(generated: dict[str, dict], texts: dict[str, dict], part_of: dict[str, str], probe: CTCProbe) -> tuple[dict[str, dict], dict]:
-    """For each speech part, the draw whose probe transcript has the lowest CER against its text (ties: the earlier draw),
-    keyed by the part; with the corpus probe CER of the first draws and of the kept ones."""
+def best_draws(generated: dict[str, dict], texts: dict[str, dict], part_of: dict[str, str], probe: CTCProbe,
+               keep: int = 1) -> tuple[list[dict[str, dict]], dict]:
+    """For each speech part, the `keep` draws whose probe transcripts have the lowest CER against its text (ties: the
+    earlier draw), as `keep` takes {part: tokens}, the best first; with the corpus probe CER of the first draws, of the
+    best ones and of all kept ones."""
     ids = list(texts)
     heard = dict(zip(ids, probe.transcribe([torch.tensor(generated[i]["codes"], dtype=torch.long) for i in ids])))
     error = {i: cer([texts[i]["text"]], [heard[i]]) for i in ids}
-    kept: dict[str, str] = {}
-    first: dict[str, str] = {}
-    for i in ids:
-        first.setdefault(part_of[i], i)
-        if error[i] < error[kept.setdefault(part_of[i], i)]:
-            kept[part_of[i]] = i
-    summary = {"probe_cer_first_draw": round(cer([texts[i]["text"] for i in first.values()], [heard[i] for i in first.values()]), 4),
-               "probe_cer_kept": round(cer([texts[i]["text"] for i in kept.values()], [heard[i] for i in kept.values()]), 4)}
-    return {key: {**generated[i], "id": key, "draw": i} for key, i in kept.items()}, summary
+    by_part: dict[str, list[str]] = {}
+    for i in ids:  # in draw order, so the stable sort below breaks ties by the earlier draw
+        by_part.setdefault(part_of[i], []).append(i)
+    ranked = {part: sorted(draws, key=error.__getitem__)[:keep] for part, draws in by_part.items()}
+
+    def corpus_cer(chosen: list[str]) -> float:
+        return round(cer([texts[i]["text"] for i in chosen], [heard[i] for i in chosen]), 4)
+
+    summary = {"probe_cer_first_draw": corpus_cer([draws[0] for draws in by_part.values()]),
+               "probe_cer_best": corpus_cer([draws[0] for draws in ranked.values()]),
+               "probe_cer_kept": corpus_cer([i for draws in ranked.values() for i in draws])}
+    takes = [{part: {**generated[draws[rank]], "id": part, "draw": draws[rank]} for part, draws in ranked.items()} for rank in range(keep)]
+    return takes, summary
 
 
 def vectors_from_tokens(rvq: SpeechRVQ, row: dict) -> torch.Tensor:
@@ -498,10 +517,11 @@ def train(cfg: Stage3Config) -> dict:
         base_cfg = pretrain_base(cfg, train_rows, encoder_cfg, encoder_sha, demo_tokenizer_texts(train_rows))
 
     # Speech for the user turns: synthetic (stage 2) for model A, real stage-1 tokens for the topline B.
+    # Each source is a list of takes ({part: tokens}); every conversation is trained on once per take.
     synthetic, stage2_record = synthetic_tokens(cfg, train_rows, work)
     sources = {"A_synthetic": synthetic}
     if cfg.compare.topline:
-        sources["B_real"] = {r["id"]: r for r in load_split(stage1, cfg.data.train_split)}
+        sources["B_real"] = [{r["id"]: r for r in load_split(stage1, cfg.data.train_split)}]
 
     timings = {}
     base = load_base(base_cfg, encoder_cfg, encoder_sha)
@@ -514,14 +534,14 @@ def train(cfg: Stage3Config) -> dict:
     variants = {}
     main_name = f"A_synthetic/{cfg.adapter.kind}"
     kinds = list(dict.fromkeys([cfg.adapter.kind] + cfg.compare.adapters))
-    for source_name, tokens in sources.items():
+    for source_name, takes in sources.items():
         for kind in kinds:
             name = f"{source_name}/{kind}"
             t0 = time.time()
             adapter = cfg.adapter.model_copy(update={"kind": "dus" if kind == "dus_all" else kind,
                                                      "speech_only": cfg.adapter.speech_only and kind != "dus_all"})
             model = adapted_model(base_cfg, encoder_cfg, encoder_sha, adapter, cfg.run.seed)
-            examples = model.embed_audio_once(speech_examples(model, train_rows, tokens, rvq))
+            examples = model.embed_audio_once([e for tokens in takes for e in speech_examples(model, train_rows, tokens, rvq)])
             fingerprint = f"{config_fingerprint(cfg)} {name} {model.dus_after}"
             history = train_loop(model, examples, cfg.train.steps, cfg.train.batch_size, cfg.train.learning_rate, cfg.train.warmup_steps,
                                  work / "variants" / name.replace("/", "_"), fingerprint, cfg.run.seed, cfg.train.checkpoint_every,

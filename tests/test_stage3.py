@@ -92,20 +92,20 @@ def test_stage2_trained_on_another_stage1_is_refused_and_speech_is_cached(tmp_pa
     with pytest.raises(UsageError, match="stage-1 mismatch"):
         synthetic_tokens(wrong, rows, tmp_path / "work")
     cfg = load_config(Stage3Config, None, common)
-    tokens, record = synthetic_tokens(cfg, rows, tmp_path / "work")
+    (tokens,), record = synthetic_tokens(cfg, rows, tmp_path / "work")
     assert set(tokens) == {"u1", "u2"} and tokens["u1"]["stage1_revision"] == stage1["revision"]
     assert record["stage1_revision"] == stage1["revision"] and "draws" not in record
     cached = list((tmp_path / "work" / "speech").glob("stage2_*.jsonl"))
     assert len(cached) == 2  # the texts and the generated tokens (named by the stage-2 revision and generation settings)
-    again, _ = synthetic_tokens(cfg, rows, tmp_path / "work")
+    (again,), _ = synthetic_tokens(cfg, rows, tmp_path / "work")
     assert again == tokens  # served from the cache
     reseeded = load_config(Stage3Config, None, [*common, "data.generate.seed=5"])
-    other, _ = synthetic_tokens(reseeded, rows, tmp_path / "work")
+    (other,), _ = synthetic_tokens(reseeded, rows, tmp_path / "work")
     assert len(list((tmp_path / "work" / "speech").glob("stage2_*_*.jsonl"))) == 2  # another sample, another cache
     assert any(other[k]["codes"] != tokens[k]["codes"] for k in tokens)
 
 
-def test_best_of_n_draws_keeps_the_draw_the_stage2_probe_reads_best(tmp_path):
+def test_best_of_n_draws_keeps_the_draws_the_stage2_probe_reads_best(tmp_path):
     from speechless.probe import CTCProbe, ProbeConfig, cer, train_probe
     from speechless.tokens import read_token_jsonl
 
@@ -116,16 +116,29 @@ def test_best_of_n_draws_keeps_the_draw_the_stage2_probe_reads_best(tmp_path):
     real = read_token_jsonl(tmp_path / "s1a" / "tokens" / "train.jsonl")
     probe, _ = train_probe([torch.tensor(r["codes"]) for r in real], [r["text"] for r in real], ProbeConfig(dim=16, steps=3), 4, 32)
     probe.save(tmp_path / "s2" / "probe")
-    tokens, record = synthetic_tokens(cfg, rows, tmp_path / "work")
-    assert set(tokens) == {"u1", "u2"} and record["draws"]["n"] == 4
+    (tokens,), record = synthetic_tokens(cfg, rows, tmp_path / "work")
+    assert set(tokens) == {"u1", "u2"} and record["draws"]["n"] == 4 and record["draws"]["kept"] == 1
     draws = {r["id"]: r for _, r in read_jsonl(next((tmp_path / "work" / "speech").glob("stage2_????????????_????????.jsonl")))}
     assert len(draws) == 8  # 4 draws of each turn were generated and cached
     probe = CTCProbe.load(tmp_path / "s2" / "probe")
-    for key, text in (("u1", "Ba ka."), ("u2", "Di mo.")):
-        errors = [cer([text], probe.transcribe([torch.tensor(draws[f"{key}#{d}"]["codes"])])) for d in range(4)]
+    errors = {key: [cer([text], probe.transcribe([torch.tensor(draws[f"{key}#{d}"]["codes"])])) for d in range(4)]
+              for key, text in (("u1", "Ba ka."), ("u2", "Di mo."))}
+    for key in errors:
         chosen = int(tokens[key]["draw"].rsplit("#", 1)[1])
-        assert errors[chosen] == min(errors) and tokens[key]["codes"] == draws[f"{key}#{chosen}"]["codes"]
-    assert record["draws"]["probe_cer_kept"] <= record["draws"]["probe_cer_first_draw"]
+        assert errors[key][chosen] == min(errors[key]) and tokens[key]["codes"] == draws[f"{key}#{chosen}"]["codes"]
+    assert record["draws"]["probe_cer_best"] == record["draws"]["probe_cer_kept"] <= record["draws"]["probe_cer_first_draw"]
+
+    # keeping 3 of the 4: three takes, best first, each a different draw; the worst draw is dropped
+    three = load_config(Stage3Config, None, [*common, "data.synthetic_draws=4", "data.kept_draws=3"])
+    takes, record = synthetic_tokens(three, rows, tmp_path / "work")
+    assert len(takes) == 3 and record["draws"]["kept"] == 3
+    for key in errors:
+        kept = [int(take[key]["draw"].rsplit("#", 1)[1]) for take in takes]
+        assert len(set(kept)) == 3 and [errors[key][d] for d in kept] == sorted(errors[key])[:3]
+        assert all(take[key]["codes"] == draws[f"{key}#{d}"]["codes"] for take, d in zip(takes, kept))
+    assert record["draws"]["probe_cer_best"] <= record["draws"]["probe_cer_kept"]
+    with pytest.raises(UsageError, match=r"kept_draws=5 is more than synthetic_draws=4"):
+        load_config(Stage3Config, None, [*common, "data.synthetic_draws=4", "data.kept_draws=5"])
 
 
 @pytest.mark.parametrize("kind", ["lora", "dus"])
