@@ -76,6 +76,9 @@ class DataConfig(Section):
     kept_draws: int = Field(1, ge=1)
     """Of those n draws, the k the probe reads best are all kept, and every conversation is trained on in each of
     them (k x the examples, as many steps): several takes of each turn, at no extra generation cost. At most n."""
+    synthetic_levels: int | None = Field(None, ge=1)
+    """Decode stage-2 speech from only its first L codebook levels (the coarse ones stage 2 predicts best); None = all.
+    Real speech (the topline, evaluation) always uses every level."""
 
     @model_validator(mode="after")
     def _kept_draws_within_draws(self):
@@ -372,11 +375,12 @@ def best_draws(generated: dict[str, dict], texts: dict[str, dict], part_of: dict
     return takes, summary
 
 
-def vectors_from_tokens(rvq: SpeechRVQ, row: dict) -> torch.Tensor:
-    return rvq.decode(torch.tensor(row["codes"], dtype=torch.long).T)
+def vectors_from_tokens(rvq: SpeechRVQ, row: dict, levels: int | None = None) -> torch.Tensor:
+    return rvq.decode(torch.tensor(row["codes"], dtype=torch.long)[:levels].T)
 
 
-def speech_examples(model: SpeechLM, rows: list[dict], tokens: dict[str, dict], rvq: SpeechRVQ, max_frames: int = 750) -> list[Example]:
+def speech_examples(model: SpeechLM, rows: list[dict], tokens: dict[str, dict], rvq: SpeechRVQ, max_frames: int = 750,
+                    levels: int | None = None) -> list[Example]:
     """Tokenized conversations with each speech part's decoded vectors; the frozen audio embedding is computed once."""
     examples = []
     for row in rows:
@@ -385,7 +389,7 @@ def speech_examples(model: SpeechLM, rows: list[dict], tokens: dict[str, dict], 
             key = part.get("utterance") or part["text"]
             if key not in tokens:
                 raise UsageError(f"conversation {row['id']}: no speech tokens for {key!r}")
-            vectors = vectors_from_tokens(rvq, tokens[key])
+            vectors = vectors_from_tokens(rvq, tokens[key], levels)
             clips.append([vectors[i:i + max_frames] for i in range(0, len(vectors), max_frames)])
         examples.append(model.encode(row["messages"], clips))
     return examples
@@ -493,6 +497,9 @@ def train(cfg: Stage3Config) -> dict:
     # Setup: stage 1 (codebooks + encoder) and stage 2, checked against each other.
     stage1 = resolve_stage1(cfg.data.stage1, cfg.store)
     rvq = SpeechRVQ.load(stage1.folder)
+    if (cfg.data.synthetic_levels or 0) > rvq.num_quantizers:
+        raise UsageError(f"data.synthetic_levels={cfg.data.synthetic_levels}: stage 1 ({stage1.folder}) has "
+                         f"{rvq.num_quantizers} codebook levels; set at most {rvq.num_quantizers}")
     encoder_cfg, encoder_sha = stage1_encoder(stage1.folder)
 
     # Conversations.
@@ -541,7 +548,8 @@ def train(cfg: Stage3Config) -> dict:
             adapter = cfg.adapter.model_copy(update={"kind": "dus" if kind == "dus_all" else kind,
                                                      "speech_only": cfg.adapter.speech_only and kind != "dus_all"})
             model = adapted_model(base_cfg, encoder_cfg, encoder_sha, adapter, cfg.run.seed)
-            examples = model.embed_audio_once([e for tokens in takes for e in speech_examples(model, train_rows, tokens, rvq)])
+            levels = cfg.data.synthetic_levels if source_name == "A_synthetic" else None
+            examples = model.embed_audio_once([e for tokens in takes for e in speech_examples(model, train_rows, tokens, rvq, levels=levels)])
             fingerprint = f"{config_fingerprint(cfg)} {name} {model.dus_after}"
             history = train_loop(model, examples, cfg.train.steps, cfg.train.batch_size, cfg.train.learning_rate, cfg.train.warmup_steps,
                                  work / "variants" / name.replace("/", "_"), fingerprint, cfg.run.seed, cfg.train.checkpoint_every,

@@ -14,7 +14,7 @@ from speechless.config import load_config
 from speechless.errors import UsageError
 from speechless.io import read_jsonl
 from speechless.instructions import as_text, demo_conversations, read_conversations
-from stages.stage3_llm import Stage3Config, adapted_model, score_task, synthetic_tokens, train_loop
+from stages.stage3_llm import Stage3Config, adapted_model, score_task, synthetic_tokens, train, train_loop, vectors_from_tokens
 from test_llm import clip, conversation, make, setup  # noqa: F401  (fixture)
 from test_t2s import TINY_BACKBONE, make_fake_stage1
 
@@ -139,6 +139,23 @@ def test_best_of_n_draws_keeps_the_draws_the_stage2_probe_reads_best(tmp_path):
     assert record["draws"]["probe_cer_best"] <= record["draws"]["probe_cer_kept"]
     with pytest.raises(UsageError, match=r"kept_draws=5 is more than synthetic_draws=4"):
         load_config(Stage3Config, None, [*common, "data.synthetic_draws=4", "data.kept_draws=5"])
+
+
+def test_synthetic_levels_decode_the_coarse_prefix_and_are_checked_against_stage1(tmp_path):
+    from speechless.rvq import SpeechRVQ
+    from speechless.tokens import read_token_jsonl
+
+    make_fake_stage1(tmp_path / "s1", sentences=2, seed=0)
+    rvq = SpeechRVQ.load(tmp_path / "s1")
+    row = read_token_jsonl(tmp_path / "s1" / "tokens" / "train.jsonl")[0]
+    codes = torch.tensor(row["codes"]).T  # (frames, levels)
+    coarse = vectors_from_tokens(rvq, row, 2)
+    assert torch.equal(coarse, rvq.decode(codes[:, :2])) and torch.equal(vectors_from_tokens(rvq, row), rvq.decode(codes))
+    assert not torch.allclose(coarse, vectors_from_tokens(rvq, row))
+    too_many = load_config(Stage3Config, None, [f"data.stage1={tmp_path / 's1'}", f"run.out_dir={tmp_path / 'out'}",
+                                                f"data.synthetic_levels={rvq.num_quantizers + 1}"])
+    with pytest.raises(UsageError, match=rf"data.synthetic_levels={rvq.num_quantizers + 1}: stage 1 .* has {rvq.num_quantizers} codebook levels"):
+        train(too_many)
 
 
 @pytest.mark.parametrize("kind", ["lora", "dus"])
