@@ -117,8 +117,9 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(40, ge=1)
     batch_size: int = Field(48, ge=1)
     quantize_real: bool = False
-    """Quantize/dequantize real-audio vectors through stage 1 before the LLM (as in training); both are measured for
-    the main model, this picks what `infer`/`chat` do by default."""
+    """Quantize/dequantize real-audio vectors through stage 1 before the LLM, at the codebook levels the training
+    speech had (`data.synthetic_levels` for model A). Both inputs are measured for the main model and its topline;
+    this setting, kept in the adapter record, is what `stage3 infer|eval` and `chat` do without --[no-]quantize."""
 
 
 class CompareConfig(Section):
@@ -444,8 +445,14 @@ def real_vectors(model: SpeechLM, rows: list[dict], encoder_cfg: EncoderConfig) 
     return out
 
 
-def quantized(rvq: SpeechRVQ, clips: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
-    return {k: [rvq.decode(rvq.encode(w)) for w in v] for k, v in clips.items()}
+def through_stage1(rvq: SpeechRVQ, vectors: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+    """Real-audio vectors quantized by stage 1 and decoded from their first `levels` codebook levels (None = all):
+    the same form as the speech the model was trained on (`speech_levels` in its adapter record)."""
+    return rvq.decode(rvq.encode(vectors)[:, :levels])
+
+
+def quantized(rvq: SpeechRVQ, clips: dict[str, list[torch.Tensor]], levels: int | None = None) -> dict[str, list[torch.Tensor]]:
+    return {k: [through_stage1(rvq, w, levels) for w in v] for k, v in clips.items()}
 
 
 def evaluate(model: SpeechLM, rows: list[dict], clips: dict[str, list[torch.Tensor]] | None, cfg: EvalConfig) -> dict:
@@ -562,10 +569,13 @@ def train(cfg: Stage3Config) -> dict:
                 result["text"] = evaluate(model, eval_rows, None, cfg.eval)
             ppl = perplexity(model, eval_rows)
             result["text_perplexity"] = {"before": base_ppl, "after": ppl, "relative_change": round((ppl - base_ppl) / base_ppl, 6)}
-            if name == main_name:
-                result["speech_quantized"] = evaluate(model, eval_rows, quantized(rvq, clips), cfg.eval)
+            # Real input put through stage 1 at the levels this model's training speech had; for the main model and
+            # its topline, so A and B are also compared with both inputs in the form each was trained on.
+            if kind == cfg.adapter.kind:
+                result["speech_quantized"] = evaluate(model, eval_rows, quantized(rvq, clips, levels), cfg.eval)
             if job.is_main:
-                model.save_adapter(out if name == main_name else work / "variants" / name.replace("/", "_") / "adapter", lineage)
+                model.save_adapter(out if name == main_name else work / "variants" / name.replace("/", "_") / "adapter",
+                                   {**lineage, "speech_levels": levels, "quantize_real": cfg.eval.quantize_real})
             result["seconds"] = round(time.time() - t0, 1)
             variants[name] = result
             log.info(f"{name}: " + ", ".join(f"{t} {v['score']:.3f}" for t, v in result["speech"].items()))
@@ -596,18 +606,24 @@ def load_adapter_record(folder: Path) -> dict:
     return read_json(Path(folder) / "adapter_config.json")
 
 
+def a_vs_b(a: dict, b: dict) -> dict:
+    """Per task: A's and B's score, their ratio and whether A >= 0.9 x B (the issue's bar)."""
+    return {task: {"metric": a[task]["score_name"], "A_synthetic": a[task]["score"], "B_real": b[task]["score"],
+                   "ratio": round(a[task]["score"] / b[task]["score"], 4) if b[task]["score"] else None,
+                   "meets_0.9": bool(b[task]["score"] == 0 or a[task]["score"] >= 0.9 * b[task]["score"])}
+            for task in a}
+
+
 def summarize(variants: dict, base_text: dict, main_name: str, kinds: list[str], sources: list[str]) -> dict:
     """The figures of the closing note: A vs B per task, and the adapter table."""
     summary: dict = {"main": main_name}
     if "B_real" in sources:
-        rows = {}
-        for kind in kinds:
-            a, b = variants[f"A_synthetic/{kind}"]["speech"], variants[f"B_real/{kind}"]["speech"]
-            rows[kind] = {task: {"metric": a[task]["score_name"], "A_synthetic": a[task]["score"], "B_real": b[task]["score"],
-                                 "ratio": round(a[task]["score"] / b[task]["score"], 4) if b[task]["score"] else None,
-                                 "meets_0.9": bool(b[task]["score"] == 0 or a[task]["score"] >= 0.9 * b[task]["score"])}
-                          for task in a}
-        summary["a_vs_b"] = rows
+        summary["a_vs_b"] = {kind: a_vs_b(variants[f"A_synthetic/{kind}"]["speech"], variants[f"B_real/{kind}"]["speech"])
+                             for kind in kinds}
+        main_kind = main_name.split("/")[1]
+        # Both models with real input put through stage 1 as their training speech was (A at data.synthetic_levels).
+        summary["a_vs_b_quantized"] = {main_kind: a_vs_b(variants[main_name]["speech_quantized"],
+                                                         variants[f"B_real/{main_kind}"]["speech_quantized"])}
     summary["adapters"] = {name: {"tasks": {t: v["score"] for t, v in r["speech"].items()},
                                   "text_perplexity_change": r["text_perplexity"]["relative_change"],
                                   "trainable_parameters": r["parameters"]["trainable"]} for name, r in variants.items()}
@@ -629,6 +645,10 @@ def model_card(cfg: Stage3Config, metrics: dict, provenance: dict) -> str:
     for name, row in ev["adapters"].items():
         lines.append(f"| {name} | " + " | ".join(str(row["tasks"].get(t, "")) for t in cfg.data.tasks)
                      + f" | {row['text_perplexity_change']:+.4%} | {row['trainable_parameters']:,} |")
+    for key, label in (("a_vs_b", "native input"), ("a_vs_b_quantized", "input through stage 1 as in training")):
+        for kind, rows in ev.get(key, {}).items():
+            lines.append(f"\nA (synthetic) / B (real-speech topline), {kind}, {label}: "
+                         + ", ".join(f"{t} {r['A_synthetic']} / {r['B_real']}" + ("" if r["meets_0.9"] else " (A < 0.9 x B)") for t, r in rows.items()))
     lines += ["", "Scores: asr 1 - CER, ast chrF/100, where/who exact match. Text-only base on the same requests as text: "
               + ", ".join(f"{t} {v}" for t, v in ev["base_text_scores"].items()), "",
               "Files: `adapter.safetensors` + `adapter_config.json` (adapter weights only; lineage inside), metrics.json, provenance.json."]
@@ -654,9 +674,19 @@ def load_for_inference(ref: str, store_cfg: StoreConfig | None = None) -> tuple[
     return model, record, folder
 
 
-def answer_requests(model: SpeechLM, requests: list[dict], max_new_tokens: int = 40, batch_size: int = 16, rvq: SpeechRVQ | None = None) -> list[str]:
+def stage1_round_trip(record: dict, quantize: bool | None, store_cfg: StoreConfig | None = None) -> tuple[SpeechRVQ | None, int | None]:
+    """(stage-1 quantizer, levels) to put an adapter's real input through, or (None, None) for the native path.
+    `quantize` None = the adapter's recorded `quantize_real`; levels are its training speech's (`speech_levels`)."""
+    if not (record.get("quantize_real", False) if quantize is None else quantize):
+        return None, None
+    return SpeechRVQ.load(resolve_stage1(record["stage1"]["ref"], store_cfg).folder), record.get("speech_levels")
+
+
+def answer_requests(model: SpeechLM, requests: list[dict], max_new_tokens: int = 40, batch_size: int = 16,
+                    rvq: SpeechRVQ | None = None, levels: int | None = None) -> list[str]:
     """Requests {"text": instruction, "audio": path or None} -> answers. Audio longer than the encoder window is split
-    into windows of at most 30 s, each its own audio block (as Gemma's processor would need)."""
+    into windows of at most 30 s, each its own audio block (as Gemma's processor would need). With `rvq`, the audio
+    vectors go through stage 1 first (`through_stage1` at `levels`)."""
     from speechless.data.manifest import ManifestEntry
     from speechless.features import encode_entries
 
@@ -669,7 +699,7 @@ def answer_requests(model: SpeechLM, requests: list[dict], max_new_tokens: int =
         windows = list(torch.split(utt.vectors, [int(w[2]) for w in utt.windows]))
         if len(windows) > 1:
             log.warn(f"{requests[int(utt.id)]['audio']}: longer than {model.encoder_cfg.max_window_s:g} s; split into {len(windows)} windows")
-        clips[utt.id] = [rvq.decode(rvq.encode(w)) for w in windows] if rvq is not None else windows
+        clips[utt.id] = [through_stage1(rvq, w, levels) for w in windows] if rvq is not None else windows
     prompts = []
     for i, r in enumerate(requests):
         content = [{"type": "text", "text": r.get("text") or ""}]

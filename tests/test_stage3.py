@@ -224,6 +224,49 @@ def test_audio_longer_than_the_window_is_split_into_audio_blocks(setup, tmp_path
     assert "split into 3 windows" in " ".join(capsys.readouterr().err.split())
 
 
+def test_real_input_goes_through_stage1_at_the_levels_the_adapter_trained_on(setup, tmp_path):  # noqa: F811
+    from stages.stage3_llm import answer_requests, stage1_round_trip
+
+    make_fake_stage1(tmp_path / "s1", sentences=4, dim=32)  # the tiny audio tower's hook width
+    record = {"stage1": {"ref": str(tmp_path / "s1")}, "speech_levels": 2, "quantize_real": False}
+    assert stage1_round_trip(record, None) == (None, None)  # the adapter's recorded default: the native path
+    assert stage1_round_trip({**record, "quantize_real": True}, False) == (None, None)
+    assert stage1_round_trip({**record, "quantize_real": True}, None)[1] == 2
+    rvq, levels = stage1_round_trip(record, True)
+    assert levels == 2 and rvq.num_quantizers == 4
+    model = make(setup)
+    sf.write(tmp_path / "a.wav", clip(1.2), 16000)
+    seen = []
+    real_encode = model.encode
+    model.encode = lambda messages, audio, with_answer=True: seen.append(audio[0][0]) or real_encode(messages, audio, with_answer)
+    request = [{"text": "Transcribe the audio.\n", "audio": str(tmp_path / "a.wav")}]
+    for args in ((), (rvq, levels), (rvq, None)):
+        answer_requests(model, request, 2, 1, *args)
+    native, coarse, full = seen
+    codes = rvq.encode(native)
+    assert torch.equal(coarse, rvq.decode(codes[:, :2])) and torch.equal(full, rvq.decode(codes))
+    assert not torch.allclose(coarse, full) and not torch.allclose(full, native)
+
+
+def test_a_vs_b_summary_compares_both_inputs_per_task():
+    from stages.stage3_llm import summarize
+
+    def scores(asr, where):
+        return {"asr": {"score_name": "1-CER", "score": asr}, "where": {"score_name": "exact_match", "score": where}}
+
+    def variant(native, stage1):
+        return {"speech": native, "speech_quantized": stage1, "parameters": {"trainable": 10},
+                "text_perplexity": {"before": 2.0, "after": 2.0, "relative_change": 0.0}}
+
+    variants = {"A_synthetic/lora": variant(scores(0.5, 0.38), scores(0.5, 0.45)),
+                "B_real/lora": variant(scores(0.5, 0.49), scores(0.4, 0.48))}
+    summary = summarize(variants, scores(0.9, 1.0), "A_synthetic/lora", ["lora"], ["A_synthetic", "B_real"])
+    native, stage1 = summary["a_vs_b"]["lora"], summary["a_vs_b_quantized"]["lora"]
+    assert native["asr"]["meets_0.9"] and native["asr"]["ratio"] == 1.0
+    assert not native["where"]["meets_0.9"] and native["where"]["ratio"] == round(0.38 / 0.49, 4)
+    assert stage1["where"]["meets_0.9"] and stage1["asr"]["B_real"] == 0.4 and stage1["asr"]["ratio"] == 1.25
+
+
 def test_scores():
     asr = score_task("asr", False, ["watoto walichora picha", ""], ["Watoto walichora picha.", "Mtoto anakula."])  # 2 errors / 5 words
     assert asr["wer"] == 0.4 and 0 < asr["cer"] < 1 and asr["score"] == round(1 - asr["cer"], 4)

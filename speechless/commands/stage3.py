@@ -15,7 +15,9 @@ app = typer.Typer(no_args_is_help=True)
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Stage-3 adapter folder or store reference (stage3@v1, stage3@latest).")]
 InstructionOption = Annotated[str, typer.Option("--instruction", help="Instruction sent with each audio (rows may carry their own 'instruction').")]
-QuantizeOption = Annotated[bool, typer.Option("--quantize/--no-quantize", help="Quantize/dequantize the audio vectors through stage 1 first (as in training).")]
+QuantizeOption = Annotated[Optional[bool], typer.Option("--quantize/--no-quantize", show_default=False,
+                          help="Quantize/dequantize the audio vectors through stage 1 first, at the codebook levels of the training speech "
+                               "[default: the adapter's eval.quantize_real]")]
 MaxTokensOption = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")]
 
 
@@ -72,19 +74,17 @@ def infer(
     model: ModelOption = "stage3@latest",
     instruction: InstructionOption = "Transcribe the audio.",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write answers as JSONL here (default: stdout).")] = None,
-    quantize: QuantizeOption = False,
+    quantize: QuantizeOption = None,
     max_new_tokens: MaxTokensOption = 40,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Requests answered together.")] = 16,
 ) -> None:
     """Answer a batch of requests: real audio (through the model's own audio tower) and/or text, in; text out."""
     from speechless.io import write_jsonl
-    from speechless.rvq import SpeechRVQ
-    from stages.stage3_llm import answer_requests, load_for_inference, resolve_stage1
+    from stages.stage3_llm import answer_requests, load_for_inference, stage1_round_trip
 
     ids, requests = _read_requests(manifest, instruction)
     lm, record, _ = load_for_inference(model)
-    rvq = SpeechRVQ.load(resolve_stage1(record["stage1"]["ref"]).folder) if quantize else None
-    answers = answer_requests(lm, requests, max_new_tokens, batch_size, rvq)
+    answers = answer_requests(lm, requests, max_new_tokens, batch_size, *stage1_round_trip(record, quantize))
     rows = [{"id": i, "answer": a} for i, a in zip(ids, answers)]
     if output is not None:
         write_jsonl(output, rows)
@@ -99,20 +99,20 @@ def evaluate(
     manifest: Annotated[Path, typer.Option("--manifest", help="Corpus manifest with sentences.jsonl beside it (the demo corpus).")] = Path("runs/demo/corpus/all.jsonl"),
     split: Annotated[str, typer.Option("--split", help="Held-out split of real recordings.")] = "test",
     voices: Annotated[int, typer.Option("--voices", help="Recordings per sentence.")] = 2,
-    quantize: QuantizeOption = False,
+    quantize: QuantizeOption = None,
     fmt: FormatOption = "text",
 ) -> None:
     """Score an adapter on held-out REAL speech of the demo task set (WER/CER, BLEU/chrF, exact match)."""
     from speechless.instructions import DEMO_TASKS, demo_conversations
-    from speechless.rvq import SpeechRVQ
-    from stages.stage3_llm import EvalConfig, evaluate as run_eval, load_for_inference, manifest_rows, quantized, real_vectors, resolve_stage1
+    from stages.stage3_llm import EvalConfig, evaluate as run_eval, load_for_inference, manifest_rows, quantized, real_vectors, stage1_round_trip
 
     fmt = check_format(fmt)
     lm, record, _ = load_for_inference(model)
     rows = demo_conversations(manifest.parent / "sentences.jsonl", manifest_rows(manifest), split, list(DEMO_TASKS), voices, 0)
     clips = real_vectors(lm, rows, lm.encoder_cfg)
-    if quantize:
-        clips = quantized(SpeechRVQ.load(resolve_stage1(record["stage1"]["ref"]).folder), clips)
+    rvq, levels = stage1_round_trip(record, quantize)
+    if rvq is not None:
+        clips = quantized(rvq, clips, levels)
     result = run_eval(lm, rows, clips, EvalConfig())
     if fmt == "json":
         emit(result, "json")
@@ -124,19 +124,17 @@ def chat(
     audio: Annotated[Optional[Path], typer.Option("--audio", help="Audio file (any format soundfile reads; longer than 30 s is split into windows).")] = None,
     text: Annotated[Optional[str], typer.Option("--text", help="Instruction or question (default with audio: transcribe).")] = None,
     model: ModelOption = "stage3@latest",
-    quantize: QuantizeOption = False,
+    quantize: QuantizeOption = None,
     max_new_tokens: MaxTokensOption = 60,
 ) -> None:
     """One request to a stage-3 model: speech and/or text in, text out."""
     from speechless.errors import UsageError
-    from speechless.rvq import SpeechRVQ
-    from stages.stage3_llm import answer_requests, load_for_inference, resolve_stage1
+    from stages.stage3_llm import answer_requests, load_for_inference, stage1_round_trip
 
     if audio is None and not text:
         raise UsageError("chat: give --audio FILE and/or --text 'question'")
     if audio is not None and not audio.is_file():
         raise UsageError(f"--audio {audio}: file not found")
     lm, record, _ = load_for_inference(model)
-    rvq = SpeechRVQ.load(resolve_stage1(record["stage1"]["ref"]).folder) if quantize else None
     request = {"text": (text or "Transcribe the audio.") + ("\n" if audio else ""), "audio": str(audio) if audio else None}
-    emit(answer_requests(lm, [request], max_new_tokens, 1, rvq)[0])
+    emit(answer_requests(lm, [request], max_new_tokens, 1, *stage1_round_trip(record, quantize))[0])
