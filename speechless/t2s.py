@@ -278,6 +278,18 @@ class DurationModel:
         return max(1, round(sum(w * f for w, f in zip(weights, text_features(text)))))
 
 
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, guidance: float, eoa: int) -> torch.Tensor:
+    """Classifier-free guidance u + w (c - u) over the codes (B, Q, V), except the end: level 0's end-of-audio logit
+    is set so that the odds of ending against going on are the text-conditioned model's own. Guidance is meant to
+    change what is said, not when it stops (the length comes from the progress conditioning both branches share);
+    amplified, the end logit made the demo model stop after one frame on 30 of 150 held-out texts at w = 3."""
+    guided = uncond + guidance * (cond - uncond)
+    codes = torch.ones(cond.shape[-1], dtype=torch.bool, device=cond.device)
+    codes[eoa] = False
+    guided[:, 0, eoa] = cond[:, 0, eoa] - cond[:, 0, codes].logsumexp(-1) + guided[:, 0, codes].logsumexp(-1)
+    return guided
+
+
 def progress_buckets(steps: torch.Tensor, frames: torch.Tensor, buckets: int) -> torch.Tensor:
     """Bucket of audio steps `steps` (B, S) in utterances of `frames` (B,) frames: floor(s x (K - 1) / T), so the last
     bucket K - 1 is reached exactly at step T (where level 0 says end-of-audio) and kept after it."""
@@ -647,7 +659,7 @@ class T2SModel(torch.nn.Module):
         while True:
             logits = self.logits(hidden[:, -1]).float()  # (B, Q, V)
             if guided:
-                logits = logits[b:] + guidance * (logits[:b] - logits[b:])
+                logits = guided_logits(logits[:b], logits[b:], guidance, self.eoa)
             frame = step - delay_t  # (Q,) frame each level is at
             # levels > 0 never end by themselves; level 0 may end after min_frames (and must at the cap)
             logits[:, 1:, self.eoa] = -math.inf

@@ -62,7 +62,7 @@ import pytest
 import torch
 
 from speechless.errors import UsageError
-from speechless.t2s import T2SConfig, T2SModel, build_model, collate, delayed_tokens, delays_for
+from speechless.t2s import T2SConfig, T2SModel, build_model, collate, delayed_tokens, delays_for, guided_logits
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -310,6 +310,18 @@ def test_unconditional_training_rows_do_not_see_their_text(tmp_path):
     model.eval()
 
 
+def test_guidance_changes_what_is_said_not_when_it_ends():
+    torch.manual_seed(0)
+    cond, uncond = torch.randn(3, 2, 7) * 3, torch.randn(3, 2, 7) * 3
+    cond[0, 0, 6], uncond[0, 0, 6] = 1.0, -3.0  # a row the text model may end, more than the text-free one would
+    guided = guided_logits(cond, uncond, 3.0, eoa=6)
+    assert torch.allclose(guided[..., :6], uncond[..., :6] + 3.0 * (cond[..., :6] - uncond[..., :6]))
+    assert torch.allclose(guided[:, 0].softmax(-1)[:, 6], cond[:, 0].softmax(-1)[:, 6], atol=1e-6)  # the text model's end odds
+    assert torch.allclose(guided[:, 1], uncond[:, 1] + 3.0 * (cond[:, 1] - uncond[:, 1]))  # only level 0 ends
+    plain = uncond + 3.0 * (cond - uncond)
+    assert plain[0, 0].softmax(-1)[6] > cond[0, 0].softmax(-1)[6] + 0.01  # what plain guidance would have done
+
+
 def test_guidance_zero_is_text_free_and_guided_generation_batches_like_single_rows(tmp_path):
     model = tiny_model(tmp_path, progress_buckets=8, text_window=2, unconditional_prob=0.2)
     with torch.no_grad():  # a random model barely reads the text; make text embeddings matter
@@ -317,7 +329,8 @@ def test_guidance_zero_is_text_free_and_guided_generation_batches_like_single_ro
     ids = [model.text.encode(t).chunks[0] for t in TEXTS]
     frames = [9, 9, 9, 9]
     text_free, _ = model.generate(ids, [0, 0, 0, 0], max_frames=12, target_frames=frames, guidance=0.0)
-    assert all(torch.equal(text_free[0], c) for c in text_free[1:])  # u alone: the same codes whatever the text
+    shortest = min(c.shape[1] for c in text_free)  # the end odds are still the text model's, so lengths may differ
+    assert all(torch.equal(text_free[0][0, :shortest], c[0, :shortest]) for c in text_free[1:])  # u alone picks the codes
     plain, _ = model.generate(ids, [0, 0, 0, 0], max_frames=12, target_frames=frames)
     assert any(not torch.equal(plain[0], c) for c in plain[1:])
     guided, capped = model.generate(ids, [0, 1, 0, 1], max_frames=12, target_frames=frames, guidance=3.0)
