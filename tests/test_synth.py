@@ -61,8 +61,10 @@ def test_config_validation():
         load_config(SynthConfig, None, ["split_ratios=[0.5, 0.2, 0.2]"])
     with pytest.raises(UsageError, match="distinct 'name'"):
         load_config(SynthConfig, None, ["voices=[{variant: m1}, {variant: m1, speed: 120}]"])
+    with pytest.raises(UsageError, match="voices_per_sentence=3 but only 2 voice"):
+        load_config(SynthConfig, None, ["voices=[{variant: m1}, {variant: f2}]", "voices_per_sentence=3"])
     demo = load_config(SynthConfig, ROOT / "configs" / "data" / "demo_synth.yaml")
-    assert demo.num_sentences == 500 and len(demo.voices) == 2 and demo.language == "sw"
+    assert demo.num_sentences == 1000 and demo.voices_per_sentence == 1 and len(demo.voices) == 2 and demo.language == "sw"
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,17 @@ def test_tiny_corpus_splits_are_disjoint_by_sentence_and_every_voice_speaks_ever
     sentences = [json.loads(line) for line in (out / "sentences.jsonl").read_text().splitlines()]
     assert len(sentences) == 6 and {s["split"] for s in sentences} == {"train", "dev", "test"}
     assert (out / "resolved_config.yaml").is_file()
+
+
+def test_voices_per_sentence_takes_the_voices_in_turn(tmp_path):
+    voices = [VoiceConfig(variant="m1", speed=170), VoiceConfig(variant="f4", speed=160), VoiceConfig(variant="m3", speed=180)]
+    entries = read_manifest(synthesize_corpus(tmp_path, num_sentences=6, voices=voices, voices_per_sentence=2, seed=0))
+    sentences = [json.loads(line) for line in (tmp_path / "sentences.jsonl").read_text().splitlines()]
+    voices_of = {row["sentence_id"]: [e.speaker_id for e in entries if e.extra["sentence_id"] == row["sentence_id"]] for row in sentences}
+    assert [sorted(voices_of[row["sentence_id"]]) for row in sentences] == [
+        ["f4", "m1"], ["m1", "m3"], ["f4", "m3"], ["f4", "m1"], ["m1", "m3"], ["f4", "m3"]]
+    assert {voice: sum(voice in spoken for spoken in voices_of.values()) for voice in ("m1", "f4", "m3")} == {"m1": 4, "f4": 4, "m3": 4}
+    assert {e.split for e in entries} == {"train", "dev", "test"}
 
 
 def test_rerun_resumes_without_resynthesizing(tiny, monkeypatch):

@@ -55,7 +55,8 @@ def _input_of(planned) -> str:
     cfg = planned.config
     if planned.step.name == "data" and cfg is not None:
         if hasattr(cfg, "voices"):
-            return f"espeak-ng synthesis: {cfg.num_sentences} sentences x {len(cfg.voices)} voices ({cfg.language})"
+            spoken_by = f"{cfg.voices_per_sentence} of {len(cfg.voices)}" if cfg.voices_per_sentence else str(len(cfg.voices))
+            return f"espeak-ng synthesis: {cfg.num_sentences} sentences x {spoken_by} voices ({cfg.language})"
         return f"manifest {cfg.manifest}" if cfg.source == "manifest" else "import: " + ", ".join(i.dataset for i in cfg.imports)
     if cfg is None:
         return f"the output of {planned.step.upstream}"

@@ -13,8 +13,9 @@ Output layout of `synthesize_corpus(out_dir)`:
       audio/<voice>/<sentence_id>-<hash>.wav   16 kHz mono PCM-16 (hash of text + voice settings)
       resolved_config.yaml          the settings used
 
-Splits are BY SENTENCE (a sentence's text is in exactly one split); every voice speaks every sentence. Re-running
-with the same settings skips audio already written (files appear atomically, so an interrupted run resumes).
+Splits are BY SENTENCE (a sentence's text is in exactly one split); every voice speaks every sentence, or with
+`voices_per_sentence` k, k voices in turn. Re-running with the same settings skips audio already written (files
+appear atomically, so an interrupted run resumes).
 Manifest rows carry two extra fields: `translation` (English) and `sentence_id`.
 """
 
@@ -311,7 +312,11 @@ class SynthConfig(Section):
     language: Literal["sw", "en"] = "sw"
     """Language of the sentences and the espeak-ng voice: sw (Swahili) or en (English)."""
     num_sentences: int = Field(default=400, ge=1)
-    """Distinct sentences to generate; every voice speaks each one."""
+    """Distinct sentences to generate."""
+    voices_per_sentence: int | None = Field(default=None, ge=1)
+    """How many of the voices speak each sentence, taken in turn (sentence i by voices i*k .. i*k+k-1, modulo the
+    number of voices) so every voice gets the same share; None = every voice speaks every sentence. At a fixed audio
+    budget, fewer voices per sentence buy more distinct sentences."""
     seed: int = 0
     """Seed of the sentence sampling (same seed, same corpus)."""
     voices: list[VoiceConfig] = Field(default_factory=lambda: [voice.model_copy() for voice in DEFAULT_VOICES], min_length=1)
@@ -334,6 +339,9 @@ class SynthConfig(Section):
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:
             raise ValueError(f"voices: name {duplicates[0]!r} used twice; give each voice a distinct 'name'")
+        if self.voices_per_sentence is not None and self.voices_per_sentence > len(self.voices):
+            raise ValueError(f"voices_per_sentence={self.voices_per_sentence} but only {len(self.voices)} voice(s) are listed; "
+                             "lower it or add voices")
         return self
 
 
@@ -374,6 +382,12 @@ def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, 
     return train, dev, test
 
 
+def sentence_voices(cfg: SynthConfig, index: int) -> list[VoiceConfig]:
+    """The voices that speak sentence `index`: all of them, or `voices_per_sentence` taken in turn."""
+    per_sentence = cfg.voices_per_sentence or len(cfg.voices)
+    return [cfg.voices[(index * per_sentence + offset) % len(cfg.voices)] for offset in range(per_sentence)]
+
+
 def _audio_name(sentence_id: str, sentence: Sentence, voice: VoiceConfig) -> str:
     key = json.dumps([sentence.language, sentence.text, voice.variant, voice.speed, voice.pitch])
     return f"{sentence_id}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.wav"
@@ -411,11 +425,13 @@ def synthesize_corpus(
     language: str = "sw",
     voices: list[VoiceConfig | str] | None = None,
     num_sentences: int = 400,
+    voices_per_sentence: int | None = None,
     seed: int = 0,
     split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
     workers: int = 2,
 ) -> Path:
-    """Generate sentences, speak each with every voice, write audio and manifests under `out_dir`; return all.jsonl.
+    """Generate sentences, speak each with every voice (or `voices_per_sentence` of them in turn), write audio and
+    manifests under `out_dir`; return all.jsonl.
 
     `voices` are VoiceConfig objects or bare espeak-ng variant names ("m1", "f4"); None = the six default voices.
     Resumable: audio already written for the same text and voice settings is kept. See the module docstring for the
@@ -423,7 +439,8 @@ def synthesize_corpus(
     """
     voice_list = [VoiceConfig(variant=voice) if isinstance(voice, str) else voice for voice in (voices or DEFAULT_VOICES)]
     cfg = SynthConfig(
-        language=language, num_sentences=num_sentences, seed=seed, voices=voice_list, split_ratios=tuple(split_ratios), workers=workers
+        language=language, num_sentences=num_sentences, voices_per_sentence=voices_per_sentence, seed=seed, voices=voice_list,
+        split_ratios=tuple(split_ratios), workers=workers,
     )
     return synthesize_from_config(cfg, out_dir)
 
@@ -447,7 +464,7 @@ def synthesize_from_config(cfg: SynthConfig, out_dir: str | os.PathLike) -> Path
 
     jobs = []
     for index, sentence in enumerate(sentences):
-        for voice in cfg.voices:
+        for voice in sentence_voices(cfg, index):
             path = out_dir / "audio" / voice.label / _audio_name(sentence_ids[index], sentence, voice)
             jobs.append((index, voice, path))
     for voice in cfg.voices:
