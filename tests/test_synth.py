@@ -64,7 +64,7 @@ def test_config_validation():
     with pytest.raises(UsageError, match="voices_per_sentence=3 but only 2 voice"):
         load_config(SynthConfig, None, ["voices=[{variant: m1}, {variant: f2}]", "voices_per_sentence=3"])
     demo = load_config(SynthConfig, ROOT / "configs" / "data" / "demo_synth.yaml")
-    assert demo.num_sentences == 1000 and demo.voices_per_sentence == 1 and len(demo.voices) == 2 and demo.language == "sw"
+    assert demo.num_sentences == 500 and demo.voices_per_sentence is None and len(demo.voices) == 2 and demo.language == "sw"
 
 
 @pytest.fixture(scope="module")
