@@ -402,6 +402,7 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
             for group in optimizer.param_groups:
                 group["lr"] = cfg.train.learning_rate * lr_factor(step, cfg.train)
             model.train()
+            model.own_code_share = step / cfg.train.steps
             picked = join_utterances([train_items[i] for i in batch_idx], train_items, by_speaker, cfg.train.join_prob,
                                      random.Random(cfg.run.seed * 1_000_003 + step), model.cfg.max_text_tokens,
                                      cfg.data.max_frames)

@@ -275,6 +275,31 @@ def test_code_dropout_acts_in_training_only(tmp_path):
     assert bool((error < 1e-5).all()) and float(missing.abs().sum()) > 0
 
 
+def test_own_codes_replace_real_input_codes_in_training_only(tmp_path):
+    model = tiny_model(tmp_path, own_code_prob=1.0)
+    gen = torch.Generator().manual_seed(0)
+    items = [(model.text.encode(t).chunks[0], torch.randint(0, 16, (4, 6 + i), generator=gen), i % 2) for i, t in enumerate(TEXTS)]
+    batch = collate(items, model.delays, model.codebook_size)
+    steps = (batch.audio_mask.cumsum(-1) - 1).clamp_min(0)
+    model.train()
+    torch.manual_seed(0)
+    own = model._with_own_codes(batch, batch.text_mask, steps)
+    codes = batch.audio_in < model.codebook_size
+    assert torch.equal(own[~codes], batch.audio_in[~codes])  # BOA, EOA and PAD stay
+    assert bool((own[codes] < model.codebook_size).all()) and bool((own[codes] != batch.audio_in[codes]).any())
+    model.own_code_share = 0.0  # the start of the recipe's schedule: the real codes
+    assert torch.equal(model._with_own_codes(batch, batch.text_mask, steps), batch.audio_in)
+    model.own_code_share = 1.0
+    model.eval()
+    torch.manual_seed(0)
+    plain = model.loss(batch)["loss"]
+    assert torch.equal(model.loss(batch)["loss"], plain)  # no draws outside training
+    model.train()
+    loss = model.loss(batch)["loss"]
+    loss.backward()
+    assert math.isfinite(float(loss.detach())) and model.head_bias.grad is not None
+
+
 def test_progress_model_counts_against_the_given_length_and_round_trips_save_load(tmp_path):
     model = tiny_model(tmp_path, progress_buckets=8)
     ids = [model.text.encode(t).chunks[0] for t in TEXTS]
