@@ -114,8 +114,10 @@ class T2SConfig(Section):
     input codes. Where code_dropout shows the model nothing, this shows it the kind of error it makes when it speaks
     for itself. The probability rises linearly from 0 at the first training step to this value at the last: early on
     the model's own codes are noise (measured on the demo corpus: 0.3 from the first step left level 0's eval loss at
-    2.29 nats after 500 steps against 1.41, probe CER generated 0.473 against 0.423). Costs a forward pass without
-    gradients per step. Default 0 (off)."""
+    2.29 nats after 500 steps against 1.41). Ramped to 0.3 on the demo corpus (benchmarks/RESULTS.md, stage 3 run 11):
+    eval loss 3.92 against 4.04 and less overfit, but probe CER ratio 1.33 against 1.25, and a stage-3 model trained on
+    its speech no better (A / B "where" 0.78 against 0.76). Costs a forward pass without gradients per step, 1.27x the
+    training time there. Default 0 (off)."""
 
     unconditional_prob: float = Field(0.0, ge=0.0, lt=1.0)
     """In training, the probability that an utterance is learned without its text (text prefix masked out, text window
