@@ -33,11 +33,8 @@ from speechless.instructions import speech_parts  # noqa: E402
 from speechless.io import read_jsonl  # noqa: E402
 from speechless.rvq import SpeechRVQ  # noqa: E402
 from stages.stage2_t2s import resolve_stage1  # noqa: E402
-from stages.stage3_llm import Stage3Config, evaluate, load_for_inference, synthetic_tokens, vectors_from_tokens  # noqa: E402
-
-
-def adapter_folder(run: Path, variant: str, main: str) -> Path:
-    return run if variant == main else run / "work" / "variants" / variant.replace("/", "_") / "adapter"
+from stages.stage3_llm import (Stage3Config, adapter_folder, evaluate, load_for_inference, synthetic_tokens,  # noqa: E402
+                               vectors_from_tokens)
 
 
 def main() -> None:

@@ -622,17 +622,17 @@ class T2SModel(torch.nn.Module):
                     own[..., level][swap[..., level]] = torch.multinomial(logits[:, : self.codebook_size].float().softmax(-1), 1)[:, 0]
         return own
 
+    def _drop_rows(self, mask: torch.Tensor, prob: float) -> torch.Tensor:
+        """In training, `mask` (B, L) with each row zeroed with probability `prob`; otherwise `mask` itself."""
+        if not (self.training and prob):
+            return mask
+        return mask * (torch.rand(mask.shape[0], device=mask.device) >= prob)[:, None]
+
     def loss(self, batch: Batch) -> dict:
         """Weighted mean of per-level cross-entropies over the audio steps: {'loss', 'level_loss' (Q,), 'level_count' (Q,)}."""
         steps = (batch.audio_mask.cumsum(-1) - 1).clamp_min(0)
-        text_mask = batch.text_mask
-        if self.training and self.cfg.unconditional_prob:
-            keep_text = torch.rand(text_mask.shape[0], device=text_mask.device) >= self.cfg.unconditional_prob
-            text_mask = text_mask * keep_text[:, None]
-        prefix_mask = text_mask
-        if self.training and self.cfg.prefix_dropout:
-            keep_prefix = torch.rand(text_mask.shape[0], device=text_mask.device) >= self.cfg.prefix_dropout
-            prefix_mask = text_mask * keep_prefix[:, None]
+        text_mask = self._drop_rows(batch.text_mask, self.cfg.unconditional_prob)  # the text, window included
+        prefix_mask = self._drop_rows(text_mask, self.cfg.prefix_dropout)  # the whole text the audio attends to
         audio_in = batch.audio_in
         if self.training and self.cfg.own_code_prob:
             audio_in = self._with_own_codes(batch, text_mask, steps, prefix_mask)

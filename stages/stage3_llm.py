@@ -486,6 +486,16 @@ def perplexity(model: SpeechLM, rows: list[dict]) -> float:
 
 # ------------------------------------------------------------------------------------------------------------ recipe
 
+def variant_folder(out: Path, name: str) -> Path:
+    """Where variant `name` ("A_synthetic/lora") of the stage-3 run in `out` keeps its checkpoints."""
+    return out / "work" / "variants" / name.replace("/", "_")
+
+
+def adapter_folder(out: Path, name: str, main_name: str) -> Path:
+    """Where the stage-3 run in `out` saved variant `name`'s adapter: the run folder itself for the main model."""
+    return out if name == main_name else variant_folder(out, name) / "adapter"
+
+
 def train(cfg: Stage3Config) -> dict:
     """Run stage 3 end to end; returns a summary (its `eval` is None on ranks > 0 of a torchrun job).
 
@@ -559,7 +569,7 @@ def train(cfg: Stage3Config) -> dict:
             examples = model.embed_audio_once([e for tokens in takes for e in speech_examples(model, train_rows, tokens, rvq, levels=levels)])
             fingerprint = f"{config_fingerprint(cfg)} {name} {model.dus_after}"
             history = train_loop(model, examples, cfg.train.steps, cfg.train.batch_size, cfg.train.learning_rate, cfg.train.warmup_steps,
-                                 work / "variants" / name.replace("/", "_"), fingerprint, cfg.run.seed, cfg.train.checkpoint_every,
+                                 variant_folder(out, name), fingerprint, cfg.run.seed, cfg.train.checkpoint_every,
                                  name, cfg.train.gradient_checkpointing)
             result = {"adapter": adapter.model_dump(mode="json"), "parameters": model.parameter_counts(), "history": history,
                       "speech": evaluate(model, eval_rows, clips, cfg.eval)}
@@ -574,7 +584,7 @@ def train(cfg: Stage3Config) -> dict:
             if kind == cfg.adapter.kind:
                 result["speech_quantized"] = evaluate(model, eval_rows, quantized(rvq, clips, levels), cfg.eval)
             if job.is_main:
-                model.save_adapter(out if name == main_name else work / "variants" / name.replace("/", "_") / "adapter",
+                model.save_adapter(adapter_folder(out, name, main_name),
                                    {**lineage, "speech_levels": levels, "quantize_real": cfg.eval.quantize_real})
             result["seconds"] = round(time.time() - t0, 1)
             variants[name] = result
