@@ -43,7 +43,7 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _checkpoint_path(work: Path, step: int) -> Path:
+def checkpoint_path(work: Path, step: int) -> Path:
     return work / "checkpoints" / f"step-{step:06d}.safetensors"
 
 
@@ -61,9 +61,9 @@ def save_checkpoint(work: Path, step: int, model_tensors: dict, optimizer, state
     if optimizer is not None:
         for index, slots in optimizer.state_dict()["state"].items():
             tensors.update({f"optim.{index}.{name}": torch.as_tensor(value) for name, value in slots.items()})
-    save_tensors(_checkpoint_path(work, step), tensors)
+    save_tensors(checkpoint_path(work, step), tensors)
     state["checkpoints"] = (state.get("checkpoints", []) + [step])[-keep:]
-    digests = {**state.get("checkpoint_sha256", {}), str(step): sha256_file(_checkpoint_path(work, step))}
+    digests = {**state.get("checkpoint_sha256", {}), str(step): sha256_file(checkpoint_path(work, step))}
     state["checkpoint_sha256"] = {str(kept): digests[str(kept)] for kept in state["checkpoints"] if str(kept) in digests}
     state["step"] = step
     write_json(work / "state.json", state)
@@ -78,7 +78,7 @@ def load_checkpoint(work: Path, step: int, optimizer=None, device=None) -> dict:
     from speechless.errors import RuntimeFailure
     from speechless.io import load_tensors, read_json, sha256_file
 
-    path = _checkpoint_path(work, step)
+    path = checkpoint_path(work, step)
     recorded = read_json(work / "state.json").get("checkpoint_sha256", {}).get(str(step)) if (work / "state.json").is_file() else None
     if recorded is not None and path.is_file() and sha256_file(path) != recorded:
         raise RuntimeFailure(f"{path}: sha256 differs from the one recorded in {work / 'state.json'} (damaged resume checkpoint); "

@@ -15,10 +15,9 @@ commitment loss) and adds what the stage needs around it:
 
 Training: call `loss(x)` in train mode. With EMA codebooks (the default) the EMA update and dead-code replacement
 happen INSIDE that forward pass; the returned total has no trainable parameters behind it and is for logging only.
-With `learnable_codebook=True` use `optimizer()` and `train_step()` (backward + step).
 
 Several processes (torchrun): build the quantizer after `speechless.distributed.setup()`; then vqp synchronises the
-EMA update and dead-code replacement across ranks, `train_step()` averages codebook gradients, and each rank passes its
+EMA update and dead-code replacement across ranks, and each rank passes its
 own slice of a global batch (with `global_batch` = the global size, which the dead-code threshold is scaled by).
 """
 
@@ -60,14 +59,8 @@ class RVQConfig(Section):
     dimension by its own std (weights low-variance dimensions up); 'none' quantizes raw activations (their common mean
     then costs the first level most of its codes). Undone after decoding."""
 
-    init: Literal["residual_kmeans", "vqp_kmeans", "random"] = "residual_kmeans"
-    """How codebooks start. Default 'residual_kmeans': `initialize()` fits k-means level by level on the residuals of
-    the train vectors (gain-shape from `equal_norm_from_level`), tiny clusters re-seeded; with the other defaults
-    measured at >= 0.95 held-out utilization on every level (benchmarks/RESULTS.md). 'vqp_kmeans':
-    vector-quantize-pytorch's k-means on the first training batch of each level. 'random': vqp's default uniform init."""
-
     kmeans_iters: int = Field(8, ge=1)
-    """Lloyd iterations per level for the k-means init (both 'residual_kmeans' and 'vqp_kmeans'). Default 8: what the
+    """Lloyd iterations per level of the residual k-means that initialises the codebooks. Default 8: what the
     study measured (every level >= 0.95 held-out utilization); one iteration costs ~N x K x D x 2 FLOP, ~5 s per
     level at 131k x 2048 x 1024 on 2 CPU cores. EnCodec uses 50."""
 
@@ -105,13 +98,6 @@ class RVQConfig(Section):
     `dead_code_threshold x batch / codebook_size` is replaced by a random residual of the current batch. Scaled by
     the batch size at every `loss()` call. Default 0.1 (Mimi's rule); 0 disables replacement."""
 
-    learnable_codebook: bool = False
-    """Train codebooks by gradient (`learnable_codebook=True, ema_update=False` in vqp) instead of EMA. Default False:
-    same steps, gradients gave no gain over EMA in the study (held-out MSE 0.0227 vs 0.0225)."""
-
-    learning_rate: float = Field(1e-3, gt=0.0)
-    """Adam learning rate for learnable codebooks (unused with EMA)."""
-
     mse_weight: float = Field(0.5, ge=0.0)
     """Weight of MSE(x, x_hat) in the loss (raw feature units). Default 0.5, as in the public Twi recipe."""
 
@@ -121,14 +107,14 @@ class RVQConfig(Section):
     commitment_weight: float = Field(1.0, ge=0.0)
     """Weight of vqp's per-level commitment loss (MSE between each level's input residual and its code, in
     standardised units, summed over levels). Default 1.0 (vqp's default). With EMA codebooks and a frozen encoder it
-    trains nothing (logged only); with learnable codebooks it is the codebook loss."""
+    trains nothing (it is logged only)."""
 
     encode_chunk: int = Field(4096, ge=1)
     """Rows per matmul in `encode()`. Fixed (the last chunk is zero-padded) so a vector's codes never depend on the
     other vectors of the call. Default 4096: fast on CPU, 32 MiB of distances per chunk at 2048 codes."""
 
 
-def _state_keys(num_quantizers: int, learnable: bool) -> list[str]:
+def _state_keys(num_quantizers: int) -> list[str]:
     keys = ["mean", "std", "needs_usage_rescale"]
     for level in range(num_quantizers):
         prefix = f"rvq.layers.{level}._codebook."
@@ -263,13 +249,11 @@ class SpeechRVQ(torch.nn.Module):
             num_quantizers=cfg.num_quantizers,
             codebook_size=cfg.codebook_size,
             decay=cfg.decay,
-            kmeans_init=cfg.init != "random",
+            kmeans_init=True,  # initialize() fills the codebooks first; vqp never runs its own k-means
             kmeans_iters=cfg.kmeans_iters,
             # vqp fixes the threshold at construction; loss() rescales it by the batch size at every call.
             threshold_ema_dead_code=1e-6 if cfg.dead_code_threshold > 0 else 0,
             commitment_weight=cfg.commitment_weight,
-            learnable_codebook=cfg.learnable_codebook,
-            ema_update=not cfg.learnable_codebook,
             # In a torchrun job vqp all-reduces the EMA statistics (cluster sizes, embedding sums) inside forward and
             # draws replacement codes from all ranks' batches, so the codebooks stay identical on every rank.
             sync_codebook=distributed.is_distributed(),
@@ -335,8 +319,6 @@ class SpeechRVQ(torch.nn.Module):
             self.mean.copy_(mean.float())
             self.std.copy_(std.float().clamp_min(1e-8))
         summary: dict = dict(vectors=int(x.shape[0]), levels=[])
-        if cfg.init != "residual_kmeans":
-            return summary
         residual = self.standardize(x)
         total = float(residual.pow(2).mean())
         for level, cb in enumerate(self._codebook_modules()):
@@ -397,35 +379,12 @@ class SpeechRVQ(torch.nn.Module):
         total = self.cfg.mse_weight * mse + self.cfg.cosine_weight * (1 - cosine) + commitment
         return dict(loss=total, mse=mse, cosine=cosine, commitment=commitment, codes=indices[0])
 
-    def optimizer(self) -> torch.optim.Optimizer:
-        """Adam over the learnable codebooks (only with `learnable_codebook=True`)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise UsageError("SpeechRVQ.optimizer: this quantizer has no trainable parameters (EMA codebooks); "
-                             "set rvq.learnable_codebook=true or just call loss() for EMA training")
-        return torch.optim.Adam(params, lr=self.cfg.learning_rate)
-
-    def train_step(self, x: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
-                   global_batch: int | None = None) -> dict:
-        """One training step: loss(x) and, for learnable codebooks, backward + optimizer step. Returns floats.
-
-        In a multi-process job the gradients are averaged over ranks before the step (as DDP would).
-        """
+    def train_step(self, x: torch.Tensor, global_batch: int | None = None) -> dict:
+        """One training step: the EMA codebook update and dead-code replacement happen inside `loss(x)` in train mode
+        (no gradients). Returns the loss terms as floats."""
         self.train()
-        if optimizer is None:
-            with torch.no_grad():
-                out = self.loss(x, global_batch)
-        else:
-            optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
             out = self.loss(x, global_batch)
-            out["loss"].backward()
-            if distributed.is_distributed():
-                for group in optimizer.param_groups:
-                    for p in group["params"]:
-                        if p.grad is not None:
-                            torch.distributed.all_reduce(p.grad)
-                            p.grad /= torch.distributed.get_world_size()
-            optimizer.step()
         return {k: float(v.detach()) for k, v in out.items() if k != "codes"}
 
     # ------------------------------------------------------------------ inference
@@ -483,7 +442,7 @@ class SpeechRVQ(torch.nn.Module):
         """Every tensor needed to rebuild the quantizer (what `save()` writes)."""
         state = self.state_dict()
         return {k: state[k].detach().float() if state[k].is_floating_point() else state[k].detach()
-                for k in _state_keys(self.num_quantizers, self.cfg.learnable_codebook)}
+                for k in _state_keys(self.num_quantizers)}
 
     def save(self, folder: str | Path, weights: str = "model.safetensors") -> Path:
         """Write `weights` (safetensors) + config.json (every setting needed to rebuild) into `folder`, atomically."""

@@ -107,25 +107,6 @@ class T2SConfig(Section):
     errors (exposure bias). Tacotron's pre-net dropout serves the same end. Measured on the demo corpus (with
     text_window 2, 300 steps): probe CER ratio 1.22 with 0.3 vs 1.36 without, 1.27 with 0.5."""
 
-    own_code_prob: float = Field(0.0, ge=0.0, le=1.0)
-    """In training, the probability that one input code is replaced by a code the model itself picks there (scheduled
-    sampling for transformers, Mihaylova & Martins 2019): a first pass without gradients predicts every step from the
-    real codes, a code is drawn from each prediction, and the training pass reads those draws in place of the real
-    input codes. Where code_dropout shows the model nothing, this shows it the kind of error it makes when it speaks
-    for itself. The probability rises linearly from 0 at the first training step to this value at the last: early on
-    the model's own codes are noise (measured on the demo corpus: 0.3 from the first step left level 0's eval loss at
-    2.29 nats after 500 steps against 1.41). Ramped to 0.3 on the demo corpus (benchmarks/RESULTS.md, stage 3 run 11):
-    eval loss 3.92 against 4.04 and less overfit, but probe CER ratio 1.33 against 1.25, and a stage-3 model trained on
-    its speech no better (A / B "where" 0.78 against 0.76). Costs a forward pass without gradients per step, 1.27x the
-    training time there. Default 0 (off)."""
-
-    prefix_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """In training, the probability that an utterance is learned without attending to its whole text (the text
-    prefix), reading the text only through its text window (needs text_window > 0), so the model learns to say what
-    the local text says rather than recall the training sentence the whole text names. Measured at 0.5 on the demo
-    corpus (benchmarks/RESULTS.md, stage 3 run 11): probe CER ratio 1.20 against 1.25, durations correlation 0.97
-    against 0.96, but a stage-3 model trained on its speech scored lower on every task (seed 0). Default 0 (off)."""
-
     unconditional_prob: float = Field(0.0, ge=0.0, lt=1.0)
     """In training, the probability that an utterance is learned without its text (text prefix masked out, text window
     empty), so one model also knows the text-free distribution and generation can use classifier-free guidance
@@ -149,12 +130,6 @@ class T2SConfig(Section):
     sentences do not teach well for unseen text. Measured on the demo corpus (progress 64, 300 steps): probe CER ratio
     1.36 with W = 2 vs 1.44 without; W = 4 no better. Default 0 (off), as progress_buckets."""
 
-    text_positions: Literal["sequential", "spread"] = "sequential"
-    """Position ids (RoPE) of the text and audio parts. 'sequential': one sequence, audio after text. 'spread': text
-    and audio both start at 0 and text token i sits at round(i x frames_per_token) (frames_per_token measured on the
-    training data), so the audio step that speaks a token sits near it: the text-audio alignment becomes a small
-    relative offset. Measured on the demo at 450 steps: no gain over 'sequential' (probe CER 0.563 vs 0.561, more
-    runaway generations), so the default stays 'sequential'."""
 
 
 DELAYS = {"delay": lambda q: list(range(q)), "parallel": lambda q: [0] * q, "coarse_first": lambda q: [0] + [1] * (q - 1)}
@@ -441,13 +416,11 @@ class T2SModel(torch.nn.Module):
     """Backbone + summed level embeddings in + per-level heads out; see the module docstring."""
 
     def __init__(self, cfg: T2SConfig, backbone, text: TextEncoder, num_levels: int, codebook_size: int,
-                 speakers: list[str], stage1: dict, backbone_source: dict | None = None, frames_per_token: float = 1.0,
+                 speakers: list[str], stage1: dict, backbone_source: dict | None = None,
                  duration: DurationModel | None = None):
         super().__init__()
         self.duration = duration
         """Predicts an utterance's frames from its text (needed when cfg.progress_buckets > 0)."""
-        self.frames_per_token = float(frames_per_token)
-        """Mean audio frames per text token on the training data (used by text_positions='spread')."""
         self.cfg = cfg
         self.text = text
         self.num_levels = num_levels
@@ -480,8 +453,6 @@ class T2SModel(torch.nn.Module):
                 raise UsageError("model.text_window needs model.progress_buckets > 0 (it places the text by the utterance's length)")
             self.text_window_proj = torch.nn.Linear((2 * cfg.text_window + 1) * hidden, hidden, bias=False)
             torch.nn.init.normal_(self.text_window_proj.weight, std=0.02 / math.sqrt(2 * cfg.text_window + 1))
-        elif cfg.prefix_dropout:
-            raise UsageError("model.prefix_dropout needs model.text_window > 0 (without its text the model would then read none)")
         self.head_norm = torch.nn.LayerNorm(hidden)
         rank = cfg.head_rank
         if rank is None:
@@ -491,7 +462,6 @@ class T2SModel(torch.nn.Module):
             self.head_in = torch.nn.Linear(hidden, num_levels * rank)
             self.head_out = torch.nn.Parameter(torch.randn(num_levels, rank, self.out_vocab) * rank ** -0.5)
         self.head_bias = torch.nn.Parameter(torch.zeros(num_levels, self.out_vocab))
-        self.own_code_share = 1.0  # how far training is through its own_code_prob schedule (the stage-2 recipe sets it)
         weights = torch.tensor(cfg.level_loss_weights if cfg.level_loss_weights else [1.0] * num_levels, dtype=torch.float32)
         if weights.numel() != num_levels or bool((weights < 0).any()) or float(weights.sum()) <= 0:
             raise UsageError(f"model.level_loss_weights: need {num_levels} non-negative weights with a positive sum")
@@ -580,15 +550,10 @@ class T2SModel(torch.nn.Module):
         return torch.einsum("...qr,qrv->...qv", h, self.head_out.to(h.dtype)) + self.head_bias.to(h.dtype)
 
     def _text_positions(self, text_mask: torch.Tensor) -> torch.Tensor:
-        index = (text_mask.cumsum(-1) - 1).clamp_min(0)
-        if self.cfg.text_positions == "spread":
-            return (index.float() * self.frames_per_token).round().long()
-        return index
+        return (text_mask.cumsum(-1) - 1).clamp_min(0)
 
     def _audio_positions(self, text_mask: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """Positions of audio steps `steps` (B, S) (0-based step numbers)."""
-        if self.cfg.text_positions == "spread":
-            return steps
         return text_mask.sum(-1, keepdim=True) + steps
 
     def _run(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past=None):
@@ -596,31 +561,13 @@ class T2SModel(torch.nn.Module):
                            use_cache=past is not None)
         return out.last_hidden_state, out.past_key_values
 
-    def _teacher_forced(self, batch: Batch, text_mask: torch.Tensor, steps: torch.Tensor, audio_in: torch.Tensor,
-                        prefix_mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, Lt + S, H) of the text prefix (the tokens of `prefix_mask` attended to) and the audio steps
-        that read `audio_in` (B, S, Q) and the text window of `text_mask`."""
-        embeds = torch.cat([self._text_embeds(batch.text_ids), self._audio_embeds(audio_in, batch.speakers, steps, batch.frames, batch.text_ids, text_mask)], 1)
-        mask = torch.cat([prefix_mask, batch.audio_mask], 1)
-        positions = torch.cat([self._text_positions(prefix_mask), self._audio_positions(prefix_mask, steps)], 1)
+    def _teacher_forced(self, batch: Batch, text_mask: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, Lt + S, H) of the text (the tokens of `text_mask`) and the audio steps reading the real
+        codes of `batch.audio_in` (B, S, Q)."""
+        embeds = torch.cat([self._text_embeds(batch.text_ids), self._audio_embeds(batch.audio_in, batch.speakers, steps, batch.frames, batch.text_ids, text_mask)], 1)
+        mask = torch.cat([text_mask, batch.audio_mask], 1)
+        positions = torch.cat([self._text_positions(text_mask), self._audio_positions(text_mask, steps)], 1)
         return self._run(embeds, mask, positions)[0]
-
-    def _with_own_codes(self, batch: Batch, text_mask: torch.Tensor, steps: torch.Tensor, prefix_mask: torch.Tensor) -> torch.Tensor:
-        """batch.audio_in with each code replaced, with probability cfg.own_code_prob x own_code_share, by one the model
-        draws there from its own teacher-forced prediction (see T2SConfig.own_code_prob). BOA, EOA and PAD inputs stay."""
-        prob = self.cfg.own_code_prob * self.own_code_share
-        swap = (batch.audio_in < self.codebook_size) & (torch.rand(batch.audio_in.shape, device=batch.audio_in.device) < prob)
-        source = torch.zeros_like(swap)
-        source[:, :-1] = swap[:, 1:]  # the input of step s is the output of step s - 1 (delayed_tokens); step 0 is BOA
-        own = batch.audio_in.clone()
-        with torch.no_grad():
-            heads = self._head_inputs(self._teacher_forced(batch, text_mask, steps, batch.audio_in, prefix_mask)[:, batch.text_ids.shape[1]:])
-            for level in range(self.num_levels):  # only where a code is swapped: a 2048-way draw everywhere costs more
-                picked = heads[..., level, :][source[..., level]]
-                if picked.shape[0]:
-                    logits = picked @ self.head_out[level].to(picked.dtype) + self.head_bias[level].to(picked.dtype)
-                    own[..., level][swap[..., level]] = torch.multinomial(logits[:, : self.codebook_size].float().softmax(-1), 1)[:, 0]
-        return own
 
     def _drop_rows(self, mask: torch.Tensor, prob: float) -> torch.Tensor:
         """In training, `mask` (B, L) with each row zeroed with probability `prob`; otherwise `mask` itself."""
@@ -632,11 +579,7 @@ class T2SModel(torch.nn.Module):
         """Weighted mean of per-level cross-entropies over the audio steps: {'loss', 'level_loss' (Q,), 'level_count' (Q,)}."""
         steps = (batch.audio_mask.cumsum(-1) - 1).clamp_min(0)
         text_mask = self._drop_rows(batch.text_mask, self.cfg.unconditional_prob)  # the text, window included
-        prefix_mask = self._drop_rows(text_mask, self.cfg.prefix_dropout)  # the whole text the audio attends to
-        audio_in = batch.audio_in
-        if self.training and self.cfg.own_code_prob:
-            audio_in = self._with_own_codes(batch, text_mask, steps, prefix_mask)
-        hidden = self._teacher_forced(batch, text_mask, steps, audio_in, prefix_mask)
+        hidden = self._teacher_forced(batch, text_mask, steps)
         lt = batch.text_ids.shape[1]
         valid = batch.audio_mask.bool()
         h = hidden[:, lt:][valid]  # (N, H): only real audio steps reach the heads
@@ -794,7 +737,7 @@ class T2SModel(torch.nn.Module):
             format=FORMAT, version=FORMAT_VERSION, model=self.cfg.model_dump(mode="json"),
             backbone_config=self.lm.config.to_dict(), backbone_source=self.backbone_source,
             num_levels=self.num_levels, codebook_size=self.codebook_size, frames_per_second=FRAMES_PER_SECOND,
-            delays=self.delays, speakers=self.speakers, frames_per_token=self.frames_per_token,
+            delays=self.delays, speakers=self.speakers,
             duration_model=self.duration.coef if self.duration is not None else None,
             known_chars="".join(sorted(self.text.known_chars)) if self.text.known_chars is not None else None,
             special_ids={"eoa": self.eoa, "pad": self.pad, "boa": self.boa},
@@ -838,7 +781,7 @@ class T2SModel(torch.nn.Module):
         hf_config = AutoConfig.for_model(bc.pop("model_type"), **bc)
         backbone = AutoModelForCausalLM.from_config(hf_config)
         model = cls(cfg, backbone, text, int(meta["num_levels"]), int(meta["codebook_size"]), meta.get("speakers") or [],
-                    meta["stage1"], meta.get("backbone_source"), float(meta.get("frames_per_token", 1.0)),
+                    meta["stage1"], meta.get("backbone_source"),
                     DurationModel(meta["duration_model"]) if meta.get("duration_model") else None)
         model.load_weights(load_tensors(folder / weights), str(folder / weights))
         if device is not None:
@@ -866,16 +809,12 @@ def build_model(cfg: T2SConfig, train_texts: list[str], num_levels: int, codeboo
     if backbone.get_input_embeddings().num_embeddings < text.vocab_size:
         raise UsageError(f"model.tokenizer has {text.vocab_size} tokens but the backbone embeds only "
                          f"{backbone.get_input_embeddings().num_embeddings}")
-    frames_per_token = 1.0
-    if train_frames:
-        tokens = sum(len(chunk) for t in train_texts for chunk in text.encode(t).chunks)
-        frames_per_token = round(sum(train_frames) / max(tokens, 1), 4)
     duration = None
     if cfg.progress_buckets and train_frames:
         duration = DurationModel.fit([normalize_text(t) for t in train_texts], train_frames,
                                      train_speakers or [""] * len(train_texts))
     torch.manual_seed(seed + 1)
-    return T2SModel(cfg, backbone, text, num_levels, codebook_size, speakers, stage1, source, frames_per_token, duration)
+    return T2SModel(cfg, backbone, text, num_levels, codebook_size, speakers, stage1, source, duration)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

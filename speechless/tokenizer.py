@@ -7,6 +7,7 @@ weights differ from the ones stage 1 saw (codes would silently mean something el
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,16 +37,53 @@ def resolve_checkpoint(ref: str, store_cfg: StoreConfig | None = None) -> Path:
     raise UsageError(f"{ref}: not a checkpoint folder nor a store reference like stage1@v1 (see `speechless hub list`)")
 
 
+def file_ids(files: Sequence[Path]) -> list[str]:
+    """An id for each audio file: its name without extension, or, where two files share that name, its path below the
+    folder the files have in common (without extension where that is unique: `a/x`, `b/x`; else with it)."""
+    paths = [Path(p).resolve() for p in files]
+    stems = [p.stem for p in paths]
+    ids = list(stems)
+    clashing = [i for i, stem in enumerate(stems) if stems.count(stem) > 1]
+    if clashing:
+        common = Path(os.path.commonpath([str(paths[i].parent) for i in clashing]))
+        relative = {i: paths[i].relative_to(common) for i in clashing}
+        bare = {i: relative[i].with_suffix("").as_posix() for i in clashing}
+        for i in clashing:
+            ids[i] = bare[i] if list(bare.values()).count(bare[i]) == 1 else relative[i].as_posix()
+    return ids
+
+
 def entries_for_files(files: Sequence[Path]) -> list[ManifestEntry]:
-    """Bare audio files as manifest entries (id = file name without extension; no transcript)."""
-    entries = []
+    """Bare audio files as manifest entries (no transcript), each with a unique id (`file_ids`)."""
     for path in files:
         if not Path(path).is_file():
             raise UsageError(f"{path}: audio file not found")
-        entries.append(ManifestEntry(id=Path(path).stem, audio_filepath=Path(path).resolve(), duration=0.0, text="", split=""))
-    if len({e.id for e in entries}) < len(entries):
-        raise UsageError("two audio files share a name; tokenize them in separate calls or through a manifest")
-    return entries
+    resolved = [Path(p).resolve() for p in files]
+    twice = sorted({str(p) for p in resolved if resolved.count(p) > 1})
+    if twice:
+        raise UsageError(f"{twice[0]}: given twice; name each audio file once")
+    return [ManifestEntry(id=name, audio_filepath=path, duration=0.0, text="", split="")
+            for name, path in zip(file_ids(files), resolved)]
+
+
+def tokenize_audio(ref: str, files: Sequence[Path] | None = None, manifest: Path | None = None, split: str | None = None,
+                   weights: str = "final", device: str | None = None, output: Path | None = None) -> list[dict]:
+    """`speechless tokenize audio`: token rows for audio FILES or every utterance of a manifest (one split), with the
+    stage-1 tokenizer `ref`; with `output`, also written there as token JSONL (atomically, by rank 0 of a job).
+    Under torchrun the utterances are shared among the processes; ranks > 0 return []."""
+    from speechless.data.manifest import read_manifest
+    from speechless.tokens import write_token_jsonl
+
+    if bool(files) == bool(manifest):
+        raise UsageError("give audio FILES or --manifest M (one of them)")
+    entries = read_manifest(manifest, splits=[split] if split else None) if manifest else entries_for_files(files)
+    job = distributed.setup()
+    rows = SpeechTokenizer.load(ref, weights=weights, device=device).tokenize(entries)
+    if not job.is_main:
+        return []
+    if output is not None:
+        write_token_jsonl(output, rows)
+    return rows
 
 
 def tokens_from_vectors(rvq: SpeechRVQ, utterances: Sequence[UtteranceVectors], revision: str) -> list[dict]:
@@ -114,3 +152,26 @@ class SpeechTokenizer:
         for rank, part in enumerate(parts):
             merged[rank::info.world_size] = part
         return merged
+
+
+def quantizer_eval(rvq: SpeechRVQ, vectors: torch.Tensor) -> dict:
+    """Held-out quality of a quantizer on encoder vectors: MSE, NMSE, cosine, centred cosine, per-level utilization
+    and perplexity (`speechless.metrics.quantizer_metrics`)."""
+    from speechless.metrics import quantizer_metrics
+
+    rvq.eval()
+    codes = rvq.encode(vectors)
+    return quantizer_metrics(vectors, rvq.decode(codes), codes, rvq.codebook_size)
+
+
+def evaluate_tokenizer(ref: str, manifest: str, split: str, weights: str = "final", device: str | None = None) -> dict:
+    """`speechless stage1 eval`: a stage-1 checkpoint's `quantizer_eval` on one split of a manifest (features computed
+    in memory)."""
+    from speechless.data.manifest import read_manifest
+
+    tokenizer = SpeechTokenizer.load(ref, weights=weights, device=device)
+    entries = [e for e in read_manifest(manifest) if e.split == split]
+    if not entries:
+        raise UsageError(f"{manifest}: no utterances in split '{split}'")
+    vectors = torch.cat([u.vectors for u in encode_entries(entries, tokenizer.encoder, tokenizer.encoder_cfg)])
+    return {**quantizer_eval(tokenizer.rvq, vectors), "split": split, "frames": len(vectors), "weights": weights}

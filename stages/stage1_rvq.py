@@ -28,12 +28,12 @@ from speechless.encoder import EncoderConfig, load_encoder, weights_sha256
 from speechless.errors import UsageError
 from speechless.features import extract_to_cache, read_cache
 from speechless.io import read_json, sha256_file, write_json, write_text
-from speechless.metrics import quantizer_metrics
-from speechless.runs import RunConfig, code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
+from speechless.runs import RunConfig, config_fingerprint, load_checkpoint, save_checkpoint
 from speechless.rvq import RVQConfig, SpeechRVQ, average_checkpoints
-from speechless.store import StoreConfig, open_store
-from speechless.tokenizer import WEIGHT_FILES, tokens_from_vectors
+from speechless.store import StoreConfig
+from speechless.tokenizer import WEIGHT_FILES, quantizer_eval, tokens_from_vectors
 from speechless.tokens import write_token_jsonl
+from speechless.training import finish_run, provenance, resume_state
 
 
 class DataConfig(Section):
@@ -101,8 +101,8 @@ def _stack(utterances, cap: int | None, seed: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
-def _load_resume(work: Path, step: int, rvq: SpeechRVQ, optimizer) -> None:
-    rvq.load_tensors(load_checkpoint(work, step, optimizer), source=f"{work} step {step}")
+def _load_resume(work: Path, step: int, rvq: SpeechRVQ) -> None:
+    rvq.load_tensors(load_checkpoint(work, step), source=f"{work} step {step}")
 
 
 def _averaged_model(work: Path, steps: list[int], cfg: RVQConfig, dim: int) -> SpeechRVQ:
@@ -110,17 +110,9 @@ def _averaged_model(work: Path, steps: list[int], cfg: RVQConfig, dim: int) -> S
     models = []
     for step in steps:
         model = SpeechRVQ(cfg, dim)
-        _load_resume(work, step, model, None)
+        _load_resume(work, step, model)
         models.append(model)
     return average_checkpoints(models)
-
-
-# ----------------------------------------------------------------------------------------------------- evaluation
-
-def evaluate(rvq: SpeechRVQ, vectors: torch.Tensor) -> dict:
-    rvq.eval()
-    codes = rvq.encode(vectors)
-    return quantizer_metrics(vectors, rvq.decode(codes), codes, rvq.codebook_size)
 
 
 # ---------------------------------------------------------------------------------------------------------- train
@@ -154,24 +146,19 @@ def train(cfg: Stage1Config) -> dict:
 
     # Model: initialise from the train features, or resume (rank 0; the other ranks receive its codebooks).
     rvq = SpeechRVQ(cfg.rvq, dim=encoder.dim)
-    optimizer = rvq.optimizer() if cfg.rvq.learnable_codebook else None
     fingerprint = config_fingerprint(cfg)
-    state_file = work / "state.json"
-    state = read_json(state_file) if state_file.exists() and job.is_main else None
-    if state is not None and state.get("fingerprint") != fingerprint:
-        log.warn(f"{work}: resume state was made with another config; training restarts from step 0 (features are reused when still valid)")
-        state = None
+    state = resume_state(work, fingerprint, "stage 1") if job.is_main else None
     if job.is_main and state is None:
         log.info("initialising codebooks (residual k-means on train features)")
         rvq.initialize(train_vectors, seed=cfg.run.seed)
         state = {"fingerprint": fingerprint, "history": [], "best": None, "train_seconds": 0.0}
-        save_checkpoint(work, 0, rvq.tensors(), optimizer, state, cfg.train.average_last)
+        save_checkpoint(work, 0, rvq.tensors(), None, state, cfg.train.average_last)
     elif job.is_main:
-        _load_resume(work, state["step"], rvq, optimizer)
+        _load_resume(work, state["step"], rvq)
         log.info(f"resuming from step {state['step']} of {cfg.train.steps}")
     rvq.load_tensors(distributed.broadcast_tensors(rvq.tensors()))
 
-    # Train: EMA codebook updates (and gradient steps when parameters are trainable), deterministic per step.
+    # Train: EMA codebook updates, deterministic per step.
     step = distributed.broadcast_json(state["step"] if job.is_main else None)
     with log.progress() as bar:
         task = bar.add_task("training RVQ", total=cfg.train.steps, completed=step)
@@ -181,7 +168,7 @@ def train(cfg: Stage1Config) -> dict:
             torch.manual_seed(cfg.run.seed * 1_000_003 + step)  # dead-code replacement samples from the global RNG
             batch = train_vectors[torch.randint(len(train_vectors), (cfg.train.batch_size,))]
             # Every rank draws the same global batch and quantizes its own slice of it.
-            losses = rvq.train_step(batch[job.rank::job.world_size], optimizer, global_batch=cfg.train.batch_size)
+            losses = rvq.train_step(batch[job.rank::job.world_size], global_batch=cfg.train.batch_size)
             losses = {k: distributed.all_reduce_mean(v) for k, v in losses.items()}
             if not job.is_main:
                 bar.advance(task)
@@ -189,7 +176,7 @@ def train(cfg: Stage1Config) -> dict:
             state["train_seconds"] += time.time() - tick
             record = {"step": step, **{f"train_{k}": v for k, v in losses.items()}}
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                metrics = evaluate(rvq, eval_vectors)
+                metrics = quantizer_eval(rvq, eval_vectors)
                 record["eval"] = metrics
                 if state["best"] is None or metrics["mse"] < state["best"]["mse"]:
                     state["best"] = {"step": step, "mse": metrics["mse"]}
@@ -198,23 +185,23 @@ def train(cfg: Stage1Config) -> dict:
                          f"utilization min {min(metrics['utilization']):.3f}")
             state["history"].append(record)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                save_checkpoint(work, step, rvq.tensors(), optimizer, state, cfg.train.average_last)
+                save_checkpoint(work, step, rvq.tensors(), None, state, cfg.train.average_last)
             bar.advance(task)
     if not job.is_main:
         distributed.barrier()  # until rank 0 has written the checkpoint folder
         return {"out_dir": str(out), "eval": None, "pushed": None, "revision": None, "rank": job.rank,
                 "codebooks_sha256": weights_sha256(rvq)}
     if cfg.train.steps == 0 and state["best"] is None:
-        state["best"] = {"step": 0, "mse": evaluate(rvq, eval_vectors)["mse"]}
+        state["best"] = {"step": 0, "mse": quantizer_eval(rvq, eval_vectors)["mse"]}
         rvq.save(out, weights=WEIGHT_FILES["best"])
 
     # Evaluate the final, best and averaged models on the held-out split.
     rvq.save(out, weights=WEIGHT_FILES["final"])
-    final_metrics = evaluate(rvq, eval_vectors)
+    final_metrics = quantizer_eval(rvq, eval_vectors)
     averaged = _averaged_model(work, state["checkpoints"], cfg.rvq, encoder.dim)
     averaged.save(out, weights=WEIGHT_FILES["averaged"])
     best = SpeechRVQ.load(out, weights=WEIGHT_FILES["best"])
-    variants = {"final": final_metrics, "best": evaluate(best, eval_vectors), "averaged": evaluate(averaged, eval_vectors)}
+    variants = {"final": final_metrics, "best": quantizer_eval(best, eval_vectors), "averaged": quantizer_eval(averaged, eval_vectors)}
 
     # Save: config (RVQ + encoder), tokens, metrics, provenance, model card.
     config = read_json(out / "config.json")
@@ -236,43 +223,18 @@ def train(cfg: Stage1Config) -> dict:
         "wall_seconds": round(time.time() - started, 2),
     }
     write_json(out / "metrics.json", metrics)
-    provenance = {
-        "stage": "stage1",
-        "encoder": {"source": cfg.encoder.source, "revision": cfg.encoder.revision, "commit": encoder.source_commit,
-                    "weights_sha256": encoder.revision},
-        "manifest": {"path": str(cfg.data.manifest), "sha256": manifest_sha256(cfg.data.manifest),
-                     "train_split": cfg.data.train_split, "eval_split": cfg.data.eval_split},
-        "weights_sha256": {name: sha256_file(out / file) for name, file in WEIGHT_FILES.items()},
-        "code_version": code_version(),
-        "config_sha256": config_fingerprint(cfg),
-        "created": utc_now(),
-        "upstream": None,
-    }
-    write_json(out / "provenance.json", provenance)
-    write_text(out / "README.md", model_card(cfg, metrics, provenance))
-
-    # Push: the folder (minus work/) becomes the next immutable stage1@vN.
-    pushed = None
-    if cfg.run.push:
-        info = open_store(cfg.store).push("stage1", out, message=cfg.run.message)
-        pushed = f"{info.stage}@{info.version}"
-        log.info(f"pushed {pushed} (revision {info.revision[:12]})")
+    record = provenance(
+        "stage1", cfg,
+        encoder={"source": cfg.encoder.source, "revision": cfg.encoder.revision, "commit": encoder.source_commit,
+                 "weights_sha256": encoder.revision},
+        manifest={"path": str(cfg.data.manifest), "sha256": manifest_sha256(cfg.data.manifest),
+                  "train_split": cfg.data.train_split, "eval_split": cfg.data.eval_split},
+        weights_sha256={name: sha256_file(out / file) for name, file in WEIGHT_FILES.items()},
+        upstream=None)
+    pushed = finish_run(out, "stage1", record, model_card(cfg, metrics, record), cfg.run.push, cfg.store, cfg.run.message)
     distributed.barrier()
     return {"out_dir": str(out), "eval": final_metrics, "pushed": pushed, "revision": revision, "rank": job.rank,
             "codebooks_sha256": weights_sha256(rvq)}
-
-
-def evaluate_checkpoint(folder: Path, manifest: str, split: str, weights: str = "final", device: str | None = None) -> dict:
-    """`speechless stage1 eval`: metrics of a checkpoint on one split of a manifest (features computed in memory)."""
-    from speechless.tokenizer import SpeechTokenizer
-    from speechless.features import encode_entries
-
-    tokenizer = SpeechTokenizer.load(str(folder), weights=weights, device=device)
-    entries = [e for e in read_manifest(manifest) if e.split == split]
-    if not entries:
-        raise UsageError(f"{manifest}: no utterances in split '{split}'")
-    vectors = torch.cat([u.vectors for u in encode_entries(entries, tokenizer.encoder, tokenizer.encoder_cfg)])
-    return {**evaluate(tokenizer.rvq, vectors), "split": split, "frames": len(vectors), "weights": weights}
 
 
 # ----------------------------------------------------------------------------------------------------- model card

@@ -39,8 +39,10 @@ from speechless.runs import RunConfig, code_version, config_fingerprint, load_ch
 from speechless.rvq import SpeechRVQ
 from speechless.store import StoreConfig, is_store_ref, open_store
 from speechless.probe import CTCProbe, cer
-from stages.stage2_t2s import (GenerateConfig, check_stage1_match, epoch_batches, generate_corpus, load_probe, load_split, load_stage2,
-                               resolve_stage1)
+from speechless.generate import GenerateConfig, generate_corpus, load_stage2
+from speechless.roundtrip import load_probe
+from speechless.tokens import check_stage1_match, load_split, resolve_stage1
+from speechless.training import length_batches as epoch_batches
 
 
 class DataConfig(Section):
@@ -296,7 +298,7 @@ def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[l
     generation batch, so a cache made by N ranks is another (equally valid) sample than a one-process cache."""
     job = distributed.group()
     model, revision, folder = load_stage2(cfg.data.stage2, device=str(resolve_device(cfg.base.device)))
-    check_stage1_match(model, cfg.data.stage1, cfg.store)
+    check_stage1_match(model.stage1, cfg.data.stage1, cfg.store)
     draws = cfg.data.synthetic_draws
     if draws > 1 and not (folder / "probe" / "config.json").is_file():
         raise UsageError(f"data.synthetic_draws={draws}: the stage-2 checkpoint {folder} has no CTC probe (probe/) to choose "

@@ -147,19 +147,7 @@ def test_training_step_ema_and_dead_code(fitted):
     cb = m.rvq.layers[0]._codebook
     assert cb.threshold_ema_dead_code == pytest.approx(0.5 * 256 / CODES)
     assert float(cb.cluster_size.sum()) == pytest.approx(256, rel=0.1)  # shares -> hits per batch (+ re-seeded codes)
-    with pytest.raises(UsageError):
-        m.optimizer()
-
-
-def test_learnable_codebook_step_lowers_loss(fitted):
-    model, train = fitted
-    m = SpeechRVQ(_cfg(learnable_codebook=True, dead_code_threshold=0.0, learning_rate=1e-2), DIM)
-    m.load_tensors(model.tensors())
-    opt = m.optimizer()
-    first = m.train_step(train[:512], opt)["loss"]
-    for _ in range(10):
-        last = m.train_step(train[:512], opt)["loss"]
-    assert last < first
+    assert all(not p.requires_grad for p in m.parameters())  # EMA codebooks: nothing for an optimizer
 
 
 def test_average_checkpoints(fitted):

@@ -80,11 +80,11 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(trained, corpus,
     shutil.copytree(trained / "work" / "features", tmp_path / "run" / "work" / "features")  # same features, faster
     real_step, calls = SpeechRVQ.train_step, {"n": 0}
 
-    def dying_step(self, x, optimizer=None, **kwargs):
+    def dying_step(self, x, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt  # killed after the step-2 checkpoint, mid step 4
-        return real_step(self, x, optimizer, **kwargs)
+        return real_step(self, x, **kwargs)
 
     monkeypatch.setattr(SpeechRVQ, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):

@@ -234,29 +234,9 @@ def test_shipped_stage2_configs_validate(name):
         assert cfg.model.backbone == "configs/t2s/tiny_backbone.json" and (root / cfg.model.backbone).is_file()
 
 
-def test_join_utterances_joins_same_speaker_within_caps():
-    import random
-
-    import torch
-
-    from stages.stage2_t2s import join_utterances
-
-    pool = [([1, 2], torch.zeros(4, 3, dtype=torch.long), 0), ([3], torch.ones(4, 5, dtype=torch.long), 1),
-            ([4, 5, 6], torch.full((4, 2), 2, dtype=torch.long), 0)]
-    by_speaker = {0: [0, 2], 1: [1]}
-    joined = join_utterances(pool, pool, by_speaker, 1.0, random.Random(0), max_tokens=10, max_frames=100)
-    for (ids, codes, spk), (orig_ids, orig_codes, orig_spk) in zip(joined, pool):
-        assert spk == orig_spk and ids[: len(orig_ids)] == orig_ids and len(ids) > len(orig_ids)
-        partner = next(p for p in pool if p[2] == spk and ids[len(orig_ids):] == p[0])
-        assert torch.equal(codes, torch.cat([orig_codes, partner[1]], 1))
-    assert join_utterances(pool, pool, by_speaker, 0.0, random.Random(0), 10, 100) == pool
-    capped = join_utterances(pool, pool, by_speaker, 1.0, random.Random(0), max_tokens=3, max_frames=100)
-    assert all(len(ids) <= 3 for ids, _, _ in capped) and capped[2][0] == [4, 5, 6]
-
-
 def test_speakers_come_only_from_the_manifest_stage1_read(tmp_path, monkeypatch, capsys):
     from speechless.io import sha256_file, write_json
-    from stages.stage2_t2s import DataConfig, resolve_stage1, speaker_map
+    from speechless.tokens import resolve_stage1, speaker_map
 
     folder = make_fake_stage1(tmp_path / "stage1", sentences=4)
     (tmp_path / "here").mkdir()
@@ -264,9 +244,9 @@ def test_speakers_come_only_from_the_manifest_stage1_read(tmp_path, monkeypatch,
     write_json(folder / "provenance.json", {"stage": "stage1", "manifest": {"path": "all.jsonl", "sha256": sha256_file(folder / "manifest.jsonl")}})
     stage1 = resolve_stage1(str(folder))
     monkeypatch.chdir(tmp_path / "here")
-    assert speaker_map(DataConfig(stage1=str(folder)), stage1)["u0000-s2"] == "s2"
+    assert speaker_map(stage1)["u0000-s2"] == "s2"
     (tmp_path / "there").mkdir()  # another manifest under the same relative name: its speakers are not used
     (tmp_path / "there" / "all.jsonl").write_text(json.dumps({"id": "u0000-s2", "speaker_id": "s1"}) + "\n")
     monkeypatch.chdir(tmp_path / "there")
-    assert speaker_map(DataConfig(stage1=str(folder)), stage1) == {}
+    assert speaker_map(stage1) == {}
     assert "not the manifest stage 1 read" in capsys.readouterr().err.replace("\n", " ")

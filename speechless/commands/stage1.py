@@ -51,11 +51,10 @@ def evaluate(
     fmt: FormatOption = "text",
 ) -> None:
     """Evaluate a stage-1 checkpoint on a manifest split: MSE, cosine, per-codebook utilization and perplexity."""
-    from stages.stage1_rvq import evaluate_checkpoint
-    from speechless.tokenizer import resolve_checkpoint
+    from speechless.tokenizer import evaluate_tokenizer
 
     fmt = check_format(fmt)
-    metrics = evaluate_checkpoint(resolve_checkpoint(model), str(manifest), split, weights, device)
+    metrics = evaluate_tokenizer(model, str(manifest), split, weights, device)
     if fmt == "json":
         emit(metrics, "json")
     else:

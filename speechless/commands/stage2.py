@@ -20,7 +20,7 @@ StoreRootOption = Annotated[Optional[Path], typer.Option("--store-root", help="L
 def generate_settings(temperature: float, top_k: int, max_seconds: float, batch_size: int, speaker: Optional[str], seed: int,
                       guidance: float = 1.0):
     from speechless.config import validate
-    from stages.stage2_t2s import GenerateConfig
+    from speechless.generate import GenerateConfig
 
     return validate(GenerateConfig, dict(temperature=temperature, top_k=top_k, max_seconds=max_seconds, batch_size=batch_size,
                                          speaker=speaker, seed=seed, guidance=guidance), "generation options")
@@ -85,14 +85,11 @@ def generate(
 ) -> None:
     """Convert a text corpus into stage-2 semantic tokens, with a progress bar; re-running resumes where it stopped."""
     from speechless.store import store_config
-    from stages.stage2_t2s import check_stage1_match, generate_corpus, load_stage2
+    from speechless.generate import generate_file
 
     fmt = check_format(fmt)
     gen = generate_settings(temperature, top_k, max_seconds, batch_size, speaker, seed, guidance)
-    store_cfg = store_config(root=store_root)
-    t2s, revision, _ = load_stage2(model, weights, store_cfg, device)
-    check_stage1_match(t2s, stage1, store_cfg)
-    summary = generate_corpus(t2s, revision, input_path, output, gen, skip_invalid=skip_invalid)
+    summary = generate_file(model, input_path, output, gen, weights, stage1, store_config(root=store_root), device, skip_invalid)
     emit(summary if fmt == "json" else f"{summary['output']}: {summary['rows']} rows ({summary['generated']} generated, "
          f"{summary['resumed']} kept from an earlier run, {summary['skipped']} skipped)", fmt)
 
@@ -118,7 +115,7 @@ def evaluate(
     DTW cosine of decoded vectors."""
     from speechless.config import validate
     from speechless.store import store_config
-    from stages.stage2_t2s import EvalConfig, evaluate_checkpoint
+    from speechless.roundtrip import EvalConfig, evaluate_checkpoint
 
     fmt = check_format(fmt)
     gen = generate_settings(temperature, top_k, max_seconds, 64, None, seed, guidance)

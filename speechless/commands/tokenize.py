@@ -33,22 +33,13 @@ def audio(
     Under `torchrun --nproc_per_node N` the utterances are shared among N processes and rank 0 writes the output.
     """
     from speechless import distributed
-    from speechless.data.manifest import read_manifest
-    from speechless.errors import UsageError
-    from speechless.tokenizer import SpeechTokenizer, entries_for_files
-    from speechless.tokens import write_token_jsonl
+    from speechless.tokenizer import tokenize_audio
 
     fmt = check_format(fmt)
-    if bool(files) == bool(manifest):
-        raise UsageError("give audio FILES or --manifest M (one of them)")
-    entries = read_manifest(manifest, splits=[split] if split else None) if manifest else entries_for_files(files)
-    job = distributed.setup()
-    model = SpeechTokenizer.load(tokenizer, weights=weights, device=device)
-    rows = model.tokenize(entries)
-    if not job.is_main:
+    rows = tokenize_audio(tokenizer, files, manifest, split, weights, device, output)
+    if not distributed.group().is_main:
         return
     if output is not None:
-        write_token_jsonl(output, rows)
         emit({"output": str(output), "utterances": len(rows), "frames": sum(r["frames"] for r in rows)} if fmt == "json" else str(output), fmt)
     elif fmt == "json":
         emit(rows if len(rows) != 1 or manifest else rows[0], "json")
@@ -76,16 +67,11 @@ def text(
     Text output prints the compact code string of each text (one line each); JSON prints token rows like `audio`.
     """
     from speechless.store import store_config
-    from stages.stage2_t2s import GenRequest, check_stage1_match, generate_rows, load_stage2
+    from speechless.generate import generate_texts
 
     fmt = check_format(fmt)
     gen = generate_settings(temperature, top_k, max_seconds, 64, speaker, seed, guidance)
-    store_cfg = store_config(root=store_root)
-    t2s, revision, _ = load_stage2(model, weights, store_cfg)
-    check_stage1_match(t2s, stage1, store_cfg)
-    rows = generate_rows(t2s, [GenRequest(f"text-{i}", t) for i, t in enumerate(texts)], gen)
-    for row in rows:
-        row["stage2_revision"] = revision
+    rows = generate_texts(model, texts, gen, weights, stage1, store_config(root=store_root))
     if fmt == "json":
         emit(rows[0] if len(rows) == 1 else rows, "json")
     else:
