@@ -1,4 +1,4 @@
-# The set-up commands: `make demo` (the offline demo), `make test` (the test suite), `make bench` (benchmarks, not part
+# The set-up commands: `make demo` (the offline demo), `make test` (ruff, then the test suite), `make bench` (benchmarks, not part
 # of the tests: reads the demo's runs; BENCH_ARGS passes options to benchmarks/run.py). All install first.
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,6 +13,7 @@ demo: install
 	$(BIN)/speechless run -c configs/pipeline/demo.yaml --out $(OUT)
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
 BENCH_ARGS ?=

@@ -315,9 +315,10 @@ def bench_generate(args, report: dict) -> str:
 
 
 def _generate(args, report: dict) -> str:
+    from t2s_generation_speed import compare_settings
+
     from speechless.t2s import T2SModel
     from speechless.tokens import read_token_jsonl
-    from t2s_generation_speed import compare_settings
 
     model = T2SModel.load(args.stage2)
     texts: list[str] = []

@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def measure(model, ids: list[list[int]], batch: int, use_cache: bool, max_frames: int) -> tuple[float, int, list]:
     outputs = []
@@ -37,7 +35,7 @@ def compare_settings(model, ids: list[list[int]], batch: int, max_frames: int, m
     measure(model, ids[:2], 2, True, max_frames)  # warm-up
     rows, reference = [], None
     for size, use_cache in ((1, True), (1, False), (batch, True), (batch, False)):
-        run = lambda: measure(model, ids, size, use_cache, max_frames)  # noqa: E731
+        run = lambda: measure(model, ids, size, use_cache, max_frames)  # noqa: B023 (called within the same iteration)
         (seconds, frames, outputs), extra = measure_fn(run) if measure_fn else (run(), {})
         if reference is None:
             reference = outputs

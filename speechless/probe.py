@@ -167,7 +167,7 @@ class CTCProbe(torch.nn.Module):
                                                 alphabet=self.alphabet, **(extra or {})))
 
     @classmethod
-    def load(cls, folder: str | Path, codebooks: torch.Tensor | None = None) -> "CTCProbe":
+    def load(cls, folder: str | Path, codebooks: torch.Tensor | None = None) -> CTCProbe:
         """A saved probe; one with input 'vectors' needs the (Q, K, D) stage-1 codebooks it was trained with."""
         folder = Path(folder)
         meta = read_json(folder / "config.json")

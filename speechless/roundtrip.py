@@ -22,7 +22,15 @@ from speechless.io import read_json
 from speechless.probe import CTCProbe, cer
 from speechless.store import StoreConfig
 from speechless.t2s import T2SModel
-from speechless.tokens import Stage1, check_stage1_match, load_split, resolve_stage1, row_codes, speaker_map, stage1_codebooks
+from speechless.tokens import (
+    Stage1,
+    check_stage1_match,
+    load_split,
+    resolve_stage1,
+    row_codes,
+    speaker_map,
+    stage1_codebooks,
+)
 
 
 class EvalConfig(Section):

@@ -456,7 +456,7 @@ class SpeechRVQ(torch.nn.Module):
         return folder / weights
 
     @classmethod
-    def load(cls, folder: str | Path, weights: str = "model.safetensors", expected_dim: int | None = None) -> "SpeechRVQ":
+    def load(cls, folder: str | Path, weights: str = "model.safetensors", expected_dim: int | None = None) -> SpeechRVQ:
         """Rebuild from `save()` output (safetensors + JSON only); dim mismatch with `expected_dim` -> UsageError."""
         folder = Path(folder)
         meta = read_json(folder / "config.json")

@@ -203,7 +203,7 @@ def tree_hash(file_hashes: dict[str, str]) -> str:
     """sha256 over the sorted lines '<file sha256> <relative path>\\n': the revision of a local version."""
     digest = hashlib.sha256()
     for rel in sorted(file_hashes):
-        digest.update(f"{file_hashes[rel]} {rel}\n".encode("utf-8"))
+        digest.update(f"{file_hashes[rel]} {rel}\n".encode())
     return digest.hexdigest()
 
 
@@ -276,7 +276,7 @@ def _copy_out(src_root: Path, files: list[str] | tuple[str, ...], to: Path, expe
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------------------------------------------------

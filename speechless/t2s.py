@@ -253,7 +253,7 @@ class DurationModel:
     coef: dict[str, list[float]]
 
     @classmethod
-    def fit(cls, texts: list[str], frames: list[int], speakers: list[str]) -> "DurationModel":
+    def fit(cls, texts: list[str], frames: list[int], speakers: list[str]) -> DurationModel:
         x = torch.tensor([text_features(t) for t in texts], dtype=torch.float64)
         y = torch.tensor(frames, dtype=torch.float64)
 
@@ -313,7 +313,7 @@ class Batch:
     speakers: torch.Tensor  # (B,)
     frames: torch.Tensor  # (B,) frames of each utterance
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(*(t.to(device) for t in (self.text_ids, self.text_mask, self.audio_in, self.audio_mask, self.targets,
                                                 self.speakers, self.frames)))
 
@@ -757,7 +757,7 @@ class T2SModel(torch.nn.Module):
         save_tensors(path, self.tensors(), metadata=WEIGHTS_METADATA)
 
     @classmethod
-    def load(cls, folder: str | Path, weights: str = "model.safetensors", device: str | None = None) -> "T2SModel":
+    def load(cls, folder: str | Path, weights: str = "model.safetensors", device: str | None = None) -> T2SModel:
         """Rebuild from `save()` output (JSON + tokenizer.json + safetensors; no download, no pickle)."""
         from tokenizers import Tokenizer
         from transformers import AutoConfig, AutoModelForCausalLM

@@ -23,7 +23,6 @@ from speechless.errors import RuntimeFailure, UsageError
 from speechless.io import read_json, read_jsonl, sha256_file, write_jsonl
 from speechless.store import StoreConfig, is_store_ref, open_store
 
-
 HEX_GROUP = re.compile(r"[0-9a-fA-F]+")
 
 

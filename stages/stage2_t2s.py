@@ -32,7 +32,15 @@ from speechless.runs import RunConfig, config_fingerprint, load_checkpoint, save
 from speechless.store import StoreConfig
 from speechless.t2s import T2SConfig, T2SModel, build_model, collate, count_parameters
 from speechless.tokens import Stage1, load_split, resolve_stage1, row_codes, speaker_map, stage1_codebooks
-from speechless.training import autocast_dtype, finish_run, length_batches, lr_factor, provenance, resolve_device, resume_state
+from speechless.training import (
+    autocast_dtype,
+    finish_run,
+    length_batches,
+    lr_factor,
+    provenance,
+    resolve_device,
+    resume_state,
+)
 
 
 class DataConfig(Section):

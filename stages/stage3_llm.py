@@ -31,16 +31,24 @@ from speechless import distributed, log
 from speechless.config import Section, to_yaml
 from speechless.encoder import EncoderConfig
 from speechless.errors import UsageError
+from speechless.generate import GenerateConfig, generate_corpus, load_stage2
 from speechless.instructions import DEMO_TASKS, answer, as_text, demo_conversations, read_conversations, speech_parts
 from speechless.io import read_json, read_jsonl, sha256_file, write_json, write_jsonl, write_text
-from speechless.llm import (AdapterConfig, BaseConfig, Example, SpeechLM, build_demo_tokenizer, load_adapter, load_speech_lm,
-                            resolve_device)
+from speechless.llm import (
+    AdapterConfig,
+    BaseConfig,
+    Example,
+    SpeechLM,
+    build_demo_tokenizer,
+    load_adapter,
+    load_speech_lm,
+    resolve_device,
+)
+from speechless.probe import CTCProbe, cer
+from speechless.roundtrip import load_probe
 from speechless.runs import RunConfig, code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
 from speechless.rvq import SpeechRVQ
 from speechless.store import StoreConfig, is_store_ref, open_store
-from speechless.probe import CTCProbe, cer
-from speechless.generate import GenerateConfig, generate_corpus, load_stage2
-from speechless.roundtrip import load_probe
 from speechless.tokens import check_stage1_match, load_split, resolve_stage1
 from speechless.training import length_batches as epoch_batches
 

@@ -23,10 +23,10 @@ import httpx2  # noqa: E402
 import huggingface_hub  # noqa: E402
 from huggingface_hub import constants as hf_constants  # noqa: E402
 from huggingface_hub.utils import _http as hf_http  # noqa: E402
+from test_hub_backend import FakeHub  # noqa: E402
 
 from speechless.cli import run  # noqa: E402
 from speechless.io import write_json  # noqa: E402
-from test_hub_backend import FakeHub  # noqa: E402
 
 
 def _encode(repos: dict) -> dict:

@@ -15,7 +15,6 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import stage1_overrides
 
 

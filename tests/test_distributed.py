@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import stage1_overrides
 from test_llm import TEXTS, TINY_AUDIO, conversation
 from test_stage2 import overrides as stage2_overrides
@@ -104,8 +103,10 @@ def _rank_job(rank: int, port: int, paths: dict) -> None:
 
     from speechless.cli import run
     from speechless.config import load_config
-    from stages.stage1_rvq import Stage1Config, train as train_stage1
-    from stages.stage2_t2s import Stage2Config, train as train_stage2
+    from stages.stage1_rvq import Stage1Config
+    from stages.stage1_rvq import train as train_stage1
+    from stages.stage2_t2s import Stage2Config
+    from stages.stage2_t2s import train as train_stage2
 
     base = Path(paths["base"])
     report = {}
@@ -119,7 +120,8 @@ def _rank_job(rank: int, port: int, paths: dict) -> None:
     stage2 = train_stage2(cfg2)
     report["stage2"] = {"eval_done": stage2["eval"] is not None, "rank": stage2["rank"] if "rank" in stage2 else 0}
     from speechless.io import save_tensors
-    from stages.stage3_llm import Stage3Config, train as train_stage3
+    from stages.stage3_llm import Stage3Config
+    from stages.stage3_llm import train as train_stage3
 
     model_dir = base / f"loop_model_rank{rank}"  # each rank writes its model's audio config itself
     save_tensors(base / f"loop_straight_rank{rank}.safetensors", stage3_loop(model_dir, base / "loop_straight"))

@@ -8,9 +8,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import Gemma4AudioConfig, Gemma4AudioModel, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
+from transformers import (
+    Gemma4AudioConfig,
+    Gemma4AudioModel,
+    Gemma4Config,
+    Gemma4ForConditionalGeneration,
+    Gemma4TextConfig,
+)
 
-from speechless import encoder as enc
 from speechless.encoder import AudioWindow, EncoderConfig, encode_windows, load_encoder, weights_sha256
 from speechless.errors import UsageError
 

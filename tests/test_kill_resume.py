@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from conftest import stage1_overrides
 from test_stage2 import overrides as stage2_overrides
 from test_t2s import TEXTS

@@ -12,7 +12,15 @@ import torch
 
 from speechless.encoder import EncoderConfig, load_encoder
 from speechless.errors import UsageError
-from speechless.llm import AdapterConfig, BaseConfig, SpeechLM, build_demo_tokenizer, load_adapter, load_speech_lm, remove_dus
+from speechless.llm import (
+    AdapterConfig,
+    BaseConfig,
+    SpeechLM,
+    build_demo_tokenizer,
+    load_adapter,
+    load_speech_lm,
+    remove_dus,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["Watoto walichora picha darasani juzi.", "The children drew a picture in the classroom.", "Transcribe the audio.",

@@ -154,7 +154,7 @@ def test_validate_lists_every_problem(corpus):
     problems = validate_manifest(manifest)
     assert sorted({problem.line for problem in problems}) == list(range(2, 2 + len(BAD_LINES)))
     by_line = {problem.line: problem for problem in problems}
-    for offset, (bad, field, words) in enumerate(BAD_LINES.values()):
+    for offset, (_bad, field, words) in enumerate(BAD_LINES.values()):
         problem = by_line[2 + offset]
         assert problem.field == field and words in problem.message
 

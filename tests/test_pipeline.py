@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_stage1 import TINY_ENCODER
 from test_t2s import TINY_BACKBONE
 
@@ -140,6 +139,7 @@ def test_killed_stage3_resumes_and_completes(pipeline_config, finished, tmp_path
     is under way; the same command completes, reusing the finished steps and what stage 3 had already written; no
     visible file is half-written."""
     import random
+
     from test_kill_resume import assert_nothing_half_written
 
     out = tmp_path / "killed3"

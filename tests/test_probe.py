@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_t2s import make_fake_stage1, one_thread  # noqa: F401  (fixture)
 
 from speechless.errors import UsageError
 from speechless.probe import CTCProbe, ProbeConfig, cer, probe_text, train_probe
 from speechless.tokens import read_token_jsonl
-from test_t2s import make_fake_stage1, one_thread  # noqa: F401  (fixture)
 
 
 def test_probe_text_and_cer():

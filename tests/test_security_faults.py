@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import stage1_overrides
 from test_hub_backend import FAKE_TOKEN, NS, REPO, build_cache, fake_hub  # noqa: F401  (fixture)
 from test_stage2 import overrides as stage2_overrides

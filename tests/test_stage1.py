@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import TINY_ENCODER
+from conftest import stage1_overrides as overrides
 
 from speechless.config import load_config
 from stages.stage1_rvq import Stage1Config, train
-from conftest import TINY_ENCODER, stage1_overrides as overrides
+
 
 @pytest.fixture(scope="session")
 def trained(stage1_trained) -> Path:

@@ -7,11 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_t2s import TINY_BACKBONE, make_fake_stage1, one_thread  # noqa: F401  (fixture)
 
 from speechless.config import load_config
 from speechless.store import open_store
 from stages.stage2_t2s import Stage2Config, train
-from test_t2s import TINY_BACKBONE, make_fake_stage1, one_thread  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def base(tmp_path_factory) -> Path:
 
 
 def overrides(base: Path, out: Path, *extra: str) -> list[str]:
-    return [f"data.stage1=stage1@v1", f"store.root={base / 'store'}", f"run.out_dir={out}", f"model.backbone={base / 'backbone.json'}",
+    return ["data.stage1=stage1@v1", f"store.root={base / 'store'}", f"run.out_dir={out}", f"model.backbone={base / 'backbone.json'}",
             "model.head_rank=8", "model.tokenizer_vocab_size=40", "train.steps=12", "train.batch_size=8", "train.warmup_steps=2",
             "train.eval_every=6", "train.checkpoint_every=4", "probe.steps=20", "probe.dim=32", "probe.conv_layers=1",
             "generate.max_seconds=2", *extra]

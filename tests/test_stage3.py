@@ -9,14 +9,22 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
+from test_llm import clip, conversation, make, setup  # noqa: F401  (fixture)
+from test_t2s import TINY_BACKBONE, make_fake_stage1
 
 from speechless.config import load_config
 from speechless.errors import UsageError
-from speechless.io import read_jsonl
 from speechless.instructions import as_text, demo_conversations, read_conversations
-from stages.stage3_llm import Stage3Config, adapted_model, score_task, synthetic_tokens, train, train_loop, vectors_from_tokens
-from test_llm import clip, conversation, make, setup  # noqa: F401  (fixture)
-from test_t2s import TINY_BACKBONE, make_fake_stage1
+from speechless.io import read_jsonl
+from stages.stage3_llm import (
+    Stage3Config,
+    adapted_model,
+    score_task,
+    synthetic_tokens,
+    train,
+    train_loop,
+    vectors_from_tokens,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,9 +168,9 @@ def test_synthetic_levels_decode_the_coarse_prefix_and_are_checked_against_stage
 
 @pytest.mark.parametrize("kind", ["lora", "dus"])
 def test_every_variant_starts_from_the_same_adapter_whatever_ran_before(setup, kind):  # noqa: F811
-    from speechless.llm import AdapterConfig, BaseConfig
-
     from test_llm import ROOT
+
+    from speechless.llm import AdapterConfig, BaseConfig
 
     base = BaseConfig(kind="gemma4_audio", source=str(ROOT / "configs/llm/tiny_gemma4.json"), device="cpu")
     make_one = lambda seed: adapted_model(base, setup[1], setup[2], AdapterConfig(kind=kind, dus_blocks=1), seed, setup[3])

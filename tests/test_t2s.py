@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 def make_fake_stage1(folder, *, sentences: int = 30, speakers=("s1", "s2"), levels: int = 4, codebook: int = 32,
                      dim: int = 16, seed: int = 0):
     """A tiny but learnable stage-1 run folder: each character of a sentence becomes a few frames of its own vector
@@ -55,7 +56,6 @@ def make_fake_stage1(folder, *, sentences: int = 30, speakers=("s1", "s2"), leve
     return folder
 
 
-import dataclasses
 import json
 import math
 
@@ -64,6 +64,7 @@ import torch
 
 from speechless.errors import UsageError
 from speechless.t2s import T2SConfig, T2SModel, build_model, collate, delayed_tokens, delays_for, guided_logits
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from speechless.errors import UsageError
-from speechless.tokens import codes_to_string, hex_width, read_token_jsonl, string_to_codes, token_row, write_token_jsonl
+from speechless.tokens import (
+    codes_to_string,
+    hex_width,
+    read_token_jsonl,
+    string_to_codes,
+    token_row,
+    write_token_jsonl,
+)
 
 
 @pytest.mark.parametrize("size, width", [(2, 1), (16, 1), (17, 2), (256, 2), (2048, 3), (4096, 3), (4097, 4)])

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from speechless.commands.options import ConfigOption, load_run_config, FormatOption, SetOption, check_format
+from speechless.commands.options import ConfigOption, FormatOption, SetOption, check_format, load_run_config
 from speechless.log import emit
 
 

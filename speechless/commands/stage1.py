@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from speechless.commands.options import ConfigOption, load_run_config, FormatOption, SetOption, check_format
+from speechless.commands.options import ConfigOption, FormatOption, SetOption, check_format, load_run_config
 from speechless.log import emit
 
 app = typer.Typer(no_args_is_help=True)
@@ -26,7 +26,8 @@ def train(
     Re-running the same command resumes: cached feature shards are reused and training continues from its last
     checkpoint. Example: speechless stage1 train -c configs/stage1/demo.yaml --set train.steps=50
     """
-    from stages.stage1_rvq import Stage1Config, train as run_train
+    from stages.stage1_rvq import Stage1Config
+    from stages.stage1_rvq import train as run_train
 
     cfg = load_run_config(Stage1Config, config, set_, out, push)
     summary = run_train(cfg)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from speechless.commands.options import ConfigOption, load_run_config, FormatOption, SetOption, check_format
+from speechless.commands.options import ConfigOption, FormatOption, SetOption, check_format, load_run_config
 from speechless.log import emit
 
 app = typer.Typer(no_args_is_help=True)
@@ -48,7 +48,8 @@ def train(
     Re-running the same command resumes from the last checkpoint. Example:
     speechless stage2 train -c configs/stage2/demo.yaml --set data.stage1=stage1@v1
     """
-    from stages.stage2_t2s import Stage2Config, train as run_train
+    from stages.stage2_t2s import Stage2Config
+    from stages.stage2_t2s import train as run_train
 
     fmt = check_format(fmt)
     cfg = load_run_config(Stage2Config, config, set_, out, push)
@@ -84,8 +85,8 @@ def generate(
     fmt: FormatOption = "text",
 ) -> None:
     """Convert a text corpus into stage-2 semantic tokens, with a progress bar; re-running resumes where it stopped."""
-    from speechless.store import store_config
     from speechless.generate import generate_file
+    from speechless.store import store_config
 
     fmt = check_format(fmt)
     gen = generate_settings(temperature, top_k, max_seconds, batch_size, speaker, seed, guidance)
@@ -114,8 +115,8 @@ def evaluate(
     """The semantic round trip of a stage-2 checkpoint: probe CER on real vs generated tokens, durations, code usage,
     DTW cosine of decoded vectors."""
     from speechless.config import validate
-    from speechless.store import store_config
     from speechless.roundtrip import EvalConfig, evaluate_checkpoint
+    from speechless.store import store_config
 
     fmt = check_format(fmt)
     gen = generate_settings(temperature, top_k, max_seconds, 64, None, seed, guidance)

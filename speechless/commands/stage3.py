@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from speechless.commands.options import ConfigOption, load_run_config, FormatOption, SetOption, check_format
+from speechless.commands.options import ConfigOption, FormatOption, SetOption, check_format, load_run_config
 from speechless.log import emit
 
 app = typer.Typer(no_args_is_help=True)
@@ -33,7 +33,8 @@ def train(
 
     Re-running the same command resumes. Example: speechless stage3 train -c configs/stage3/demo.yaml
     """
-    from stages.stage3_llm import Stage3Config, train as run_train
+    from stages.stage3_llm import Stage3Config
+    from stages.stage3_llm import train as run_train
 
     fmt = check_format(fmt)
     summary = run_train(load_run_config(Stage3Config, config, set_, out, push))
@@ -104,7 +105,15 @@ def evaluate(
 ) -> None:
     """Score an adapter on held-out REAL speech of the demo task set (WER/CER, BLEU/chrF, exact match)."""
     from speechless.instructions import DEMO_TASKS, demo_conversations
-    from stages.stage3_llm import EvalConfig, evaluate as run_eval, load_for_inference, manifest_rows, quantized, real_vectors, stage1_round_trip
+    from stages.stage3_llm import (
+        EvalConfig,
+        load_for_inference,
+        manifest_rows,
+        quantized,
+        real_vectors,
+        stage1_round_trip,
+    )
+    from stages.stage3_llm import evaluate as run_eval
 
     fmt = check_format(fmt)
     lm, record, _ = load_for_inference(model)

@@ -8,8 +8,15 @@ from typing import Annotated, Optional
 import typer
 
 from speechless.commands.options import FormatOption, check_format
-from speechless.commands.stage2 import (GuidanceOption, MaxSecondsOption, SeedOption, SpeakerOption, TemperatureOption, TopKOption,
-                                        generate_settings)
+from speechless.commands.stage2 import (
+    GuidanceOption,
+    MaxSecondsOption,
+    SeedOption,
+    SpeakerOption,
+    TemperatureOption,
+    TopKOption,
+    generate_settings,
+)
 from speechless.log import emit
 
 app = typer.Typer(no_args_is_help=True)
@@ -66,8 +73,8 @@ def text(
 
     Text output prints the compact code string of each text (one line each); JSON prints token rows like `audio`.
     """
-    from speechless.store import store_config
     from speechless.generate import generate_texts
+    from speechless.store import store_config
 
     fmt = check_format(fmt)
     gen = generate_settings(temperature, top_k, max_seconds, 64, speaker, seed, guidance)

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speechless.probe import ProbeConfig, cer, train_probe  # noqa: E402
 from speechless.rvq import SpeechRVQ  # noqa: E402

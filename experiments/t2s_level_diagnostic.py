@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from speechless.probe import CTCProbe, cer, probe_text  # noqa: E402
 from speechless.t2s import T2SModel  # noqa: E402
-from stages.stage2_t2s import DataConfig, _items, load_split, resolve_stage1, row_codes, speaker_map, stage1_codebooks  # noqa: E402
+from speechless.tokens import load_split, resolve_stage1, row_codes, speaker_map, stage1_codebooks  # noqa: E402
+from stages.stage2_t2s import _items  # noqa: E402
 
 
 def mbr_level0(model: T2SModel, codebook: torch.Tensor):
@@ -78,7 +77,7 @@ def main() -> None:
     codebooks = stage1_codebooks(stage1)
     probe = CTCProbe.load(Path(args.model) / "probe", codebooks)
     rows = load_split(stage1, args.split)
-    items = _items(rows, model, speaker_map(DataConfig(stage1=args.stage1), stage1))
+    items = _items(rows, model, speaker_map(stage1))
     texts = [r["text"] for r in rows]
     real = [row_codes(r) for r in rows]
 

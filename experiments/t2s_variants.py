@@ -15,11 +15,8 @@ import argparse
 import json
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 VARIANTS = {
     "delay": ["model.frame_mode=delay"],

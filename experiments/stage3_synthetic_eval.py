@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -32,9 +31,15 @@ from speechless.config import load_config  # noqa: E402
 from speechless.instructions import speech_parts  # noqa: E402
 from speechless.io import read_jsonl  # noqa: E402
 from speechless.rvq import SpeechRVQ  # noqa: E402
-from stages.stage2_t2s import resolve_stage1  # noqa: E402
-from stages.stage3_llm import (Stage3Config, adapter_folder, evaluate, load_for_inference, synthetic_tokens,  # noqa: E402
-                               vectors_from_tokens)
+from speechless.tokens import resolve_stage1  # noqa: E402
+from stages.stage3_llm import (  # noqa: E402
+    Stage3Config,
+    adapter_folder,
+    evaluate,
+    load_for_inference,
+    synthetic_tokens,
+    vectors_from_tokens,
+)
 
 
 def main() -> None:

@@ -15,15 +15,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 CACHE = ROOT / "runs" / "rvq_study"
 
@@ -55,33 +52,24 @@ def load_features(run_dir: Path, train_split: str, eval_split: str) -> dict:
 
 # name -> (description, RVQConfig overrides, init source). Init source: None = vqp handles init itself on the first
 # batch; "kmeans:<standardize>" = our residual k-means, fitted once per standardisation and shared between variants.
+# The study's baselines (vqp defaults, vqp's own k-means init, learnable codebooks) used RVQConfig options that left the
+# product once measured (docs/results.md, "Options measured and removed"); run them from commit f45383e.
 VARIANTS: dict[str, tuple[str, dict, str | None]] = {
-    "a_defaults": ("vqp defaults: ResidualVQ(dim, 8, 2048): random init, decay 0.8, no dead-code, raw input",
-                   dict(standardize="none", init="random", decay=0.8, dead_code_threshold=0.0), None),
-    "b1_vqpkm_d99": ("vqp kmeans_init (first batch) + dead-code 0.1 x uniform, decay 0.99, raw input",
-                     dict(standardize="none", init="vqp_kmeans", decay=0.99, dead_code_threshold=0.1), None),
-    "b2_vqpkm_d95": ("vqp kmeans_init + dead-code 0.1 x uniform, decay 0.95, raw input",
-                     dict(standardize="none", init="vqp_kmeans", decay=0.95, dead_code_threshold=0.1), None),
-    "b3_vqpkm_std": ("vqp kmeans_init + dead-code 0.1, decay 0.99, global standardisation",
-                     dict(standardize="global", init="vqp_kmeans", decay=0.99, dead_code_threshold=0.1), None),
     "c0_rkm_only": ("our residual k-means, plain on every level (global std), no fine-tuning",
-                    dict(standardize="global", init="residual_kmeans", equal_norm_from_level=None, kmeans_iters=12,
+                    dict(standardize="global", equal_norm_from_level=None, kmeans_iters=12,
                          finetune=False), "kmeans:plain"),
     "c1_rkm_ema": ("our plain residual k-means (global std) + EMA fine-tune, decay 0.99, dead-code 0.1",
-                   dict(standardize="global", init="residual_kmeans", equal_norm_from_level=None, kmeans_iters=12,
+                   dict(standardize="global", equal_norm_from_level=None, kmeans_iters=12,
                         decay=0.99, dead_code_threshold=0.1), "kmeans:plain"),
     "e1_gainshape": ("our residual k-means, levels 2-8 gain-shape (equal-norm), global std, no fine-tuning",
-                     dict(standardize="global", init="residual_kmeans", equal_norm_from_level=1, finetune=False),
+                     dict(standardize="global", equal_norm_from_level=1, finetune=False),
                      "kmeans:gainshape1"),
     "e1_gainshape_ema": ("e1 init + EMA fine-tune, decay 0.99, dead-code 0.1",
-                         dict(standardize="global", init="residual_kmeans", equal_norm_from_level=1, decay=0.99,
+                         dict(standardize="global", equal_norm_from_level=1, decay=0.99,
                               dead_code_threshold=0.1), "kmeans:gainshape1"),
     "e0_gainshape_all": ("our residual k-means, ALL levels gain-shape (equal-norm), global std, no fine-tuning",
-                         dict(standardize="global", init="residual_kmeans", equal_norm_from_level=0, finetune=False),
+                         dict(standardize="global", equal_norm_from_level=0, finetune=False),
                          "kmeans:gainshape0"),
-    "d1_rkm_learnable": ("e1 init + learnable codebooks (Adam 1e-3, no EMA), dead-code 0.1",
-                         dict(standardize="global", init="residual_kmeans", equal_norm_from_level=1,
-                              learnable_codebook=True, learning_rate=1e-3, dead_code_threshold=0.1), "kmeans:gainshape1"),
 }
 
 
@@ -122,12 +110,11 @@ def run_variant(name: str, train: torch.Tensor, x_eval: torch.Tensor, steps: int
     t_after_init = time.perf_counter()
     nsteps = steps if cfg.finetune else 0
     gen = torch.Generator().manual_seed(seed + 100)
-    opt = model.optimizer() if cfg.learnable_codebook else None
     model.train()
     log = []
     for step in range(nsteps):
         rows = torch.randint(0, train.shape[0], (batch,), generator=gen)
-        out = model.train_step(train[rows], opt)
+        out = model.train_step(train[rows])
         if step % max(1, nsteps // 5) == 0 or step == nsteps - 1:
             log.append(dict(step=step, **{k: round(v, 5) for k, v in out.items()}))
     t_train = time.perf_counter() - t_after_init
