@@ -4,7 +4,7 @@ The probe is the stage-2 judge's recipe (`input: vectors`, 300 steps, as configs
 tokens of the train split; it reads the held-out split. Printed: CER, the share of reference characters read back in
 each third of the sentence, and how often the whole Swahili word the demo's questions ask about comes back: the
 subject's first word (who) and the place (where), and the time word. Use it to compare encoder settings before
-building stages 2 and 3 on them (benchmarks/RESULTS.md, "what the demo tokens carry").
+building stages 2 and 3 on them (docs/archive/diary.md, "what the demo tokens carry").
 
     python benchmarks/stage1_word_readback.py --stage1 runs/demo/stage1 --sentences runs/demo/corpus/sentences.jsonl
 """

@@ -1,4 +1,4 @@
-"""Markdown tables of a stage-3 run's metrics.json (the figures in benchmarks/RESULTS.md, section Stage 3).
+"""Markdown tables of a stage-3 run's metrics.json (the figures in docs/archive/diary.md, section Stage 3).
 
     python benchmarks/stage3_tables.py runs/demo/stage3/metrics.json [--corpus runs/demo/corpus]
 

@@ -31,6 +31,7 @@ from pydantic import Field
 from speechless.config import Section
 from speechless.errors import RuntimeFailure, UsageError
 from speechless.io import load_tensors, read_json, save_tensors, write_json
+from speechless.training import lr_factor
 
 FORMAT = "speechless-ctc-probe"
 FORMAT_VERSION = 1
@@ -62,7 +63,9 @@ class ProbeConfig(Section):
     batch_size: int = Field(32, ge=1)
     """Utterances per step."""
     learning_rate: float = Field(3e-3, gt=0.0)
-    """Peak AdamW learning rate (linear warmup over 5% of the steps, cosine decay to 5%)."""
+    """Peak AdamW learning rate (linear warmup over 5% of the steps, then cosine decay to `min_lr_ratio` x peak)."""
+    min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    """Final learning rate as a share of the peak (0-1)."""
     weight_decay: float = Field(0.01, ge=0.0)
     """AdamW weight decay."""
     seed: int = 0
@@ -221,14 +224,7 @@ def train_probe(codes: list[torch.Tensor], texts: list[str], cfg: ProbeConfig, n
         raise UsageError("train_probe: no utterance has a transcript that fits its frames")
     optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = max(1, cfg.steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, cfg.steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg.steps, warmup, cfg.min_lr_ratio))
     rng = random.Random(cfg.seed)
     queue: list[list[int]] = []
     history, started = [], time.time()

@@ -60,11 +60,10 @@ class RVQConfig(Section):
     then costs the first level most of its codes). Undone after decoding."""
 
     kmeans_iters: int = Field(8, ge=1)
-    """Lloyd iterations per level of the residual k-means that initialises the codebooks. Default 8: what the
-    study measured (every level >= 0.95 held-out utilization); one iteration costs ~N x K x D x 2 FLOP, ~5 s per
-    level at 131k x 2048 x 1024 on 2 CPU cores. EnCodec uses 50."""
+    """Lloyd iterations per level of the residual k-means that initialises the codebooks (>= 1; one iteration costs
+    about N x K x D x 2 FLOP per level). Evidence for the default: docs/results.md."""
 
-    kmeans_sample: int = Field(131_072, ge=2)
+    kmeans_sample: int = Field(524_288, ge=2)
     """At most this many train vectors (a random subset) feed `initialize()`. Default 131072 = 64 per code at 2048
     codes; cost grows linearly (one iteration ~ N x K x D x 2 FLOP per level)."""
 

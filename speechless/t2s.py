@@ -60,7 +60,7 @@ TEXT_SPECIALS = ["[PAD]", "[UNK]"]
 class T2SConfig(Section):
     """The stage-2 text-to-semantic-token model."""
 
-    backbone: str = "configs/t2s/tiny_backbone.json"
+    backbone: str = "Qwen/Qwen2.5-0.5B"
     """The Hugging Face causal LM. A `.json` file: a config (with `model_type`) built with random weights
     (`AutoModelForCausalLM.from_config`); otherwise a Hub id or local folder loaded with `from_pretrained` (e.g.
     `HuggingFaceTB/SmolLM2-360M`). Its vocabulary is resized to the text tokenizer's when that differs."""
@@ -78,34 +78,31 @@ class T2SConfig(Section):
     learns fastest from few sentences."""
 
     frame_mode: Literal["delay", "parallel", "coarse_first"] = "delay"
-    """How the Q codes of a frame are laid out in time (see the module docstring). Default 'delay' (MusicGen's delay
-    pattern), chosen by the measured comparison in benchmarks/RESULTS.md: at the same budget it had a higher eval loss
-    than 'parallel' but read back better (lower probe CER) and learned to stop (10 vs 34 of 180 greedy generations
-    never ended)."""
+    """How the Q codes of a frame are laid out in time: 'delay' (level q predicted q steps late, MusicGen's delay
+    pattern), 'parallel' (all levels at once) or 'coarse_first' (level 0, then the rest). Evidence: docs/results.md."""
 
     speaker_embedding: bool = True
     """Add a learned per-speaker embedding to every audio step (speakers from the training data; generation picks one,
     default `generate.speaker`). Without it the model averages the voices of the training data."""
 
-    head_rank: int | None = Field(128, ge=1)
-    """Factorised per-level heads: hidden -> rank -> codebook + EOA. None = a full hidden x codebook matrix per level.
-    Default 128: a quarter of the cost of full heads for the demo's 256-d backbone."""
+    head_rank: int | None = Field(None, ge=1)
+    """Factorised per-level heads: hidden -> rank -> codebook + EOA (>= 1). None = a full hidden x codebook matrix per
+    level; a small rank saves compute with a narrow backbone."""
 
     level_loss_weights: list[float] | None = None
     """Weight of each level's cross-entropy (normalised to mean 1); None = equal weights."""
 
-    max_text_tokens: int = Field(192, ge=4)
+    max_text_tokens: int = Field(256, ge=4)
     """Longest text (in tokens) generated in one go; longer text is split at word boundaries into chunks whose frames
     are concatenated (a warning says so)."""
 
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """Dropout on the summed audio-step embeddings (the backbone keeps its own config's dropout)."""
 
     code_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """In training, the probability that one input code (one level at one step) is replaced by nothing, so the model
-    must read the text rather than continue the codes it was given: at generation those codes are its own, with its own
-    errors (exposure bias). Tacotron's pre-net dropout serves the same end. Measured on the demo corpus (with
-    text_window 2, 300 steps): probe CER ratio 1.22 with 0.3 vs 1.36 without, 1.27 with 0.5."""
+    """In training, the probability (0-1) that one input code (one level at one step) is replaced by nothing, so the
+    model reads the text rather than continues the codes it was given (against exposure bias, like Tacotron's pre-net
+    dropout). 0 = off."""
 
     unconditional_prob: float = Field(0.0, ge=0.0, lt=1.0)
     """In training, the probability that an utterance is learned without its text (text prefix masked out, text window
@@ -114,21 +111,14 @@ class T2SConfig(Section):
     sentence would say there and toward what this text says. Default 0 (off; guidance then refused)."""
 
     progress_buckets: int = Field(0, ge=0)
-    """0 = off. K > 0: every audio step also gets an embedding of how far through the utterance it is,
-    min(floor(s x (K - 1) / T), K - 1) for step s of an utterance of T frames, so the model knows where in the text it
-    should be and that it must stop at bucket K - 1. T is the real length in training and, at generation, the
-    duration model's prediction from the text (a per-speaker least-squares fit of frames on characters and words of
-    the training data, stored in config.json). Measured on the demo corpus with 64 buckets: generated vs real duration
-    correlation 0.95 (0.21 without), probe CER ratio 1.44 (1.47 without); on the 1000-sentence corpus 1.33 either way.
-    Default 0 (off) until measured on real speech, where a character count predicts duration less well."""
+    """0 = off. K > 0: every audio step also gets an embedding of how far through the utterance it is (bucket
+    min(floor(s x (K - 1) / T), K - 1) at step s of T frames); T is the real length in training and, at generation, the
+    prediction of a per-speaker duration model fitted on the training data (characters and words -> frames)."""
 
     text_window: int = Field(0, ge=0)
-    """0 = off. W > 0 (needs progress_buckets): every audio step also reads the text where a constant speaking rate
-    would put it: of the n text tokens, token floor(s x n / T) at step s of T frames and W tokens on each side, each
-    through its own linear map of the text embedding (tokens past either end add nothing). An alignment prior: the
-    model reads the text locally instead of finding its place by attention alone, which a few hundred training
-    sentences do not teach well for unseen text. Measured on the demo corpus (progress 64, 300 steps): probe CER ratio
-    1.36 with W = 2 vs 1.44 without; W = 4 no better. Default 0 (off), as progress_buckets."""
+    """0 = off. W > 0 (needs progress_buckets): every audio step also reads the text token a constant speaking
+    rate puts there (token floor(s x n / T) of n at step s of T frames) and W tokens on each side, each through its own
+    linear map: an alignment prior, so the model reads the text locally."""
 
 
 

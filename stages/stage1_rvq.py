@@ -48,20 +48,20 @@ class DataConfig(Section):
 
 
 class FeaturesConfig(Section):
-    shard_size: int = 64
+    shard_size: int = 512
     """Utterances per feature-cache shard (the unit of resume)."""
     max_train_vectors: int = 2_000_000
     """Cap on train frames held in memory for training (uniformly sampled when the corpus has more; 2M x 1024 fp32 = 8 GB)."""
 
 
 class TrainConfig(Section):
-    steps: int = 200
+    steps: int = 2000
     """Training steps after initialisation."""
-    batch_size: int = 4096
+    batch_size: int = 16384
     """Vectors (frames) per step."""
-    eval_every: int = 50
+    eval_every: int = 250
     """Evaluate on the held-out split every N steps (and at the end)."""
-    checkpoint_every: int = 25
+    checkpoint_every: int = 250
     """Write a resume checkpoint every N steps."""
     average_last: int = 4
     """The averaged model is the mean of the last K resume checkpoints' codebooks."""

@@ -61,32 +61,31 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(1200, ge=0)
+    steps: int = Field(30000, ge=0)
     """Optimizer steps."""
-    batch_size: int = Field(24, ge=1)
+    batch_size: int = Field(32, ge=1)
     """Utterances per step (length-bucketed: similar lengths share a batch)."""
-    learning_rate: float = Field(2e-3, gt=0.0)
+    learning_rate: float = Field(3e-4, gt=0.0)
     """Peak AdamW learning rate."""
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(1000, ge=0)
     """Linear warmup steps, then cosine decay to `min_lr_ratio` x peak."""
-    min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     """Final learning rate as a share of the peak."""
-    weight_decay: float = Field(0.01, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
     """AdamW weight decay (not on norms, biases and embeddings)."""
     grad_clip: float = Field(1.0, gt=0.0)
     """Gradient norm clipping."""
-    eval_every: int = Field(300, ge=1)
+    eval_every: int = Field(1000, ge=1)
     """Eval loss per level on the eval split every N steps (and at the end); the best is kept."""
-    checkpoint_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
     """Resume checkpoint every N steps (in `work/`)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """'bf16' autocast, 'fp32', or 'auto' = bf16 on a GPU that supports it, else fp32 (on CPUs bf16 autocast was
-    measured: see benchmarks/RESULTS.md)."""
+    """'bf16' autocast, 'fp32', or 'auto' = bf16 on a GPU that supports it, else fp32."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu', 'cuda', ..."""
     threads: int | None = Field(None, ge=1)
-    """CPU threads for training and the round trip (None = torch's default). On a 2-core machine shared with other
-    jobs, 1 thread was measured several times faster than 2 (threads fight for the cores)."""
+    """CPU threads for training and the round trip (None = torch's default, all cores). On cores shared with other
+    jobs, 1 is often faster."""
 
 
 class Stage2Config(Section):

@@ -27,7 +27,8 @@ def overrides(base: Path, out: Path, *extra: str) -> list[str]:
     return ["data.stage1=stage1@v1", f"store.root={base / 'store'}", f"run.out_dir={out}", f"model.backbone={base / 'backbone.json'}",
             "model.head_rank=8", "model.tokenizer_vocab_size=40", "train.steps=12", "train.batch_size=8", "train.warmup_steps=2",
             "train.eval_every=6", "train.checkpoint_every=4", "probe.steps=20", "probe.dim=32", "probe.conv_layers=1",
-            "generate.max_seconds=2", *extra]
+            "generate.max_seconds=2", "train.learning_rate=2e-3", "train.min_lr_ratio=0.05", "train.weight_decay=0.01",
+            "model.max_text_tokens=192", "model.dropout=0.0", *extra]
 
 
 TRAINED = ("run.push=true", "model.progress_buckets=8")  # the shared run (progress conditioning on, as in the demo)
