@@ -33,8 +33,8 @@ from speechless.instructions import speech_parts  # noqa: E402
 from speechless.io import read_jsonl  # noqa: E402
 from speechless.rvq import SpeechRVQ  # noqa: E402
 from stages.stage2_t2s import resolve_stage1  # noqa: E402
-from stages.stage3_llm import (Stage3Config, adapter_folder, evaluate, load_for_inference, synthetic_tokens,  # noqa: E402
-                               vectors_from_tokens)
+from speechless.adapt import evaluate, load_for_inference, synthetic_tokens, vectors_from_tokens  # noqa: E402
+from stages.stage3_llm import Stage3Config, adapter_folder  # noqa: E402
 
 
 def main() -> None:

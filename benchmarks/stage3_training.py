@@ -38,7 +38,7 @@ from speechless.instructions import DEMO_TASKS, demo_conversations
 from speechless.llm import AdapterConfig, BaseConfig, build_demo_tokenizer, load_speech_lm
 from speechless.rvq import SpeechRVQ
 from stages.stage2_t2s import epoch_batches, load_split, resolve_stage1
-from stages.stage3_llm import PretrainConfig, demo_tokenizer_texts, manifest_rows, speech_examples, stage1_encoder, train_loop
+from speechless.adapt import PretrainConfig, demo_tokenizer_texts, manifest_rows, speech_examples, stage1_encoder, train_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 
