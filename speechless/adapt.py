@@ -522,12 +522,12 @@ def evaluate_file(model_ref: str, conversations: Path | None = None, quantize: b
     speech parts carry real `audio`, or (without one) the demo task set of `split` of the demo corpus."""
     if conversations is not None and demo_manifest is not None:
         raise UsageError("stage3 eval: give --conversations FILE or --demo-manifest FILE, not both")
-    adapter_checkpoint(model_ref, store_cfg)  # a wrong model is refused before anything is read
+    folder = adapter_checkpoint(model_ref, store_cfg)  # a wrong model is refused before anything is read
     if conversations is not None:
         rows = real_speech_conversations(conversations)
     else:
         rows = demo_eval_rows(Path(demo_manifest or DEMO_MANIFEST), split, voices)
-    model, record, _ = load_for_inference(model_ref, store_cfg)
+    model, record, _ = load_for_inference(str(folder), store_cfg)
     clips = real_vectors(model, rows, model.encoder_cfg)
     rvq, levels = stage1_round_trip(record, quantize, store_cfg)
     if rvq is not None:

@@ -281,6 +281,8 @@ def test_cli_bad_input(cli, tmp_path):
     assert result.exit_code == 2 and "m.jsonl:2: a row needs 'audio_filepath'" in result.stderr
     result = cli("stage3", "eval", "--model", tmp_path)
     assert result.exit_code == 2 and "not a stage-3 adapter" in result.stderr
+    result = cli("stage3", "eval", "--model", tmp_path, "--conversations", bad, "--demo-manifest", bad)
+    assert result.exit_code == 2 and "not both" in result.stderr
 
 
 def test_real_scale_stage3_config_targets_gemma4_e2b():

@@ -47,6 +47,8 @@ def train(
     for name, row in summary["eval"]["adapters"].items():
         lines.append(f"{name}: " + "  ".join(f"{t} {s:.3f}" for t, s in row["tasks"].items())
                      + f"  text ppl {row['text_perplexity_change']:+.3%}  trainable {row['trainable_parameters']:,}")
+    for kind, tasks in summary["eval"].get("topline_comparison", {}).items():
+        lines.append(f"ratio to the real-speech topline ({kind}): " + "  ".join(f"{t} {r['ratio_to_topline']}" for t, r in tasks.items()))
     if summary["pushed"]:
         lines.append(f"pushed {summary['pushed']}")
     emit("\n".join(lines))
