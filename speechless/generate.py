@@ -31,9 +31,8 @@ WEIGHT_FILES = {"final": "model.safetensors", "best": "model.best.safetensors"}
 
 class GenerateConfig(Section):
     temperature: float = Field(0.7, ge=0.0)
-    """0 = greedy; > 0 = sampling at this temperature. Default 0.7 with top_k 30: on the demo, greedy decoding looped
-    (10 of 180 held-out texts never emitted end-of-audio; durations 1.7x too long) while sampling ended every text at
-    the right length (ratio 1.05) with a lower probe CER (benchmarks/RESULTS.md)."""
+    """0 = greedy; > 0 = sampling at this temperature (with `top_k`). Greedy decoding can loop and never end the
+    audio; sampling is the default (measurements: benchmarks/RESULTS.md)."""
     top_k: int = Field(30, ge=0)
     """With sampling: keep only the k most likely codes per level (0 = all)."""
     guidance: float = Field(1.0, ge=0.0)
