@@ -34,12 +34,7 @@ import torch
 from run import alternate, table
 from transformers import Trainer, TrainingArguments
 
-from speechless.instructions import DEMO_TASKS, demo_conversations
-from speechless.llm import AdapterConfig, BaseConfig, build_demo_tokenizer, load_speech_lm
-from speechless.rvq import SpeechRVQ
-from speechless.tokens import load_split, resolve_stage1
-from speechless.training import length_batches as epoch_batches
-from stages.stage3_llm import (
+from speechless.adapt import (
     PretrainConfig,
     demo_tokenizer_texts,
     manifest_rows,
@@ -47,6 +42,11 @@ from stages.stage3_llm import (
     stage1_encoder,
     train_loop,
 )
+from speechless.instructions import DEMO_TASKS, demo_conversations
+from speechless.llm import AdapterConfig, BaseConfig, build_demo_tokenizer, load_speech_lm
+from speechless.rvq import SpeechRVQ
+from speechless.tokens import load_split, resolve_stage1
+from speechless.training import length_batches as epoch_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 

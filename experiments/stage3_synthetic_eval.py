@@ -1,12 +1,12 @@
 """What do stage-3 models hear in stage-2 speech of the HELD-OUT sentences, against their real recordings?
 
-    python benchmarks/stage3_synthetic_eval.py runs/demo/stage3 [--variants A_synthetic/lora,B_real/lora] [--set KEY=VALUE]
+    python experiments/stage3_synthetic_eval.py runs/demo/stage3 [--variants synthetic_speech/lora,real_speech_topline/lora] [--set KEY=VALUE]
 
 Stage 2 speaks every held-out request (in its recording's voice, with the run's generation settings and best-of-n
 choice), and each adapter of the run answers it; its stage-3 metrics give the same requests as real speech. Each
 model hears the synthetic speech at the codebook levels of its own training speech (`speech_levels`).
 
-Reading it for a task that model A misses on real speech:
+Reading it for a task that the synthetic-speech model (A) misses on real speech (B: the real-speech topline):
 - A high on synthetic held-out speech: stage 2 says what the task needs on unseen text and A learned to hear it, but
   stage 2 says it unlike real speech (a domain gap).
 - A low there too: stage 2 does not say it on unseen text, so there is nothing for A to learn.
@@ -23,29 +23,21 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 import torch  # noqa: E402
 
+from speechless.adapt import evaluate, load_for_inference, synthetic_tokens, vectors_from_tokens  # noqa: E402
 from speechless.config import load_config  # noqa: E402
 from speechless.instructions import speech_parts  # noqa: E402
 from speechless.io import read_jsonl  # noqa: E402
 from speechless.rvq import SpeechRVQ  # noqa: E402
 from speechless.tokens import resolve_stage1  # noqa: E402
-from stages.stage3_llm import (  # noqa: E402
-    Stage3Config,
-    adapter_folder,
-    evaluate,
-    load_for_inference,
-    synthetic_tokens,
-    vectors_from_tokens,
-)
+from stages.stage3_llm import Stage3Config, adapter_folder  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a stage-3 run folder (resolved_config.yaml, metrics.json, work/)")
-    parser.add_argument("--variants", default="A_synthetic/lora,B_real/lora")
+    parser.add_argument("--variants", default="synthetic_speech/lora,real_speech_topline/lora")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override the run's stage-3 config (e.g. data.stage2=runs/x/stage2); repeatable")
     parser.add_argument("--threads", type=int, default=None)
@@ -56,8 +48,8 @@ def main() -> None:
     metrics = json.loads((args.run / "metrics.json").read_text())["eval"]
     eval_rows = [row for _, row in read_jsonl(args.run / "work" / "data" / "eval.jsonl")]
     began = time.time()
-    takes, record = synthetic_tokens(cfg, eval_rows, args.run / "work" / "heldout_synthetic")
-    tokens = takes[0]
+    tokens, record = synthetic_tokens(cfg.data.stage2, cfg.data.stage1, cfg.data.generate, cfg.data.synthetic_draws, eval_rows,
+                                      args.run / "work" / "heldout_synthetic", cfg.store)
     rvq = SpeechRVQ.load(resolve_stage1(cfg.data.stage1, cfg.store).folder)
     print(f"stage-2 speech of {len(tokens)} held-out recordings ({time.time() - began:.0f} s); draws: {record.get('draws')}",
           file=sys.stderr)

@@ -29,8 +29,10 @@ DEMO_TASKS = {
 }
 
 
-def check_conversation(row: object, where: str, require_answer: bool = True) -> dict:
-    """Validate one conversation; a problem is a UsageError naming `where` (file:line) and the field."""
+def check_conversation(row: object, where: str, require_answer: bool = True, audio_root: Path | None = None) -> dict:
+    """Validate one conversation; a problem is a UsageError naming `where` (file:line) and the field. With
+    `audio_root`, every speech part must carry a real recording (`audio`, relative paths resolved against
+    `audio_root`) that exists: held-out speech to evaluate on."""
     if not isinstance(row, dict):
         raise UsageError(f"{where}: expected a JSON object with 'messages'")
     messages = row.get("messages")
@@ -61,6 +63,13 @@ def check_conversation(row: object, where: str, require_answer: bool = True) -> 
                 raise UsageError(f"{where}: {field}.content[{index}].text must be a string")
             if kind == "speech" and not (isinstance(part.get("text"), str) and part["text"].strip()) and not part.get("audio"):
                 raise UsageError(f"{where}: {field}.content[{index}]: a speech part needs 'text' (spoken by stage 2) or 'audio'")
+            if kind == "speech" and audio_root is not None:
+                if not isinstance(part.get("audio"), str) or not part["audio"]:
+                    raise UsageError(f"{where}: {field}.content[{index}]: a speech part has no real 'audio' (a recording); "
+                                     "evaluation needs real speech in every speech part")
+                part["audio"] = str((audio_root / part["audio"]).resolve())
+                if not Path(part["audio"]).is_file():
+                    raise UsageError(f"{where}: {field}.content[{index}].audio: {part['audio']} not found")
     if require_answer and messages[-1]["role"] != "assistant":
         raise UsageError(f"{where}: the conversation ends without an assistant turn; add the answer to learn from")
     row.setdefault("id", where)
@@ -69,10 +78,13 @@ def check_conversation(row: object, where: str, require_answer: bool = True) -> 
     return row
 
 
-def read_conversations(path: str | Path, require_answer: bool = True) -> list[dict]:
+def read_conversations(path: str | Path, require_answer: bool = True, require_audio: bool = False) -> list[dict]:
+    """The conversations of a JSONL file, each checked (`check_conversation`); with `require_audio` every speech part
+    must name a real recording (`audio`, relative to the file)."""
     rows, seen = [], set()
+    audio_root = Path(path).parent if require_audio else None
     for number, row in read_jsonl(path, "conversations file"):
-        row = check_conversation(row, f"{path}:{number}", require_answer)
+        row = check_conversation(row, f"{path}:{number}", require_answer, audio_root)
         if row["id"] in seen:
             raise UsageError(f"{path}:{number}: id {row['id']!r} appears twice")
         seen.add(row["id"])
@@ -91,7 +103,7 @@ def as_text(row: dict) -> dict:
     messages = []
     for m in row["messages"]:
         if m["role"] == "user":
-            m = {"role": "user", "content": [p if p["type"] == "text" else {"type": "text", "text": p["text"]} for p in m["content"]]}
+            m = {"role": "user", "content": [p if p["type"] == "text" else {"type": "text", "text": p.get("text", "")} for p in m["content"]]}
         messages.append(m)
     return {**row, "id": f"{row['id']}#text", "messages": messages}
 

@@ -158,7 +158,8 @@ def load_base_model(cfg: BaseConfig, encoder_cfg: EncoderConfig | None = None, t
         if not path.is_file():
             raise UsageError(f"base.source: config file {cfg.source} not found")
         if tokenizer is None:
-            raise UsageError(f"base.source {cfg.source}: a random-weight base needs a tokenizer (the demo trains one)")
+            raise UsageError(f"base.source {cfg.source}: a random-weight base needs the demo tokenizer; set pretrain.enabled=true "
+                                 "(the demo trains both) or give a pretrained model")
         ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in
                dict(pad=tokenizer.pad_token, eos=tokenizer.eos_token, bos=tokenizer.bos_token, audio="<|audio|>",
                     boa="<|audio>", eoa="<audio|>", image="<|image|>", boi="<|image>", eoi="<image|>", video="<|video|>").items()}

@@ -116,7 +116,8 @@ def stage2_plots(folder: Path, stage1_folder: Path, out: Path) -> list[str]:
 
 
 def stage3_plots(folder: Path, out: Path) -> list[str]:
-    """Task scores (synthetic-trained vs topline), adapters compared, text perplexity before/after."""
+    """Task scores of every variant (synthetic speech, the real-speech topline, other adapters), text perplexity
+    before/after."""
     ev = _metrics(folder).get("eval", {})
     comparison = ev.get("comparison")
     if not comparison:
@@ -192,6 +193,9 @@ def write_report(run_dir: str | Path) -> Path:
         ppl = entry.get("text_perplexity") or {}
         numbers3[run] = " ".join(f"{task} {value.get('score', 0):.3f}" for task, value in scores.items()) + (
             f"; text perplexity change {ppl['relative_change']:+.2%}" if "relative_change" in ppl else "")
+    for kind, tasks in (ev3.get("topline_comparison") or {}).items():  # synthetic-speech scores / the real-speech topline's
+        numbers3[f"ratio to real-speech topline ({kind})"] = " ".join(
+            f"{task} {row['ratio_to_topline']}" for task, row in tasks.items())
     steps = _table([("step", "revision", "seconds", "pushed")] + [
         (name, rec.get("revision", "")[:12], rec.get("seconds"), rec.get("pushed") or "") for name, rec in state["steps"].items()])
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>speechless report: {html.escape(run_dir.name)}</title>

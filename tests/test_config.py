@@ -106,3 +106,11 @@ def test_a_section_can_be_a_yaml_file(tmp_path, monkeypatch):
     (tmp_path / "s1.yaml").write_text("trian:\n  steps: 7\n")
     with pytest.raises(UsageError, match="stage1.trian"):
         load_config(PipelineConfig, tmp_path / "p.yaml")
+
+
+def test_every_key_of_every_stage_schema_and_the_pipeline_is_documented():
+    from speechless.commands.config_cmd import _schemas
+
+    for name, schema in _schemas().items():
+        missing = [key for key, _, doc in describe(schema) if not doc.strip()]
+        assert not missing, f"{name}: keys without a description: {missing}"

@@ -55,8 +55,8 @@ def stage3_loop_model(root: Path):
 def stage3_loop(root: Path, work: Path, die_at_call: int | None = None) -> dict:
     """Train the loop model (optionally killed at the n-th loss call, then resumed from work/). Returns its trainable
     weights and `grads`: each step's gradient (after the DDP all-reduce, before clipping), one row per step."""
+    from speechless.adapt import train_loop
     from speechless.llm import SpeechLM
-    from stages.stage3_llm import train_loop
 
     real_loss, real_clip, calls, grads = SpeechLM.loss, torch.nn.utils.clip_grad_norm_, {"n": 0}, []
 
@@ -89,8 +89,8 @@ def stage3_overrides(base: Path, corpus: str) -> list[str]:
             f"run.out_dir={base / 'stage3'}", f"store.root={base / 'store3'}", f"pretrain.out_dir={base / 'stage3_base'}",
             f"base.source={Path(__file__).parents[1] / 'configs/llm/tiny_gemma4.json'}", "base.device=cpu",
             "data.voices_per_sentence=1", "data.eval_voices_per_sentence=1", "data.generate.max_seconds=1",
-            "pretrain.steps=2", "pretrain.batch_size=8", "pretrain.vocab_size=120", "train.steps=3", "train.batch_size=4",
-            "train.checkpoint_every=2", "eval.max_new_tokens=3", "eval.batch_size=4", "compare.topline=false", "compare.adapters=[lora]"]
+            "pretrain.enabled=true", "pretrain.steps=2", "pretrain.batch_size=8", "pretrain.vocab_size=120", "train.steps=3", "train.batch_size=4",
+            "train.checkpoint_every=2", "eval.max_new_tokens=3", "eval.batch_size=4", "compare.real_speech_topline=false"]
 
 
 def _rank_job(rank: int, port: int, paths: dict) -> None:
@@ -208,7 +208,7 @@ def test_stage3_recipe_runs_on_two_ranks_and_rank0_writes(job):
     out = base / "stage3"
     assert (out / "adapter.safetensors").is_file() and (out / "metrics.json").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["eval"]["variants"]["A_synthetic/lora"]["history"][-1]["step"] == 3
+    assert metrics["eval"]["variants"]["synthetic_speech/lora"]["history"][-1]["step"] == 3
     # the two ranks' synthetic speech parts were merged into one cache, in text order, and the parts removed
     speech = out / "work" / "speech"
     caches = sorted(p.name for p in speech.iterdir())

@@ -36,9 +36,9 @@ def pipeline_config(tmp_path_factory) -> Path:
                    "probe": {"steps": 10, "dim": 32, "conv_layers": 1}, "generate": {"max_seconds": 2}},
         "stage3": {"base": {"source": str(ROOT / "configs/llm/tiny_gemma4.json")},
                    "data": {"voices_per_sentence": 1, "eval_voices_per_sentence": 1, "generate": {"max_seconds": 2}},
-                   "pretrain": {"steps": 10, "batch_size": 8, "vocab_size": 120},
+                   "pretrain": {"enabled": True, "steps": 10, "batch_size": 8, "vocab_size": 120},
                    "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2},
-                   "eval": {"max_new_tokens": 8}, "compare": {"topline": False, "adapters": ["lora"]}},
+                   "eval": {"max_new_tokens": 8}, "compare": {"real_speech_topline": False}},
     }
     path = root / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))

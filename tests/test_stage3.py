@@ -12,19 +12,13 @@ import torch
 from test_llm import clip, conversation, make, setup  # noqa: F401  (fixture)
 from test_t2s import TINY_BACKBONE, make_fake_stage1
 
+from speechless.adapt import adapted_model, score_task, train_loop, vectors_from_tokens
+from speechless.adapt import synthetic_tokens as speak
 from speechless.config import load_config
 from speechless.errors import UsageError
 from speechless.instructions import as_text, demo_conversations, read_conversations
 from speechless.io import read_jsonl
-from stages.stage3_llm import (
-    Stage3Config,
-    adapted_model,
-    score_task,
-    synthetic_tokens,
-    train,
-    train_loop,
-    vectors_from_tokens,
-)
+from stages.stage3_llm import Stage3Config, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,26 +88,31 @@ def tiny_stage2(tmp_path: Path) -> tuple[list[dict], list[str], dict]:
     return rows, common, stage1
 
 
+def synthetic_tokens(cfg: Stage3Config, rows: list[dict], work: Path) -> tuple[dict, dict]:
+    """Stage-2 speech of `rows` as the recipe asks for it."""
+    return speak(cfg.data.stage2, cfg.data.stage1, cfg.data.generate, cfg.data.synthetic_draws, rows, work, cfg.store, "cpu")
+
+
 def test_stage2_trained_on_another_stage1_is_refused_and_speech_is_cached(tmp_path):
     rows, common, stage1 = tiny_stage2(tmp_path)
     wrong = load_config(Stage3Config, None, [*common, f"data.stage1={tmp_path / 's1b'}"])
     with pytest.raises(UsageError, match="stage-1 mismatch"):
         synthetic_tokens(wrong, rows, tmp_path / "work")
     cfg = load_config(Stage3Config, None, common)
-    (tokens,), record = synthetic_tokens(cfg, rows, tmp_path / "work")
+    tokens, record = synthetic_tokens(cfg, rows, tmp_path / "work")
     assert set(tokens) == {"u1", "u2"} and tokens["u1"]["stage1_revision"] == stage1["revision"]
     assert record["stage1_revision"] == stage1["revision"] and "draws" not in record
     cached = list((tmp_path / "work" / "speech").glob("stage2_*.jsonl"))
     assert len(cached) == 2  # the texts and the generated tokens (named by the stage-2 revision and generation settings)
-    (again,), _ = synthetic_tokens(cfg, rows, tmp_path / "work")
+    again, _ = synthetic_tokens(cfg, rows, tmp_path / "work")
     assert again == tokens  # served from the cache
     reseeded = load_config(Stage3Config, None, [*common, "data.generate.seed=5"])
-    (other,), _ = synthetic_tokens(reseeded, rows, tmp_path / "work")
+    other, _ = synthetic_tokens(reseeded, rows, tmp_path / "work")
     assert len(list((tmp_path / "work" / "speech").glob("stage2_*_*.jsonl"))) == 2  # another sample, another cache
     assert any(other[k]["codes"] != tokens[k]["codes"] for k in tokens)
 
 
-def test_best_of_n_draws_keeps_the_draws_the_stage2_probe_reads_best(tmp_path):
+def test_best_of_n_draws_keeps_the_draw_the_stage2_probe_reads_best(tmp_path):
     from speechless.probe import CTCProbe, ProbeConfig, cer, train_probe
     from speechless.tokens import read_token_jsonl
 
@@ -124,8 +123,8 @@ def test_best_of_n_draws_keeps_the_draws_the_stage2_probe_reads_best(tmp_path):
     real = read_token_jsonl(tmp_path / "s1a" / "tokens" / "train.jsonl")
     probe, _ = train_probe([torch.tensor(r["codes"]) for r in real], [r["text"] for r in real], ProbeConfig(dim=16, steps=3), 4, 32)
     probe.save(tmp_path / "s2" / "probe")
-    (tokens,), record = synthetic_tokens(cfg, rows, tmp_path / "work")
-    assert set(tokens) == {"u1", "u2"} and record["draws"]["n"] == 4 and record["draws"]["kept"] == 1
+    tokens, record = synthetic_tokens(cfg, rows, tmp_path / "work")
+    assert set(tokens) == {"u1", "u2"} and record["draws"]["n"] == 4
     draws = {r["id"]: r for _, r in read_jsonl(next((tmp_path / "work" / "speech").glob("stage2_????????????_????????.jsonl")))}
     assert len(draws) == 8  # 4 draws of each turn were generated and cached
     probe = CTCProbe.load(tmp_path / "s2" / "probe")
@@ -134,19 +133,7 @@ def test_best_of_n_draws_keeps_the_draws_the_stage2_probe_reads_best(tmp_path):
     for key in errors:
         chosen = int(tokens[key]["draw"].rsplit("#", 1)[1])
         assert errors[key][chosen] == min(errors[key]) and tokens[key]["codes"] == draws[f"{key}#{chosen}"]["codes"]
-    assert record["draws"]["probe_cer_best"] == record["draws"]["probe_cer_kept"] <= record["draws"]["probe_cer_first_draw"]
-
-    # keeping 3 of the 4: three takes, best first, each a different draw; the worst draw is dropped
-    three = load_config(Stage3Config, None, [*common, "data.synthetic_draws=4", "data.kept_draws=3"])
-    takes, record = synthetic_tokens(three, rows, tmp_path / "work")
-    assert len(takes) == 3 and record["draws"]["kept"] == 3
-    for key in errors:
-        kept = [int(take[key]["draw"].rsplit("#", 1)[1]) for take in takes]
-        assert len(set(kept)) == 3 and [errors[key][d] for d in kept] == sorted(errors[key])[:3]
-        assert all(take[key]["codes"] == draws[f"{key}#{d}"]["codes"] for take, d in zip(takes, kept))
-    assert record["draws"]["probe_cer_best"] <= record["draws"]["probe_cer_kept"]
-    with pytest.raises(UsageError, match=r"kept_draws=5 is more than synthetic_draws=4"):
-        load_config(Stage3Config, None, [*common, "data.synthetic_draws=4", "data.kept_draws=5"])
+    assert record["draws"]["probe_cer_best"] <= record["draws"]["probe_cer_first_draw"]
 
 
 def test_synthetic_levels_decode_the_coarse_prefix_and_are_checked_against_stage1(tmp_path):
@@ -217,7 +204,7 @@ def test_training_resumes_after_a_kill_to_the_same_weights(setup, tmp_path, monk
 
 
 def test_audio_longer_than_the_window_is_split_into_audio_blocks(setup, tmp_path, capsys):  # noqa: F811
-    from stages.stage3_llm import answer_requests
+    from speechless.adapt import answer_requests
 
     model = make(setup)
     model.encoder_cfg = model.encoder_cfg.model_copy(update={"max_window_s": 2.0})
@@ -233,7 +220,7 @@ def test_audio_longer_than_the_window_is_split_into_audio_blocks(setup, tmp_path
 
 
 def test_real_input_goes_through_stage1_at_the_levels_the_adapter_trained_on(setup, tmp_path):  # noqa: F811
-    from stages.stage3_llm import answer_requests, stage1_round_trip
+    from speechless.adapt import answer_requests, stage1_round_trip
 
     make_fake_stage1(tmp_path / "s1", sentences=4, dim=32)  # the tiny audio tower's hook width
     record = {"stage1": {"ref": str(tmp_path / "s1")}, "speech_levels": 2, "quantize_real": False}
@@ -256,7 +243,7 @@ def test_real_input_goes_through_stage1_at_the_levels_the_adapter_trained_on(set
     assert not torch.allclose(coarse, full) and not torch.allclose(full, native)
 
 
-def test_a_vs_b_summary_compares_both_inputs_per_task():
+def test_topline_summary_names_what_was_compared_and_reports_ratios_per_task():
     from stages.stage3_llm import summarize
 
     def scores(asr, where):
@@ -266,13 +253,17 @@ def test_a_vs_b_summary_compares_both_inputs_per_task():
         return {"speech": native, "speech_quantized": stage1, "parameters": {"trainable": 10},
                 "text_perplexity": {"before": 2.0, "after": 2.0, "relative_change": 0.0}}
 
-    variants = {"A_synthetic/lora": variant(scores(0.5, 0.38), scores(0.5, 0.45)),
-                "B_real/lora": variant(scores(0.5, 0.49), scores(0.4, 0.48))}
-    summary = summarize(variants, scores(0.9, 1.0), "A_synthetic/lora", ["lora"], ["A_synthetic", "B_real"])
-    native, stage1 = summary["a_vs_b"]["lora"], summary["a_vs_b_quantized"]["lora"]
-    assert native["asr"]["meets_0.9"] and native["asr"]["ratio"] == 1.0
-    assert not native["where"]["meets_0.9"] and native["where"]["ratio"] == round(0.38 / 0.49, 4)
-    assert stage1["where"]["meets_0.9"] and stage1["asr"]["B_real"] == 0.4 and stage1["asr"]["ratio"] == 1.25
+    variants = {"synthetic_speech/lora": variant(scores(0.5, 0.38), scores(0.5, 0.45)),
+                "real_speech_topline/lora": variant(scores(0.5, 0.49), scores(0.4, 0.0))}
+    summary = summarize(variants, scores(0.9, 1.0), "synthetic_speech/lora", ["lora"])
+    native, stage1 = summary["topline_comparison"]["lora"], summary["topline_comparison_quantized"]["lora"]
+    assert native["asr"] == {"metric": "1-CER", "synthetic_speech": 0.5, "real_speech_topline": 0.5, "ratio_to_topline": 1.0}
+    assert native["where"]["ratio_to_topline"] == round(0.38 / 0.49, 4)
+    assert stage1["asr"]["real_speech_topline"] == 0.4 and stage1["asr"]["ratio_to_topline"] == 1.25
+    assert stage1["where"]["ratio_to_topline"] is None  # a topline at 0: no ratio
+    assert "meets_0.9" not in json.dumps(summary)  # the product reports ratios; the docs judge them
+    alone = summarize({"synthetic_speech/lora": variants["synthetic_speech/lora"]}, scores(0.9, 1.0), "synthetic_speech/lora", ["lora"])
+    assert "topline_comparison" not in alone and list(alone["adapters"]) == ["synthetic_speech/lora"]
 
 
 def test_scores():
@@ -291,6 +282,8 @@ def test_cli_bad_input(cli, tmp_path):
     assert result.exit_code == 2 and "m.jsonl:2: a row needs 'audio_filepath'" in result.stderr
     result = cli("stage3", "eval", "--model", tmp_path)
     assert result.exit_code == 2 and "not a stage-3 adapter" in result.stderr
+    result = cli("stage3", "eval", "--model", tmp_path, "--conversations", bad, "--demo-manifest", bad)
+    assert result.exit_code == 2 and "not both" in result.stderr
 
 
 def test_real_scale_stage3_config_targets_gemma4_e2b():
@@ -325,3 +318,60 @@ def test_pushed_adapter_answers_through_chat_and_infer(setup, tmp_path, monkeypa
     result = cli("stage3", "infer", "--manifest", manifest, "--model", "stage3@v1", "--max-new-tokens", "3", "-o", tmp_path / "out.jsonl")
     assert result.exit_code == 0, result.stderr
     assert [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == ["a", "b"]
+
+
+def test_training_resume_with_another_config_warns_and_starts_again(setup, tmp_path, capsys):  # noqa: F811
+    from speechless.llm import AdapterConfig
+
+    model = make(setup)
+    model.attach(AdapterConfig(kind="dus", dus_blocks=1))
+    examples = [model.encode(conversation(a), [torch.randn(8, 32)]) for a in ["Watoto walichora picha.", "Mwalimu alikula wali."]]
+    args = dict(steps=2, batch_size=2, lr=1e-2, warmup=1, seed=0, checkpoint_every=1, what="test")
+    train_loop(model, examples, work=tmp_path, fingerprint="first", **args)
+    capsys.readouterr()
+    history = train_loop(model, examples, work=tmp_path, fingerprint="first", **args)
+    assert "resuming at step 2" in capsys.readouterr().err and history[-1]["step"] == 2
+    history = train_loop(model, examples, work=tmp_path, fingerprint="changed", **args)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "holds the resume state of another config; training restarts from step 0" in err
+    assert [h["step"] for h in history] == [2]  # trained again from step 0, not resumed
+
+
+def saved_adapter(setup, folder: Path) -> Path:  # noqa: F811
+    """A train-free stage-3 adapter on a saved copy of the tiny base, as `stage3 train` would save it."""
+    from speechless.llm import AdapterConfig, BaseConfig, load_speech_lm
+
+    _, encoder_cfg, sha, _ = setup
+    first = make(setup)
+    first.lm.save_pretrained(folder / "base")
+    first.tokenizer.save_pretrained(folder / "base")
+    model = load_speech_lm(BaseConfig(source=str(folder / "base"), device="cpu"), encoder_cfg, sha)
+    model.attach(AdapterConfig(kind="lora"))
+    model.save_adapter(folder / "run", {"stage1": {"ref": "s1"}, "stage2": {"ref": "s2"}})
+    return folder / "run"
+
+
+def test_stage3_eval_scores_a_conversation_file_of_real_speech(setup, tmp_path, cli):  # noqa: F811
+    run = saved_adapter(setup, tmp_path)
+    (tmp_path / "audio").mkdir()
+    sf.write(tmp_path / "audio" / "a.wav", clip(1.2), 16000)
+    speech = {"type": "speech", "text": "Watoto walichora picha.", "audio": "audio/a.wav"}
+    rows = [{"id": "r1", "task": "asr", "messages": [{"role": "user", "content": [{"type": "text", "text": "Transcribe the audio.\n"}, speech]},
+                                                     {"role": "assistant", "content": "Watoto walichora picha."}]},
+            {"id": "r2", "task": "where", "closed": True, "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Where does it happen?\n"}, {**speech, "text": ""}]},
+                {"role": "assistant", "content": "at school"}]}]
+    conversations = write_lines(tmp_path / "held_out.jsonl", rows)
+    result = cli("stage3", "eval", "--model", run, "--conversations", conversations, "--max-new-tokens", "3", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert set(scores) == {"asr", "where"} and scores["asr"]["n"] == 1 and scores["where"]["score_name"] == "exact match"
+
+    no_audio = write_lines(tmp_path / "text_only.jsonl", [rows[0], {**rows[0], "id": "r3", "messages": conversation()}])
+    result = cli("stage3", "eval", "--model", run, "--conversations", no_audio)
+    assert result.exit_code == 2 and "text_only.jsonl:2: messages[0].content" in result.stderr
+    assert "no real 'audio'" in " ".join(result.stderr.split())
+    missing = write_lines(tmp_path / "missing.jsonl", [{**rows[0], "messages": [
+        {"role": "user", "content": [{**speech, "audio": "audio/nope.wav"}]}, {"role": "assistant", "content": "x"}]}])
+    result = cli("stage3", "eval", "--model", run, "--conversations", missing)
+    assert result.exit_code == 2 and "missing.jsonl:1: messages[0].content[0].audio" in result.stderr and "nope.wav not found" in result.stderr

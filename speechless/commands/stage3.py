@@ -29,7 +29,8 @@ def train(
     push: Annotated[bool, typer.Option("--push", help="Push the adapter to the store as the next stage3@vN.")] = False,
     fmt: FormatOption = "text",
 ) -> None:
-    """Adapt the LLM to speech with stage-2 synthetic speech, evaluate on held-out real speech (metrics.json `eval`).
+    """Adapt the LLM to speech with stage-2 synthetic speech, evaluate on held-out real speech (metrics.json `eval`);
+    the `compare` section adds a real-speech topline and other adapter kinds.
 
     Re-running the same command resumes. Example: speechless stage3 train -c configs/stage3/demo.yaml
     """
@@ -47,26 +48,11 @@ def train(
     for name, row in summary["eval"]["adapters"].items():
         lines.append(f"{name}: " + "  ".join(f"{t} {s:.3f}" for t, s in row["tasks"].items())
                      + f"  text ppl {row['text_perplexity_change']:+.3%}  trainable {row['trainable_parameters']:,}")
+    for kind, tasks in summary["eval"].get("topline_comparison", {}).items():
+        lines.append(f"ratio to the real-speech topline ({kind}): " + "  ".join(f"{t} {r['ratio_to_topline']}" for t, r in tasks.items()))
     if summary["pushed"]:
         lines.append(f"pushed {summary['pushed']}")
     emit("\n".join(lines))
-
-
-def _read_requests(path: Path, instruction: str) -> tuple[list[str], list[dict]]:
-    from speechless.errors import UsageError
-    from speechless.io import read_jsonl
-
-    ids, requests = [], []
-    for number, row in read_jsonl(path, "manifest"):
-        if not (row.get("audio_filepath") or row.get("instruction")):
-            raise UsageError(f"{path}:{number}: a row needs 'audio_filepath' (speech) or 'instruction' (text-only request)")
-        audio = row.get("audio_filepath")
-        ids.append(str(row.get("id", number)))
-        requests.append({"text": row.get("instruction", instruction) + ("\n" if audio else ""),
-                         "audio": str((path.parent / audio).resolve()) if audio else None})
-    if not requests:
-        raise UsageError(f"{path}: no requests in the file")
-    return ids, requests
 
 
 @app.command()
@@ -80,13 +66,10 @@ def infer(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Requests answered together.")] = 16,
 ) -> None:
     """Answer a batch of requests: real audio (through the model's own audio tower) and/or text, in; text out."""
+    from speechless.adapt import infer_file
     from speechless.io import write_jsonl
-    from stages.stage3_llm import answer_requests, load_for_inference, stage1_round_trip
 
-    ids, requests = _read_requests(manifest, instruction)
-    lm, record, _ = load_for_inference(model)
-    answers = answer_requests(lm, requests, max_new_tokens, batch_size, *stage1_round_trip(record, quantize))
-    rows = [{"id": i, "answer": a} for i, a in zip(ids, answers)]
+    rows = infer_file(model, manifest, instruction, quantize, max_new_tokens, batch_size)
     if output is not None:
         write_jsonl(output, rows)
         emit(f"{output}: {len(rows)} answers")
@@ -97,32 +80,20 @@ def infer(
 @app.command("eval")
 def evaluate(
     model: ModelOption = "stage3@latest",
-    manifest: Annotated[Path, typer.Option("--manifest", help="Corpus manifest with sentences.jsonl beside it (the demo corpus).")] = Path("runs/demo/corpus/all.jsonl"),
-    split: Annotated[str, typer.Option("--split", help="Held-out split of real recordings.")] = "test",
-    voices: Annotated[int, typer.Option("--voices", help="Recordings per sentence.")] = 2,
+    conversations: Annotated[Optional[Path], typer.Option("--conversations", help="Held-out conversations JSONL whose speech parts carry real 'audio' (relative to the file), each with its answer and task.")] = None,
+    demo_manifest: Annotated[Optional[Path], typer.Option("--demo-manifest", help="Without --conversations: the demo corpus manifest (sentences.jsonl beside it) [default: runs/demo/corpus/all.jsonl].")] = None,
+    split: Annotated[str, typer.Option("--split", help="Demo corpus: held-out split of real recordings ('dev+test' joins splits).")] = "test",
+    voices: Annotated[int, typer.Option("--voices", help="Demo corpus: recordings per sentence.")] = 2,
     quantize: QuantizeOption = None,
+    max_new_tokens: MaxTokensOption = 40,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Requests answered together.")] = 48,
     fmt: FormatOption = "text",
 ) -> None:
-    """Score an adapter on held-out REAL speech of the demo task set (WER/CER, BLEU/chrF, exact match)."""
-    from speechless.instructions import DEMO_TASKS, demo_conversations
-    from stages.stage3_llm import (
-        EvalConfig,
-        load_for_inference,
-        manifest_rows,
-        quantized,
-        real_vectors,
-        stage1_round_trip,
-    )
-    from stages.stage3_llm import evaluate as run_eval
+    """Score an adapter on held-out REAL speech (WER/CER, BLEU/chrF, exact match): a conversation file, or the demo task set."""
+    from speechless.adapt import evaluate_file
 
     fmt = check_format(fmt)
-    lm, record, _ = load_for_inference(model)
-    rows = demo_conversations(manifest.parent / "sentences.jsonl", manifest_rows(manifest), split, list(DEMO_TASKS), voices, 0)
-    clips = real_vectors(lm, rows, lm.encoder_cfg)
-    rvq, levels = stage1_round_trip(record, quantize)
-    if rvq is not None:
-        clips = quantized(rvq, clips, levels)
-    result = run_eval(lm, rows, clips, EvalConfig())
+    result = evaluate_file(model, conversations, quantize, demo_manifest, split, voices, max_new_tokens, batch_size)
     if fmt == "json":
         emit(result, "json")
     else:
@@ -137,13 +108,6 @@ def chat(
     max_new_tokens: MaxTokensOption = 60,
 ) -> None:
     """One request to a stage-3 model: speech and/or text in, text out."""
-    from speechless.errors import UsageError
-    from stages.stage3_llm import answer_requests, load_for_inference, stage1_round_trip
+    from speechless.adapt import chat as answer
 
-    if audio is None and not text:
-        raise UsageError("chat: give --audio FILE and/or --text 'question'")
-    if audio is not None and not audio.is_file():
-        raise UsageError(f"--audio {audio}: file not found")
-    lm, record, _ = load_for_inference(model)
-    request = {"text": (text or "Transcribe the audio.") + ("\n" if audio else ""), "audio": str(audio) if audio else None}
-    emit(answer_requests(lm, [request], max_new_tokens, 1, *stage1_round_trip(record, quantize))[0])
+    emit(answer(model, audio, text, quantize, max_new_tokens))
