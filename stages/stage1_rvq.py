@@ -117,22 +117,9 @@ def _averaged_model(work: Path, steps: list[int], cfg: RVQConfig, dim: int) -> S
 
 # ---------------------------------------------------------------------------------------------------------- train
 
-def train(cfg: Stage1Config) -> dict:
-    """Run stage 1 end to end; returns a summary (paths, metrics, pushed version)."""
-    started = time.time()
-    job = distributed.setup()
-    out = Path(cfg.run.out_dir)
-    work = out / "work"
-
-    # Setup: data and encoder, checked before anything is written (bad input leaves the run folder as it was).
-    splits = _load_splits(cfg)
-    encoder = load_encoder(cfg.encoder)
-    log.info(f"encoder: {cfg.encoder.source} (dim {encoder.dim}, weights {encoder.revision[:12]}, {encoder.device})")
-    work.mkdir(parents=True, exist_ok=True)
-    if job.is_main:
-        write_text(out / "resolved_config.yaml", to_yaml(cfg))
-
-    # Features: the input of output_proj for every valid frame, cached in resumable shards.
+def extract_features(cfg: Stage1Config, splits: dict[str, list], encoder, work: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The input of output_proj for every valid frame of every split, cached in resumable shards; and the train / eval
+    vectors stacked (train capped at `features.max_train_vectors`)."""
     utterances = {}
     for split, entries in splits.items():
         paths = extract_to_cache(entries, encoder, cfg.encoder, work / "features" / split, cfg.features.shard_size)
@@ -143,9 +130,12 @@ def train(cfg: Stage1Config) -> dict:
     if len(eval_vectors) < 10 * cfg.rvq.codebook_size:
         log.warn(f"eval split has {len(eval_vectors)} frames < 10 x codebook_size: utilization is bounded by 1 - exp(-N/K) = "
                  f"{1 - torch.exp(torch.tensor(-len(eval_vectors) / cfg.rvq.codebook_size)).item():.3f}")
+    return utterances, train_vectors, eval_vectors
 
-    # Model: initialise from the train features, or resume (rank 0; the other ranks receive its codebooks).
-    rvq = SpeechRVQ(cfg.rvq, dim=encoder.dim)
+
+def start_or_resume(cfg: Stage1Config, rvq: SpeechRVQ, train_vectors: torch.Tensor, work: Path, job) -> dict | None:
+    """Initialise the codebooks from the train features, or resume from `work/` (rank 0; the other ranks receive its
+    codebooks). Returns the training state on rank 0, None elsewhere."""
     fingerprint = config_fingerprint(cfg)
     state = resume_state(work, fingerprint, "stage 1") if job.is_main else None
     if job.is_main and state is None:
@@ -157,8 +147,12 @@ def train(cfg: Stage1Config) -> dict:
         _load_resume(work, state["step"], rvq)
         log.info(f"resuming from step {state['step']} of {cfg.train.steps}")
     rvq.load_tensors(distributed.broadcast_tensors(rvq.tensors()))
+    return state
 
-    # Train: EMA codebook updates, deterministic per step.
+
+def train_codebooks(cfg: Stage1Config, rvq: SpeechRVQ, state: dict | None, train_vectors: torch.Tensor,
+                    eval_vectors: torch.Tensor, out: Path, work: Path, job) -> None:
+    """EMA codebook updates, deterministic per step; held-out evaluation (best weights kept) and resume checkpoints."""
     step = distributed.broadcast_json(state["step"] if job.is_main else None)
     with log.progress() as bar:
         task = bar.add_task("training RVQ", total=cfg.train.steps, completed=step)
@@ -187,13 +181,35 @@ def train(cfg: Stage1Config) -> dict:
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_checkpoint(work, step, rvq.tensors(), None, state, cfg.train.average_last)
             bar.advance(task)
+    if job.is_main and cfg.train.steps == 0 and state["best"] is None:
+        state["best"] = {"step": 0, "mse": quantizer_eval(rvq, eval_vectors)["mse"]}
+        rvq.save(out, weights=WEIGHT_FILES["best"])
+
+
+def train(cfg: Stage1Config) -> dict:
+    """Run stage 1 end to end; returns a summary (paths, metrics, pushed version)."""
+    started = time.time()
+    job = distributed.setup()
+    out = Path(cfg.run.out_dir)
+    work = out / "work"
+
+    # Setup: data and encoder, checked before anything is written (bad input leaves the run folder as it was).
+    splits = _load_splits(cfg)
+    encoder = load_encoder(cfg.encoder)
+    log.info(f"encoder: {cfg.encoder.source} (dim {encoder.dim}, weights {encoder.revision[:12]}, {encoder.device})")
+    work.mkdir(parents=True, exist_ok=True)
+    if job.is_main:
+        write_text(out / "resolved_config.yaml", to_yaml(cfg))
+    utterances, train_vectors, eval_vectors = extract_features(cfg, splits, encoder, work)
+
+    # Train.
+    rvq = SpeechRVQ(cfg.rvq, dim=encoder.dim)
+    state = start_or_resume(cfg, rvq, train_vectors, work, job)
+    train_codebooks(cfg, rvq, state, train_vectors, eval_vectors, out, work, job)
     if not job.is_main:
         distributed.barrier()  # until rank 0 has written the checkpoint folder
         return {"out_dir": str(out), "eval": None, "pushed": None, "revision": None, "rank": job.rank,
                 "codebooks_sha256": weights_sha256(rvq)}
-    if cfg.train.steps == 0 and state["best"] is None:
-        state["best"] = {"step": 0, "mse": quantizer_eval(rvq, eval_vectors)["mse"]}
-        rvq.save(out, weights=WEIGHT_FILES["best"])
 
     # Evaluate the final, best and averaged models on the held-out split.
     rvq.save(out, weights=WEIGHT_FILES["final"])
@@ -203,7 +219,7 @@ def train(cfg: Stage1Config) -> dict:
     best = SpeechRVQ.load(out, weights=WEIGHT_FILES["best"])
     variants = {"final": final_metrics, "best": quantizer_eval(best, eval_vectors), "averaged": quantizer_eval(averaged, eval_vectors)}
 
-    # Save: config (RVQ + encoder), tokens, metrics, provenance, model card.
+    # Save: config (RVQ + encoder), tokens, metrics, provenance, model card; push.
     config = read_json(out / "config.json")
     config["encoder"] = {**cfg.encoder.model_dump(mode="json"), "weights_sha256": encoder.revision, "source_commit": encoder.source_commit}
     config["frames_per_second"] = 25
@@ -235,7 +251,6 @@ def train(cfg: Stage1Config) -> dict:
     distributed.barrier()
     return {"out_dir": str(out), "eval": final_metrics, "pushed": pushed, "revision": revision, "rank": job.rank,
             "codebooks_sha256": weights_sha256(rvq)}
-
 
 # ----------------------------------------------------------------------------------------------------- model card
 
