@@ -10,7 +10,7 @@ Random weights: throughput does not depend on their values.
 
 Sides, each `--stage3-steps` AdamW steps of `--stage3-batch` conversations (whole epochs: every side trains on every
 conversation equally often, so all sides process the same real tokens), clipping at 1.0, warmup + cosine:
-- ours: `stages.stage3_llm.train_loop`, the loop `speechless stage3 train` runs, on `SpeechLM.embed_audio_once`
+- ours: `speechless.training.train_loop`, the loop `speechless stage3 train` runs, on `SpeechLM.embed_audio_once`
   examples (the frozen output_proj + embed_audio run once, inside the timing) with its length-bucketed batches;
 - Trainer: `transformers.Trainer` with its default random sampler; the frozen audio path runs at every step, as
   a model forward does. Trainer cannot feed 1024-d vectors into audio slots by itself, so its model is a thin
@@ -33,12 +33,13 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
-from run import alternate, table
+from _measure import alternate, table
 from speechless.instructions import DEMO_TASKS, demo_conversations
 from speechless.llm import AdapterConfig, BaseConfig, build_demo_tokenizer, load_speech_lm
 from speechless.rvq import SpeechRVQ
-from stages.stage2_t2s import epoch_batches, load_split, resolve_stage1
-from stages.stage3_llm import PretrainConfig, demo_tokenizer_texts, manifest_rows, speech_examples, stage1_encoder, train_loop
+from speechless.training import epoch_batches, train_loop
+from stages.stage2_t2s import load_split, resolve_stage1
+from stages.stage3_llm import PretrainConfig, demo_tokenizer_texts, manifest_rows, speech_examples, stage1_encoder
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -33,6 +33,7 @@ from speechless.runs import RunConfig, code_version, config_fingerprint, load_ch
 from speechless.store import StoreConfig, is_store_ref, open_store
 from speechless.t2s import FRAMES_PER_SECOND, T2SConfig, T2SModel, build_model, collate, count_parameters
 from speechless.tokens import read_token_jsonl, token_row
+from speechless.training import epoch_batches  # noqa: F401  (re-exported: stage 3 and the benchmarks use it)
 
 WEIGHT_FILES = {"final": "model.safetensors", "best": "model.best.safetensors"}
 
@@ -280,17 +281,6 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
-
-
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Length-bucketed batches of one epoch, in a random order that depends only on (seed, epoch)."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    idx = list(range(len(lengths)))
-    rng.shuffle(idx)
-    idx.sort(key=lambda i: lengths[i])
-    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-    rng.shuffle(batches)
-    return batches
 
 
 def make_optimizer(model: T2SModel, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -35,9 +35,10 @@ from speechless.instructions import DEMO_TASKS, answer, as_text, demo_conversati
 from speechless.io import read_json, read_jsonl, sha256_file, write_json, write_jsonl, write_text
 from speechless.llm import (AdapterConfig, BaseConfig, Example, SpeechLM, build_demo_tokenizer, load_adapter, load_speech_lm,
                             resolve_device)
-from speechless.runs import RunConfig, code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
+from speechless.runs import RunConfig, code_version, config_fingerprint, utc_now
 from speechless.rvq import SpeechRVQ
 from speechless.store import StoreConfig, is_store_ref, open_store
+from speechless.training import lr_at, train_loop  # noqa: F401  (re-exported for callers of stages.stage3_llm)
 from speechless.probe import CTCProbe, cer
 from stages.stage2_t2s import (GenerateConfig, check_stage1_match, epoch_batches, generate_corpus, load_probe, load_split, load_stage2,
                                resolve_stage1)
@@ -158,66 +159,6 @@ def manifest_rows(path: Path) -> list[dict]:
         row["audio_filepath"] = str((path.parent / row["audio_filepath"]).resolve())
         rows.append(row)
     return rows
-
-
-# --------------------------------------------------------------------------------------------------------- training
-
-def lr_at(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
-
-
-def train_loop(model: SpeechLM, examples: list[Example], steps: int, batch_size: int, lr: float, warmup: int, work: Path,
-               fingerprint: str, seed: int, checkpoint_every: int, what: str, gradient_checkpointing: bool = False) -> list[dict]:
-    """AdamW on the trainable parameters, length-bucketed batches, warmup + cosine; resumable from `work/`.
-
-    Several processes (torchrun): DDP over the trainable parameters only; every rank takes its share of each global
-    batch (`batch_size` conversations in all) and divides its summed loss by the target tokens of the whole global
-    batch, so N ranks take the step one process would take; rank 0 alone writes the resume checkpoints."""
-    job = distributed.group()
-    params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
-    state = {"fingerprint": fingerprint, "history": []}
-    start = 0
-    if (work / "state.json").is_file():
-        saved = read_json(work / "state.json")
-        if saved.get("fingerprint") == fingerprint and saved.get("step"):
-            tensors = load_checkpoint(work, saved["step"], optimizer)
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(tensors[name])
-            state, start = saved, saved["step"]
-            log.info(f"{what}: resuming at step {start}")
-    distributed.barrier()  # every rank has read the resume state before rank 0 writes again
-    if gradient_checkpointing:
-        model._inner().gradient_checkpointing_enable()
-    model.train()
-    loss_fn = distributed.data_parallel(model, "loss", trainable_only=True)
-    lengths = [len(e.ids) for e in examples]
-    per_epoch = math.ceil(len(examples) / batch_size)
-    began = time.time()
-    for step in range(start, steps):
-        epoch, index = divmod(step, per_epoch)
-        batch = [examples[i] for i in epoch_batches(lengths, batch_size, seed, epoch)[index]]
-        for group in optimizer.param_groups:
-            group["lr"] = lr * lr_at(step, steps, warmup)
-        local, scale = distributed.shard(batch, job), job.world_size / max(1, sum(e.targets for e in batch))
-        if not local:  # a global batch smaller than the job: this rank computes one item with no weight
-            local, scale = batch[-1:], 0.0
-        loss = loss_fn(model.batch(local), reduction="sum") * scale
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-        optimizer.step()
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            mean_loss = distributed.all_reduce_mean(loss.item())  # the global batch's mean loss
-            state["history"].append({"step": step + 1, "loss": round(mean_loss, 4), "seconds": round(time.time() - began, 1)})
-            log.info(f"{what}: step {step + 1}/{steps} loss {mean_loss:.4f}")
-        if job.is_main and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            save_checkpoint(work, step + 1, {n: p.detach() for n, p in params.items()}, optimizer, state, keep=1)
-    model.eval()
-    return state["history"]
 
 
 # --------------------------------------------------------------------------------------------------- base pretraining
