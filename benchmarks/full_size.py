@@ -108,7 +108,7 @@ SCALES = {
     "smoke": dict(
         audio=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[128, 8], output_proj_dims=48),
         clips_s=[1.0, 1.6, 2.2, 3.1], encoder_batch=2, rvq=(2, 64), rvq_init=1024, kmeans_iters=2, encode_vectors=2048,
-        train_batch=1024, train_steps=2, rounds=1,
+        train_batch=1024, train_steps=2, rounds=1, tokenize_rounds=1,
         t2s=dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True, max_position_embeddings=4096),
         t2s_levels=(2, 64), t2s_batch=2, t2s_frames=20, t2s_words=(4, 8), t2s_steps=2, gen_texts=3, gen_frames=8,
@@ -119,8 +119,10 @@ SCALES = {
                  final_logit_softcapping=30.0, use_double_wide_mlp=True, max_position_embeddings=4096),
         s3_dtype="float32", conversations=8, s3_batch=4, s3_steps=2, s3_frames=(6, 20), s3_words=(3, 8), lora=(8, 16.0)),
     "full": dict(
-        audio=AUDIO_FULL, clips_s=[2.0, 3.5, 5.0, 6.5, 8.0, 9.5, 11.0, 12.5], encoder_batch=8, rvq=(8, 2048), rvq_init=16384,
-        kmeans_iters=2, encode_vectors=16384, train_batch=8192, train_steps=2, rounds=2,
+        # 16 clips = 2 full encoder batches, each of one 2-s length bucket, as nearly every batch of a large corpus is
+        audio=AUDIO_FULL, clips_s=[2.1 + 0.25 * i for i in range(8)] + [4.1 + 0.25 * i for i in range(8)], encoder_batch=8,
+        rvq=(8, 2048), rvq_init=16384,
+        kmeans_iters=2, encode_vectors=16384, train_batch=8192, train_steps=2, rounds=2, tokenize_rounds=1,
         t2s=QWEN25_05B, t2s_levels=(8, 2048), t2s_batch=2, t2s_frames=125, t2s_words=(8, 14), t2s_steps=2, gen_texts=4, gen_frames=25,
         e2b=None, s3_dtype="bfloat16", conversations=16, s3_batch=4, s3_steps=4, s3_frames=(25, 150), s3_words=(8, 20),
         lora=(32, 64.0)),  # rank/alpha of configs/stage3/gemma4_e2b_twi.yaml
@@ -293,7 +295,7 @@ def part_tokenize(args, S, rep: Report) -> None:
                               batch_size=S["encoder_batch"], length_bucket_s=2.0)
         enc32 = load_encoder(cfg32)
         parameters = count(enc32.model)
-        warm = dict(encode_windows(enc32, windows, cfg32))  # warm-up; the vectors' scale sizes the codebooks
+        warm = dict(encode_windows(enc32, windows[: S["encoder_batch"]], cfg32))  # warm-up; the vectors' scale sizes the codebooks
         flat = torch.cat(list(warm.values()))
         rvq = stage1_rvq(S, enc32.dim, float(flat.mean()), float(flat.std()))
         plain = residual_vq_from(rvq)
@@ -302,7 +304,7 @@ def part_tokenize(args, S, rep: Report) -> None:
             vectors = dict(encode_windows(encoder, windows, cfg))
             return [rvq.encode(vectors[(i, 0)]) for i in range(len(clips))]
 
-        def card():
+        def card(clips=clips):
             encoder = enc32
             captured: list = []
             hook = encoder.model.get_submodule(cfg32.hook_module).register_forward_hook(lambda _m, i, _o: captured.append(i[0]))
@@ -321,15 +323,15 @@ def part_tokenize(args, S, rep: Report) -> None:
                 hook.remove()
             return codes
 
-        card()
-        runs = alternate({"ours": partial(ours, enc32, cfg32), "card": card}, S["rounds"])
+        card(clips[:1])
+        runs = alternate({"ours": partial(ours, enc32, cfg32), "card": card}, S["tokenize_rounds"])
         (codes32, o32), (codes_card, c32) = runs["ours"], runs["card"]
         del enc32
         free()
         cfg16 = cfg32.model_copy(update={"dtype": "bfloat16"})
         enc16 = load_encoder(cfg16)
-        ours(enc16, cfg16)  # warm-up
-        codes16, o16 = alternate({"bf16": partial(ours, enc16, cfg16)}, S["rounds"])["bf16"]
+        dict(encode_windows(enc16, windows[: S["encoder_batch"]], cfg16))  # warm-up
+        codes16, o16 = alternate({"bf16": partial(ours, enc16, cfg16)}, S["tokenize_rounds"])["bf16"]
         del enc16
         free()
     frames = sum(len(c) for c in codes32)
@@ -585,7 +587,8 @@ def part_stage3(args, S, rep: Report) -> None:
     from speechless.training import epoch_batches, train_loop
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if S["s3_dtype"] == "bfloat16" else torch.float32
+    dtype_name = args.stage3_dtype or S["s3_dtype"]
+    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
     if S["e2b"] is None:
         layers = args.e2b_layers or (35 if device.type == "cuda" else 10)
         text_cfg = e2b_text(layers)
@@ -604,7 +607,7 @@ def part_stage3(args, S, rep: Report) -> None:
     model = build_gemma4(text_cfg, S["audio"], tokenizer, dtype, device)
     built_s = time.perf_counter() - started
     dim = model.model.audio_tower.output_proj.in_features
-    base_cfg = BaseConfig(kind="gemma4_audio", source=shape, dtype=S["s3_dtype"], device=args.device)
+    base_cfg = BaseConfig(kind="gemma4_audio", source=shape, dtype=dtype_name, device=args.device)
     encoder_cfg = EncoderConfig(source="(the base's own audio tower)", device=args.device)
     sha = "not computed (random weights)"
     params = count(model)
@@ -767,7 +770,7 @@ def part_stage3(args, S, rep: Report) -> None:
                        "trainer": {**t, "real_tokens": counts_t["real"], "padded_tokens": counts_t["padded"], "tokens_per_s": round(trainer_rate, 2)},
                        "peak_rss_gib_process": rss_gib()}
     rep.data["parts"]["stage3"] = result
-    rep.row("stage3", f"LoRA r{rank} training tokens/s ({shape}, {params / 1e9:.2f} B, {S['s3_dtype']}, grad ckpt, {steps} x {batch} conv.) "
+    rep.row("stage3", f"LoRA r{rank} training tokens/s ({shape}, {params / 1e9:.2f} B, {dtype_name}, grad ckpt, {steps} x {batch} conv.) "
             "train_loop vs Trainer + peft", round(ours_rate, 2), round(trainer_rate, 2), ours_rate / trainer_rate, ">= 1.3x",
             ours_rate / trainer_rate >= 1.3)
     rep.row("stage3", "padded positions fed (ours vs Trainer)", ours_padded, counts_t["padded"], ours_padded / max(counts_t["padded"], 1))
@@ -807,6 +810,7 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default runs/bench/full_size_<scale>.json)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--stage3-dtype", choices=("float32", "bfloat16"), default=None, help="stage-3 weights (default: smoke fp32, full bf16)")
     parser.add_argument("--e2b-layers", type=int, default=0, help="stage 3 at full scale: E2B blocks to build (0 = 35 on CUDA, 10 on CPU)")
     args = parser.parse_args()
     chosen = [p.strip() for p in args.parts.split(",") if p.strip()]
