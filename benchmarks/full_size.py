@@ -597,8 +597,10 @@ def part_stage3(args, S, rep: Report) -> None:
     layers = text_cfg["num_hidden_layers"]
     shape = (f"E2B shape, {layers} of 35 layers, {text_cfg['num_kv_shared_layers']} KV-shared" if S["e2b"] is None and layers != 35
              else "E2B shape (35 layers, 20 KV-shared)" if S["e2b"] is None else f"smoke Gemma 4 ({layers} layers, {text_cfg['num_kv_shared_layers']} KV-shared)")
+    conversations = args.stage3_conversations or S["conversations"]
+    frame_range = (min(S["s3_frames"][0], args.stage3_max_frames), args.stage3_max_frames) if args.stage3_max_frames else S["s3_frames"]
     rng = random.Random(0)
-    rows = [(sentence(rng, *S["s3_words"]), rng.randint(*S["s3_frames"])) for _ in range(S["conversations"])]
+    rows = [(sentence(rng, *S["s3_words"]), rng.randint(*frame_range)) for _ in range(conversations)]
     prompts = ["Transcribe the audio.\n", "Translate the audio into English.\n", "Where is the speaker?\n"]
     tokenizer = build_demo_tokenizer([r[0] for r in rows] * 4 + prompts * 4 + [" ".join(WORDS)] * 4, 400)
     if text_cfg["vocab_size"] < len(tokenizer):
@@ -623,7 +625,7 @@ def part_stage3(args, S, rep: Report) -> None:
     speech_lm = SpeechLM(model, tokenizer, base_cfg, sha, encoder_cfg)
     raw = [speech_lm.encode(conversation(i), [vectors[i]]) for i in range(len(rows))]
     probe = speech_lm.batch(raw[:2])
-    result: dict = {"shape": shape, "text_config": {k: v for k, v in text_cfg.items() if k != "layer_types"}, "parameters": params,
+    result: dict = {"shape": shape, "conversations": conversations, "audio_frames_range": list(frame_range), "text_config": {k: v for k, v in text_cfg.items() if k != "layer_types"}, "parameters": params,
                     "dtype": str(dtype), "device": args.device, "build_seconds": round(built_s, 1)}
 
     def logits(lm: SpeechLM, use_cache: bool = False) -> torch.Tensor:
@@ -722,8 +724,9 @@ def part_stage3(args, S, rep: Report) -> None:
     # timing: train_loop vs Trainer + peft, same model, LoRA, conversations and steps, gradient checkpointing both
     from transformers import Trainer, TrainingArguments
 
-    steps, batch = S["s3_steps"], S["s3_batch"]
+    batch = S["s3_batch"]
     per_epoch = -(-len(raw) // batch)
+    steps = S["s3_steps"] if not args.stage3_conversations else per_epoch
     assert steps % per_epoch == 0, "whole epochs: every side trains on the same tokens"
     lengths = [len(e.ids) for e in raw]
     ours_real = ours_padded = 0
@@ -811,6 +814,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default runs/bench/full_size_<scale>.json)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--stage3-dtype", choices=("float32", "bfloat16"), default=None, help="stage-3 weights (default: smoke fp32, full bf16)")
+    parser.add_argument("--stage3-conversations", type=int, default=0, help="stage 3: conversations (one epoch is timed; 0 = the scale's)")
+    parser.add_argument("--stage3-max-frames", type=int, default=0, help="stage 3: longest audio block in frames (0 = the scale's)")
     parser.add_argument("--e2b-layers", type=int, default=0, help="stage 3 at full scale: E2B blocks to build (0 = 35 on CUDA, 10 on CPU)")
     args = parser.parse_args()
     chosen = [p.strip() for p in args.parts.split(",") if p.strip()]
