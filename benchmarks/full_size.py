@@ -472,7 +472,7 @@ def part_stage2(args, S, rep: Report) -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
         sync(device)
-        return float(loss)
+        return float(loss.detach())
 
     # the anchor: the same backbone trained as a plain causal LM on as many positions (its own 151,936-way head)
     lm_ids = torch.randint(0, S["t2s"]["vocab_size"], (batch_size, positions // batch_size), generator=g).to(device)
@@ -487,7 +487,7 @@ def part_stage2(args, S, rep: Report) -> None:
             torch.nn.utils.clip_grad_norm_(model.lm.parameters(), 1.0)
             optimizer.step()
         sync(device)
-        return float(loss)
+        return float(loss.detach())
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.98), weight_decay=0.05)
     ours_steps(optimizer, 1)  # warm-up (and the optimizer's state)
