@@ -22,12 +22,9 @@ average (1 min) is recorded before and after each section: on a shared machine t
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,95 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _measure import alternate, load_average, machine, residual_vq_from, table, timed  # noqa: E402  (benchmarks/ is on the path)
+
 SECTIONS = ("tokenize", "encode", "train", "generate", "stage3")
 
 
-# ------------------------------------------------------------------------------------------------------- measuring
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _release_free_heap() -> None:
-    """Give the heap memory freed so far back to the OS (glibc keeps it otherwise), so that a side's peak is not
-    hidden by memory an earlier side freed and the allocator kept for reuse."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: peaks may then read low for later sides
-        pass
-
-
-def timed(fn):
-    """(result, {"seconds", "peak_mib"}): wall time of fn() and its peak RSS above the starting RSS."""
-    _release_free_heap()
-    base = _rss_bytes()
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.002):
-            peak[0] = max(peak[0], _rss_bytes())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    started = time.perf_counter()
-    try:
-        result = fn()
-    finally:
-        seconds = time.perf_counter() - started
-        done.set()
-        sampler.join()
-    peak[0] = max(peak[0], _rss_bytes())
-    return result, {"seconds": seconds, "peak_mib": round((peak[0] - base) / 2**20, 1)}
-
-
-def alternate(sides: dict, rounds: int) -> dict:
-    """{side: (result, stats)}: the sides take turns, `rounds` times, the order reversed every other round (A B, B A,
-    ...); each side keeps its fastest round and its highest peak memory. On shared cores others' load only slows a
-    side down, and turns spread the drift of that load over both."""
-    runs: dict[str, list] = {name: [] for name in sides}
-    for turn in range(rounds):
-        for name in (list(sides) if turn % 2 == 0 else list(reversed(sides))):
-            runs[name].append(timed(sides[name]))
-    best = {}
-    for name, measured in runs.items():
-        result, fastest = min(measured, key=lambda rm: rm[1]["seconds"])
-        best[name] = (result, {**fastest, "peak_mib": max(m["peak_mib"] for _, m in measured), "rounds": len(measured)})
-    return best
-
-
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "platform": platform.platform()}
-
-
 # ------------------------------------------------------------------------------------------------------ baselines
-
-def residual_vq_from(rvq):
-    """A fresh vector-quantize-pytorch `ResidualVQ` holding `rvq`'s codebooks (what the model card's recipe builds)."""
-    from vector_quantize_pytorch import ResidualVQ
-
-    plain = ResidualVQ(dim=rvq.dim, num_quantizers=rvq.num_quantizers, codebook_size=rvq.codebook_size, kmeans_init=True)
-    for ours, theirs in zip(rvq.rvq.layers, plain.layers):
-        for name in ("embed", "embed_avg", "cluster_size", "initted"):
-            getattr(theirs._codebook, name).data.copy_(getattr(ours._codebook, name).data)
-    return plain.eval()
-
 
 def model_card_tokenize(tokenizer, plain_rvq, entries) -> list:
     """The public Twi card's recipe: per utterance, features -> encoder with a hook on output_proj -> ResidualVQ."""

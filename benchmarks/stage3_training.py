@@ -10,7 +10,7 @@ Random weights: throughput does not depend on their values.
 
 Sides, each `--stage3-steps` AdamW steps of `--stage3-batch` conversations (whole epochs: every side trains on every
 conversation equally often, so all sides process the same real tokens), clipping at 1.0, warmup + cosine:
-- ours: `stages.stage3_llm.train_loop`, the loop `speechless stage3 train` runs, on `SpeechLM.embed_audio_once`
+- ours: `speechless.training.train_loop`, the loop `speechless stage3 train` runs, on `SpeechLM.embed_audio_once`
   examples (the frozen output_proj + embed_audio run once, inside the timing) with its length-bucketed batches;
 - Trainer: `transformers.Trainer` with its default random sampler; the frozen audio path runs at every step, as
   a model forward does. Trainer cannot feed 1024-d vectors into audio slots by itself, so its model is a thin
@@ -31,7 +31,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from run import alternate, table
+from _measure import alternate, table
 from transformers import Trainer, TrainingArguments
 
 from speechless.adapt import (

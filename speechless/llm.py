@@ -78,7 +78,9 @@ class AdapterConfig(Section):
     """Number of new decoder blocks (K)."""
     dus_after: list[int] | None = None
     """0-based indices of the existing blocks each new block follows; None = spread evenly over the blocks that own
-    their KV (for speech_only, not after the last block: its audio-only update would never reach the answer)."""
+    their KV. Without speech_only any block (KV-shared ones included). With speech_only a block that computes K/V must
+    follow (else the audio-only update never reaches the answer): not the last block, and with Gemma 4 E2B/E4B's KV
+    sharing (last `num_kv_shared_layers` blocks reuse earlier K/V) only blocks before the last KV-owning one."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -221,7 +223,12 @@ class UpScaledBlock(torch.nn.Module):
         mask = self.positions.mask
         if self.speech_only and (mask is None or mask.shape[1] != out.shape[1] or not bool(mask.any())):
             return out
-        kwargs = dict(kwargs, past_key_values=None, shared_kv_states={})
+        # The new block keeps no cache. A copy of a KV-owning block gets a scratch dict for the K/V it would store (the
+        # base's stored K/V must stay what the later KV-shared blocks read); a copy of a KV-shared block reads the
+        # shared K/V its base block reads (it computes no K/V of its own).
+        reads_shared = bool(getattr(getattr(self.new, "self_attn", None), "is_kv_shared_layer", False))
+        shared = kwargs.get("shared_kv_states") if reads_shared else {}
+        kwargs = dict(kwargs, past_key_values=None, shared_kv_states=shared)
         update = self.new(out, *args, **kwargs) - out
         if self.speech_only:
             update = update * mask.unsqueeze(-1).to(update.dtype)
@@ -237,16 +244,20 @@ def add_dus(model, cfg: AdapterConfig, positions: AudioPositions) -> list[int]:
     layers = decoder_layers(model)
     text_cfg = model.config.get_text_config()
     shared_from = len(layers) - int(getattr(text_cfg, "num_kv_shared_layers", 0) or 0)
-    # A speech-only block must be followed by an existing block: its update reaches the text only through later
-    # attention to the audio positions (after the last block it would change nothing the answer sees).
-    allowed = list(range(min(shared_from, len(layers) - 1) if cfg.speech_only else shared_from))
+    # A speech-only block changes audio positions only: its update reaches the answer only through the K/V that a LATER
+    # block computes from those positions. KV-shared blocks compute none (they reuse the K/V of blocks before the
+    # sharing point), so a speech-only block must be followed by a KV-owning block: after block shared_from - 1 or any
+    # later one it would never change what the answer sees (and never train). An all-position block may follow any.
+    allowed = list(range(shared_from - 1 if cfg.speech_only else len(layers)))
     after = cfg.dus_after
-    if after is None:
-        step = len(allowed) / cfg.dus_blocks
-        after = sorted({allowed[min(len(allowed) - 1, int((i + 1) * step) - 1)] for i in range(cfg.dus_blocks)})
-    if len(after) != cfg.dus_blocks or any(i not in allowed for i in after):
+    if after is None:  # default: spread over the blocks that own their KV
+        owning = [i for i in allowed if i < shared_from]
+        step = len(owning) / cfg.dus_blocks
+        after = sorted({owning[min(len(owning) - 1, int((i + 1) * step) - 1)] for i in range(cfg.dus_blocks)})
+    if len(after) != cfg.dus_blocks or len(set(after)) != len(after) or any(i not in allowed for i in after):
         raise UsageError(f"adapter.dus_after {after}: need {cfg.dus_blocks} distinct indices among {allowed[0]}..{allowed[-1]} "
-                         "(blocks that own their KV; for speech_only not the last block)")
+                         f"(speech_only: a block that owns its K/V must follow, i.e. before block {shared_from - 1}"
+                         f"{f' of {len(layers)}: blocks {shared_from}.. reuse earlier K/V' if shared_from < len(layers) else ''})")
     for index in after:
         layers[index] = UpScaledBlock(layers[index], positions, cfg.speech_only)
     return after

@@ -131,6 +131,43 @@ def test_depth_up_scaling_is_exactly_the_base_at_init_and_when_dropped(setup, sp
     assert torch.equal(_logits(model, True), base_audio) and torch.equal(_logits(model, False), base_text)
 
 
+
+@pytest.mark.parametrize("speech_only", [True, False])
+def test_depth_up_scaling_on_a_kv_sharing_gemma4(setup, tmp_path, speech_only):
+    """Gemma 4 E2B/E4B share K/V across their last blocks. All-position DUS may follow every block (KV-shared ones
+    included) and speech-only DUS every block a KV-owning block follows: exactly the base at init and when dropped,
+    and the last new block trains (reads the shared K/V). A speech-only block where no KV-owning block follows could
+    never reach the answer: refused, and never the default."""
+    config = json.loads((ROOT / "configs/llm/tiny_gemma4.json").read_text())
+    config.update(num_hidden_layers=5, layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                                                     "full_attention"], num_kv_shared_layers=2, use_double_wide_mlp=True)
+    (tmp_path / "kv_shared.json").write_text(json.dumps(config))
+    _, encoder_cfg, sha, tokenizer = setup
+
+    def fresh() -> SpeechLM:
+        return load_speech_lm(BaseConfig(source=str(tmp_path / "kv_shared.json"), device="cpu"), encoder_cfg, sha, tokenizer)
+
+    model = fresh()
+    assert [i for i, layer in enumerate(model.lm.model.language_model.layers) if layer.self_attn.is_kv_shared_layer] == [3, 4]
+    base_audio, base_text = _logits(model, True), _logits(model, False)
+    after = [0, 1] if speech_only else [0, 1, 2, 3, 4]
+    model.attach(AdapterConfig(kind="dus", dus_blocks=len(after), dus_after=after, speech_only=speech_only))
+    assert model.dus_after == after
+    assert torch.equal(_logits(model, True), base_audio) and torch.equal(_logits(model, False), base_text)
+    example = model.encode(conversation(), [torch.randn(12, 32, generator=torch.Generator().manual_seed(3))])
+    model.loss(model.batch([example])).backward()
+    grad = model.lm.model.language_model.layers[after[-1]].new.self_attn.o_proj.weight.grad  # q/k/v get none at step 0
+    assert grad is not None and grad.abs().sum() > 0
+    remove_dus(model.lm)
+    assert torch.equal(_logits(model, True), base_audio) and torch.equal(_logits(model, False), base_text)
+    if speech_only:
+        for bad in ([2], [3]):
+            with pytest.raises(UsageError, match="KV-owning|K/V"):
+                fresh().attach(AdapterConfig(kind="dus", dus_blocks=1, dus_after=bad))
+        default = fresh()
+        default.attach(AdapterConfig(kind="dus", dus_blocks=2))
+        assert default.dus_after == [0, 1]
+
 def test_speech_only_lora_keeps_text_exact(setup):
     model = make(setup)
     base_audio, base_text = _logits(model, True), _logits(model, False)
