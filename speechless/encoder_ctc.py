@@ -43,7 +43,8 @@ HEAD_CONFIG = "ctc_head.json"
 WEIGHTS_METADATA = {"format": "pt"}
 PAD_FRAMES = 64
 """Batches are zero-padded to a multiple of this many 10 ms mel frames (few distinct shapes: faster CPU kernels)."""
-STRESS_MARKS = "'," + "\u02c8\u02cc"
+STRESS_MARKS = "'," + "\u02c8\u02cc" + "|"
+"""Stripped from espeak-ng's `-x` phonemes: primary/secondary stress and the '|' it writes between some phonemes."""
 
 
 # ------------------------------------------------------------------------------------------------------ units
@@ -62,7 +63,7 @@ def char_units(text: str) -> list[str]:
 
 
 def phonemize(texts: Sequence[str], voice: str) -> list[list[str]]:
-    """espeak-ng phonemes of each text (`espeak-ng -v VOICE -q -x --sep=_`), stress marks removed, ' ' between words."""
+    """espeak-ng phonemes of each text (`espeak-ng -v VOICE -q -x --sep=_`), STRESS_MARKS removed, ' ' between words."""
     binary = shutil.which("espeak-ng")
     if binary is None:
         raise UsageError("data.units 'phonemes' needs espeak-ng (apt-get install espeak-ng); or use units 'chars'")
