@@ -1,4 +1,4 @@
-"""The `speechless` command line: `run` and `report` (the pipeline), `chat`, and a sub-app per area (data, stage1, stage2,
+"""The `speechless` command line: `run` and `report` (the pipeline), `chat`, and a sub-app per area (data, encoder, stage1, stage2,
 stage3, tokenize, hub, config)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from speechless.commands import config_cmd, data, hub, pipeline, stage1, stage2, stage3, tokenize
+from speechless.commands import config_cmd, data, encoder, hub, pipeline, stage1, stage2, stage3, tokenize
 from speechless.errors import SpeechlessError
 from speechless.log import console
 
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.command("run")(pipeline.run)
 app.command("report")(pipeline.report)
 app.add_typer(data.app, name="data", help="Build, import and validate speech corpora (JSONL manifests).")
+app.add_typer(encoder.app, name="encoder", help="Before stage 1: train a Gemma 4 audio encoder that hears (CTC), for corpora without pretrained weights.")
 app.add_typer(stage1.app, name="stage1", help="Stage 1: train and evaluate the speech tokenizer (RVQ on Gemma 4 encoder activations).")
 app.add_typer(stage2.app, name="stage2", help="Stage 2: text -> semantic tokens (the Speechless model), with a measured round trip.")
 app.add_typer(stage3.app, name="stage3", help="Stage 3: adapt the LLM to speech with synthetic speech only (LoRA or depth up-scaling); evaluate on real speech.")

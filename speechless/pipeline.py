@@ -1,4 +1,4 @@
-"""The whole Speechless pipeline in one run folder: data -> stage 1 -> stage 2 -> stage 3 -> report.
+"""The whole Speechless pipeline in one run folder: data -> [encoder] -> stage 1 -> stage 2 -> stage 3 -> report.
 
 Each step is an ordinary stage recipe (`stages/`) whose inputs the pipeline wires to the exact output of the step
 before it. A step is skipped when its previous result in this run folder was made from the same resolved config and
@@ -6,9 +6,13 @@ the same upstream revisions (a content hash, `stamp`), unless forced; a step tha
 and its recipe resumes from its own `work/` state. `RUN_DIR/pipeline.json` records, per step, the stamp, the output
 revision (sha256 of the step's main output file), the wall time and any pushed store version.
 
+The `encoder` step is optional (config section `encoder`, None = no step): it trains a Gemma 4 audio encoder on the
+corpus's train split (`stages/stage0_encoder.py`) and stage 1 then reads it as `encoder.source`, the way it reads a
+real Gemma 4 checkpoint folder; a new encoder revision makes stage 1 (and so everything after it) run again.
+
     RUN_DIR/
       pipeline.json  metrics.json  resolved_config.yaml  report/index.html (+ PNGs)
-      corpus/  stage1/  stage2/  stage3_base/ (demo: the text-pretrained base)  stage3/
+      corpus/  [encoder/]  stage1/  stage2/  stage3_base/ (demo: the text-pretrained base)  stage3/
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from speechless.data.synth import SynthConfig
 from speechless.errors import UsageError
 from speechless.io import read_json, sha256_file, write_json, write_text
 from speechless.store import StoreConfig
+from stages.stage0_encoder import EncoderPretrainConfig
 from stages.stage1_rvq import Stage1Config
 from stages.stage2_t2s import Stage2Config
 from stages.stage3_llm import Stage3Config
@@ -61,6 +66,10 @@ class PipelineConfig(Section):
 
     run: PipelineRunConfig = PipelineRunConfig()
     data: PipelineDataConfig = PipelineDataConfig()
+    encoder: EncoderPretrainConfig | None = None
+    """Optional step before stage 1: train the Gemma 4 audio encoder on the corpus's train split (`speechless encoder
+    pretrain`); stage 1's `encoder.source` is then set to its output folder. None = no such step (stage 1 reads its own
+    `encoder.source`)."""
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
     stage3: Stage3Config = Stage3Config()
@@ -121,10 +130,29 @@ def _data_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path) -
     return {"manifest": str(folder / "all.jsonl")}
 
 
+def _encoder_configure(cfg: PipelineConfig, folder: Path, upstream: dict) -> Section:
+    return cfg.encoder.model_copy(update={
+        "run": cfg.encoder.run.model_copy(update={"out_dir": str(folder), "push": cfg.run.push}),
+        "data": cfg.encoder.data.model_copy(update={"manifest": upstream["data"]["summary"]["manifest"]}),
+        "store": cfg.store})
+
+
+def _encoder_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path) -> dict:
+    from stages.stage0_encoder import train
+
+    return train(step_cfg)
+
+
 def _stage1_configure(cfg: PipelineConfig, folder: Path, upstream: dict) -> Section:
+    """Stage 1 reads the corpus, and the encoder this run trained when it has an encoder step (its folder: a
+    standalone Gemma4AudioModel, loaded like any Gemma 4 checkpoint folder)."""
+    encoder = cfg.stage1.encoder
+    if "encoder" in upstream:
+        encoder = encoder.model_copy(update={"source": upstream["encoder"]["folder"], "revision": None})
     return cfg.stage1.model_copy(update={
         "run": cfg.stage1.run.model_copy(update={"out_dir": str(folder), "push": cfg.run.push}),
         "data": cfg.stage1.data.model_copy(update={"manifest": upstream["data"]["summary"]["manifest"]}),
+        "encoder": encoder,
         "store": cfg.store})
 
 
@@ -173,7 +201,17 @@ STEPS = [
     Step("stage2", "stage2", "model.safetensors", _stage2_configure, _stage2_execute, "stage1"),
     Step("stage3", "stage3", "adapter.safetensors", _stage3_configure, _stage3_execute, "stage2"),
 ]
-STEP_NAMES = [step.name for step in STEPS]
+ENCODER_STEP = Step("encoder", "encoder", "model.safetensors", _encoder_configure, _encoder_execute, "data")
+STEP_NAMES = ["data", "encoder", "stage1", "stage2", "stage3"]
+
+
+def pipeline_steps(cfg: PipelineConfig) -> list[Step]:
+    """The steps of a run: STEPS, with the encoder step between data and stage 1 when the config has one."""
+    if cfg.encoder is None:
+        return list(STEPS)
+    from dataclasses import replace
+
+    return [STEPS[0], ENCODER_STEP, replace(STEPS[1], upstream="encoder"), *STEPS[2:]]
 
 
 # ------------------------------------------------------------------------------------------------------ planning
@@ -243,10 +281,10 @@ def plan(cfg: PipelineConfig, force: set[str] | None = None) -> list[PlannedStep
     """The dry-run plan: every step with its action, without running anything."""
     out = Path(cfg.run.out_dir)
     state = read_state(out)
-    force = _check_force(force)
+    force = _check_force(force, cfg)
     results: dict = {}
     planned = []
-    for step in STEPS:
+    for step in pipeline_steps(cfg):
         item = plan_step(step, cfg, out, results, state, force)
         planned.append(item)
         if item.action == "skip":
@@ -254,11 +292,13 @@ def plan(cfg: PipelineConfig, force: set[str] | None = None) -> list[PlannedStep
     return planned
 
 
-def _check_force(force: set[str] | None) -> set[str]:
+def _check_force(force: set[str] | None, cfg: PipelineConfig) -> set[str]:
     force = set(force or ())
-    unknown = sorted(force - set(STEP_NAMES))
+    names = [step.name for step in pipeline_steps(cfg)]
+    unknown = sorted(force - set(names))
     if unknown:
-        raise UsageError(f"--force {unknown[0]}: no such step; steps are {', '.join(STEP_NAMES)}")
+        hint = " (this config has no encoder section)" if unknown[0] == "encoder" else ""
+        raise UsageError(f"--force {unknown[0]}: no such step{hint}; steps are {', '.join(names)}")
     return force
 
 
@@ -274,11 +314,11 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] | None = None, report: boo
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "resolved_config.yaml", to_yaml(cfg))
-    force = _check_force(force)
+    force = _check_force(force, cfg)
     state = read_state(out)
     results: dict = {}
     started = time.time()
-    for step in STEPS:
+    for step in pipeline_steps(cfg):
         item = plan_step(step, cfg, out, results, state, force)
         record = state["steps"].get(step.name)
         if item.action == "skip":
@@ -315,7 +355,7 @@ def gather_metrics(out: Path) -> dict:
     state = read_state(out)
     gathered: dict = {"steps": {name: {k: rec.get(k) for k in ("revision", "seconds", "pushed")}
                                 for name, rec in state["steps"].items()}}
-    for step in STEPS[1:]:
+    for step in [ENCODER_STEP, *STEPS[1:]]:
         metrics_file = out / step.folder / "metrics.json"
         if metrics_file.is_file():
             gathered[step.name] = read_json(metrics_file).get("eval", {})

@@ -48,6 +48,36 @@ def _metrics(folder: Path) -> dict:
 # ------------------------------------------------------------------------------------------------------ plots
 
 
+def encoder_plots(folder: Path, out: Path) -> list[str]:
+    """The encoder step: train and held-out CTC loss per step, and the held-out CER (or phoneme error rate) curve."""
+    metrics = _metrics(folder)
+    history = metrics.get("history", [])
+    if not history:
+        return []
+    plt = _plt()
+    evals = [h for h in history if "eval" in h]
+    images = []
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train CTC loss")
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval"]["loss"] for h in evals], marker="o", label="held-out CTC loss")
+    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("CTC loss per unit")
+    ax.set_title("Encoder pretraining: CTC loss"), ax.legend()
+    images.append(_save(fig, out / "encoder_loss.png"))
+    if evals:
+        ev = metrics.get("eval", {})
+        name = "CER" if ev.get("units", "chars") == "chars" else "phoneme error rate"
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.plot([h["step"] for h in evals], [h["eval"]["error_rate"] for h in evals], marker="o")
+        for h in evals[-1:]:
+            ax.annotate(f"{h['eval']['error_rate']:.3f}", (h["step"], h["eval"]["error_rate"]), textcoords="offset points", xytext=(0, 6))
+        ax.set_ylim(0, max(1.0, max(h["eval"]["error_rate"] for h in evals) * 1.05)), ax.set_xlabel("step")
+        ax.set_ylabel(f"held-out {name}")
+        ax.set_title(f"Encoder pretraining: {name} on held-out split {ev.get('split', '')} (greedy CTC)")
+        images.append(_save(fig, out / "encoder_error_rate.png"))
+    return images
+
+
 def stage1_plots(folder: Path, out: Path) -> list[str]:
     """Loss curve, per-codebook utilization over eval steps, and code-usage histograms of the eval split's tokens."""
     metrics = _metrics(folder)
@@ -180,7 +210,13 @@ def write_report(run_dir: str | Path) -> Path:
     state = read_json(run_dir / "pipeline.json") if (run_dir / "pipeline.json").is_file() else {"steps": {}}
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    s1, s2, s3 = run_dir / "stage1", run_dir / "stage2", run_dir / "stage3"
+    s0, s1, s2, s3 = run_dir / "encoder", run_dir / "stage1", run_dir / "stage2", run_dir / "stage3"
+    ev0 = _metrics(s0).get("eval", {})
+    numbers0 = {k: ev0[k] for k in ("split", "utterances", "units", "error_rate", "loss") if k in ev0}
+    model0 = _metrics(s0).get("model", {})
+    numbers0.update({f"model {k}": model0[k] for k in ("hidden_size", "num_hidden_layers", "parameters") if k in model0})
+    encoder_section = (_section("Encoder pretraining (held-out)", numbers0, encoder_plots(s0, out), "the encoder step has not run")
+                       if "encoder" in state["steps"] or s0.is_dir() else "")
     ev1, ev2, ev3 = (_metrics(f).get("eval", {}) for f in (s1, s2, s3))
     numbers1 = {k: ev1[k] for k in ("split", "frames", "mse", "nmse", "cosine", "centered_cosine", "utilization") if k in ev1}
     numbers2 = {k: ev2[k] for k in ("split", "utterances", "probe_cer_real", "probe_cer_generated", "probe_cer_ratio",
@@ -203,6 +239,7 @@ def write_report(run_dir: str | Path) -> Path:
 td{{border:1px solid #ccc;padding:2px 8px;font-size:13px}} img{{max-width:100%;display:block;margin:.6em 0}} .missing{{color:#a00}}</style>
 </head><body><h1>speechless run <code>{html.escape(str(run_dir))}</code></h1>
 <p>Steps (output revision = sha256 of the step's main file; total {state.get('last_run_seconds', '?')} s in the last run):</p>{steps}
+{encoder_section}
 {_section("Stage 1: speech tokenizer (held-out)", numbers1, stage1_plots(s1, out), "stage 1 has not run in this folder")}
 {_section("Stage 2: text to semantic tokens (round trip)", numbers2, stage2_plots(s2, s1, out), "stage 2 has not run in this folder")}
 {_section("Stage 3: LLM adaptation (held-out real speech)", numbers3, stage3_plots(s3, out), "stage 3 has not run in this folder")}

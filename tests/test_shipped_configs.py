@@ -10,12 +10,13 @@ from speechless.config import load_config
 from speechless.data.hf_import import ImportConfig
 from speechless.data.synth import SynthConfig
 from speechless.pipeline import PipelineConfig
+from stages.stage0_encoder import EncoderPretrainConfig
 from stages.stage1_rvq import Stage1Config
 from stages.stage2_t2s import Stage2Config
 from stages.stage3_llm import Stage3Config
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMAS = {"configs/stage1": Stage1Config, "configs/stage2": Stage2Config, "configs/stage3": Stage3Config, "configs/data": SynthConfig,
+SCHEMAS = {"configs/encoder": EncoderPretrainConfig, "configs/stage1": Stage1Config, "configs/stage2": Stage2Config, "configs/stage3": Stage3Config, "configs/data": SynthConfig,
            "data_manifests/twi": ImportConfig, "configs/pipeline": PipelineConfig}
 
 

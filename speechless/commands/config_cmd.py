@@ -14,11 +14,12 @@ app = typer.Typer(no_args_is_help=True)
 
 def _schemas() -> dict:
     from speechless.pipeline import PipelineConfig
+    from stages.stage0_encoder import EncoderPretrainConfig
     from stages.stage1_rvq import Stage1Config
     from stages.stage2_t2s import Stage2Config
     from stages.stage3_llm import Stage3Config
 
-    return {"stage1": Stage1Config, "stage2": Stage2Config, "stage3": Stage3Config, "pipeline": PipelineConfig}
+    return {"encoder": EncoderPretrainConfig, "stage1": Stage1Config, "stage2": Stage2Config, "stage3": Stage3Config, "pipeline": PipelineConfig}
 
 
 def _schema(stage: str):
