@@ -84,6 +84,7 @@ TEXTS = ["habari ya asubuhi", "watoto walichora picha darasani juzi", "ninapenda
 def tiny_model(tmp_path, frame_mode="delay", levels=4, codebook=16, speakers=("a", "b"), **extra) -> T2SModel:
     path = tmp_path / "backbone.json"
     path.write_text(json.dumps(TINY_BACKBONE))
+    extra = {"dropout": 0.0, "max_text_tokens": 192, **extra}  # the sizes these tests were written for (not the real-scale defaults)
     cfg = T2SConfig(backbone=str(path), frame_mode=frame_mode, head_rank=8, tokenizer_vocab_size=40, **extra)
     frames = [len(t) // 2 for t in TEXTS]  # the duration model's training data (used with progress buckets)
     return build_model(cfg, TEXTS, levels, codebook, list(speakers), {"revision": "r" * 64, "ref": "fake"}, seed=0,
