@@ -31,7 +31,7 @@ from pydantic import Field
 from speechless.config import Section
 from speechless.errors import RuntimeFailure, UsageError
 from speechless.io import load_tensors, read_json, save_tensors, write_json
-from speechless.training import lr_factor
+from speechless.training import bucketed_batches, lr_factor
 
 FORMAT = "speechless-ctc-probe"
 FORMAT_VERSION = 1
@@ -197,16 +197,6 @@ def _pad(codes: list[torch.Tensor], num_levels: int, multiple: int = 32) -> tupl
     return batch, lengths
 
 
-def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Length-bucketed batches in random order: sort a shuffled index by length, cut, shuffle the batches."""
-    idx = list(range(len(lengths)))
-    rng.shuffle(idx)
-    idx.sort(key=lambda i: lengths[i])
-    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
 def train_probe(codes: list[torch.Tensor], texts: list[str], cfg: ProbeConfig, num_levels: int, codebook_size: int,
                 log_every: int = 0, log=None, codebooks: torch.Tensor | None = None) -> tuple[CTCProbe, dict]:
     """Train a probe on real (codes (Q, T), transcript) pairs; returns (probe, summary with loss history and speed).
@@ -231,7 +221,7 @@ def train_probe(codes: list[torch.Tensor], texts: list[str], cfg: ProbeConfig, n
     probe.train()
     for step in range(cfg.steps):
         if not queue:
-            queue = _batches([codes[i].shape[-1] for i in usable], cfg.batch_size, rng)
+            queue = bucketed_batches([codes[i].shape[-1] for i in usable], cfg.batch_size, rng)
         batch_idx = [usable[i] for i in queue.pop()]
         batch, lengths = _pad([codes[i] for i in batch_idx], num_levels)
         tgt = [targets[i] for i in batch_idx]

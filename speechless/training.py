@@ -59,7 +59,11 @@ def lr_factor(step: int, steps: int, warmup: int, floor: float) -> float:
 def length_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Length-bucketed batches of one epoch (indices into `lengths`), in a random order that depends only on
     (seed, epoch)."""
-    rng = random.Random(seed * 1_000_003 + epoch)
+    return bucketed_batches(lengths, batch_size, random.Random(seed * 1_000_003 + epoch))
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Length-bucketed batches drawn with `rng`: sort a shuffled index by length, cut it into batches, shuffle them."""
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
     idx.sort(key=lambda i: lengths[i])

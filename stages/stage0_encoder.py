@@ -24,7 +24,7 @@ from pydantic import Field
 
 from speechless import log
 from speechless.config import Section, to_yaml
-from speechless.data.manifest import manifest_sha256, read_manifest
+from speechless.data.manifest import manifest_sha256, manifest_splits
 from speechless.encoder import weights_sha256
 from speechless.encoder_ctc import (
     CTCEncoder,
@@ -115,12 +115,7 @@ class EncoderPretrainConfig(Section):
 # ---------------------------------------------------------------------------------------------------------- setup
 
 def _load_splits(cfg: EncoderPretrainConfig) -> tuple[list, list]:
-    by_split: dict[str, list] = {}
-    for entry in read_manifest(cfg.data.manifest):
-        by_split.setdefault(entry.split, []).append(entry)
-    for role, name in (("train", cfg.data.train_split), ("eval", cfg.data.eval_split)):
-        if name not in by_split:
-            raise UsageError(f"{cfg.data.manifest}: no utterances in split '{name}' (data.{role}_split); splits present: {', '.join(sorted(by_split))}")
+    by_split = manifest_splits(cfg.data.manifest, cfg.data.train_split, cfg.data.eval_split)
     train = [e for e in by_split[cfg.data.train_split] if e.duration <= cfg.data.max_seconds]
     if not train:
         raise UsageError(f"{cfg.data.manifest}: no train utterance of at most data.max_seconds={cfg.data.max_seconds} s")

@@ -23,9 +23,8 @@ import torch
 
 from speechless import distributed, log
 from speechless.config import Section, to_yaml
-from speechless.data.manifest import manifest_sha256, read_manifest
+from speechless.data.manifest import manifest_sha256, manifest_splits
 from speechless.encoder import EncoderConfig, load_encoder, weights_sha256
-from speechless.errors import UsageError
 from speechless.features import extract_to_cache, read_cache
 from speechless.io import read_json, sha256_file, write_json, write_text
 from speechless.runs import RunConfig, config_fingerprint, load_checkpoint, save_checkpoint
@@ -78,18 +77,6 @@ class Stage1Config(Section):
 
 
 # ---------------------------------------------------------------------------------------------------------- setup
-
-def _load_splits(cfg: Stage1Config) -> dict[str, list]:
-    """Manifest entries by split, the train and eval splits first."""
-    by_split: dict[str, list] = {}
-    for entry in read_manifest(cfg.data.manifest):
-        by_split.setdefault(entry.split, []).append(entry)
-    for role, name in (("train", cfg.data.train_split), ("eval", cfg.data.eval_split)):
-        if name not in by_split:
-            raise UsageError(f"{cfg.data.manifest}: no utterances in split '{name}' (data.{role}_split); splits present: {', '.join(sorted(by_split))}")
-    first = [cfg.data.train_split, cfg.data.eval_split]
-    return {name: by_split[name] for name in first + sorted(set(by_split) - set(first))}
-
 
 def _stack(utterances, cap: int | None, seed: int) -> torch.Tensor:
     vectors = torch.cat([u.vectors for u in utterances])
@@ -194,7 +181,7 @@ def train(cfg: Stage1Config) -> dict:
     work = out / "work"
 
     # Setup: data and encoder, checked before anything is written (bad input leaves the run folder as it was).
-    splits = _load_splits(cfg)
+    splits = manifest_splits(cfg.data.manifest, cfg.data.train_split, cfg.data.eval_split)
     encoder = load_encoder(cfg.encoder)
     log.info(f"encoder: {cfg.encoder.source} (dim {encoder.dim}, weights {encoder.revision[:12]}, {encoder.device})")
     work.mkdir(parents=True, exist_ok=True)

@@ -223,6 +223,19 @@ def read_manifest(path: str | os.PathLike, splits: list[str] | None = None) -> l
     return entries
 
 
+def manifest_splits(path: str | os.PathLike, train_split: str, eval_split: str) -> dict[str, list[ManifestEntry]]:
+    """A manifest's entries by split, the train and eval splits first; a missing one is a UsageError naming the key
+    (`data.train_split` / `data.eval_split`) and the splits present."""
+    by_split: dict[str, list[ManifestEntry]] = {}
+    for entry in read_manifest(path):
+        by_split.setdefault(entry.split, []).append(entry)
+    for role, name in (("train", train_split), ("eval", eval_split)):
+        if name not in by_split:
+            raise UsageError(f"{path}: no utterances in split '{name}' (data.{role}_split); splits present: {', '.join(sorted(by_split))}")
+    first = [train_split, eval_split]
+    return {name: by_split[name] for name in first + sorted(set(by_split) - set(first))}
+
+
 def validate_manifest(path: str | os.PathLike, check_audio: bool = False) -> list[Problem]:
     """Every problem in a manifest (empty list = clean). With `check_audio`, each file is also decoded with
     `load_audio` and its length compared with `duration` (tolerance 0.1 s)."""
