@@ -47,7 +47,7 @@ class BaseConfig(Section):
     kind: Literal["gemma4_audio", "text_lm"] = "gemma4_audio"
     """gemma4_audio: Gemma4ForConditionalGeneration (its own audio tower and embedder); text_lm: a causal LM without
     audio (Gemma 3 class) plus a trained projector from the 1024-d vectors."""
-    source: str = "configs/llm/tiny_gemma4.json"
+    source: str = "google/gemma-4-e2b-it"
     """A Hub id (google/gemma-4-e2b-it) or folder loaded with from_pretrained, or a JSON config for random weights
     (demo/tests). A config JSON's audio tower is the stage-1 encoder (same config, same seeded weights)."""
     revision: str | None = None

@@ -98,17 +98,17 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(300, ge=1)
+    steps: int = Field(4000, ge=1)
     """Optimizer steps of each adapter."""
     batch_size: int = Field(16, ge=1)
     """Conversations per step (length-bucketed), across all processes."""
-    learning_rate: float = Field(2e-3, gt=0.0)
+    learning_rate: float = Field(2e-4, gt=0.0)
     """Peak AdamW learning rate."""
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(200, ge=0)
     """Linear warmup steps, then cosine decay to `min_lr_ratio` x peak."""
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     """Final learning rate as a share of the peak (0-1)."""
-    checkpoint_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(250, ge=1)
     """Resume checkpoint every N steps (in work/): a killed run restarts from the last one."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, slower)."""
