@@ -26,10 +26,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from speechless import distributed
 from speechless.audio import MAX_WINDOW_S, SAMPLE_RATE
 from speechless.config import Section
 from speechless.errors import RuntimeFailure, UsageError
+from speechless.training import resolve_device
 
 AUDIO_TOWER_PREFIX = "model.audio_tower."
 FRAMES_PER_SECOND = 25  # 40 ms per encoder frame after 4x subsampling of 10 ms mel hops
@@ -72,19 +72,6 @@ class LoadedEncoder:
     dim: int
     device: torch.device
     dtype: torch.dtype
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device for a name; in a torchrun job a bare 'cuda' (or 'auto') means this process's GPU (LOCAL_RANK)."""
-    if name == "auto":
-        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"encoder.device: unknown device {name!r}; use auto, cpu or cuda[:N]") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"encoder.device: {name!r} requested but CUDA is not available; use auto or cpu")
-    return distributed.local_device(device)
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -179,7 +166,7 @@ def load_encoder(cfg: EncoderConfig) -> LoadedEncoder:
         model, feature_extractor, commit = _load_from_hub(source, cfg)
     else:
         raise UsageError(f"encoder.source: {source!r} is neither a config .json, a local folder nor a Hub id (owner/name)")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "encoder.device")
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     revision = weights_sha256(model)
     _hooked_module(model, cfg.hook_module)  # fail early on a wrong hook path

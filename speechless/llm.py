@@ -37,6 +37,7 @@ from speechless.config import Section
 from speechless.encoder import EncoderConfig, LoadedEncoder, weights_sha256
 from speechless.errors import RuntimeFailure, UsageError
 from speechless.io import load_tensors, read_json, save_tensors, write_json
+from speechless.training import resolve_device
 
 ADAPTER_FORMAT = "speechless-stage3-adapter"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -81,12 +82,6 @@ class AdapterConfig(Section):
     their KV. Without speech_only any block (KV-shared ones included). With speech_only a block that computes K/V must
     follow (else the audio-only update never reaches the answer): not the last block, and with Gemma 4 E2B/E4B's KV
     sharing (last `num_kv_shared_layers` blocks reuse earlier K/V) only blocks before the last KV-owning one."""
-
-
-def resolve_device(name: str) -> torch.device:
-    from speechless.encoder import resolve_device as encoder_device
-
-    return encoder_device(name)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -614,7 +609,7 @@ class SpeechLM(torch.nn.Module):
 def load_speech_lm(base_cfg: BaseConfig, encoder_cfg: EncoderConfig, expected_encoder_sha256: str | None, tokenizer=None) -> SpeechLM:
     """Load the base, check its audio tower is the stage-1 encoder (refuse a mismatch), wrap it."""
     model, tokenizer = load_base_model(base_cfg, encoder_cfg, tokenizer)
-    device = resolve_device(base_cfg.device)
+    device = resolve_device(base_cfg.device, "base.device")
     model = model.to(device=device, dtype=pick_dtype(base_cfg.dtype, device))
     if base_cfg.kind == "gemma4_audio" and expected_encoder_sha256 is not None:
         tower_sha = weights_sha256(model.model.audio_tower)

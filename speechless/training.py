@@ -23,18 +23,27 @@ from pathlib import Path
 
 import torch
 
-from speechless import log
+from speechless import distributed, log
 from speechless.config import Section
+from speechless.errors import UsageError
 from speechless.io import read_json, write_json, write_text
 from speechless.runs import checkpoint_path, code_version, config_fingerprint, utc_now
 from speechless.store import StoreConfig, open_store
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' = CUDA when available, else the CPU; any other name as torch reads it ('cpu', 'cuda', 'cuda:1')."""
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """'auto' = CUDA when available, else the CPU; any other name as torch reads it ('cpu', 'cuda', 'cuda:1'). In a
+    torchrun job a bare 'cuda' (or 'auto' on a GPU) means this process's GPU (LOCAL_RANK). An unknown name, or CUDA
+    asked for where there is none, is a UsageError naming the config `key`."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"{key}: unknown device {name!r}; use auto, cpu or cuda[:N]") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{key}: {name!r} requested but CUDA is not available; use auto or cpu")
+    return distributed.local_device(device)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
