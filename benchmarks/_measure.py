@@ -116,3 +116,37 @@ def residual_vq_from(rvq):
         for name in ("embed", "embed_avg", "cluster_size", "initted"):
             getattr(theirs._codebook, name).data.copy_(getattr(ours._codebook, name).data)
     return plain.eval()
+
+
+def encode_comparison(rvq, x, rounds: int) -> dict:
+    """`SpeechRVQ.encode` vs `ResidualVQ.forward` vs the fp32 matmul roofline (the same FLOPs as plain matmuls of the
+    encode path's shapes, (chunk x dim) @ (dim x codebook)) on the vectors `x`, in alternating turns: vectors/s, GFLOP/s,
+    the share of the roofline, the speed-up and the share of rows with identical codes."""
+    import torch
+
+    plain = residual_vq_from(rvq)
+    n, chunk = len(x), rvq.cfg.encode_chunk
+    rvq.encode(x[:chunk])  # warm-up
+    a, b = torch.randn(chunk, rvq.dim), torch.randn(rvq.codebook_size, rvq.dim)
+    a @ b.t()
+    matmuls = rvq.num_quantizers * -(-n // chunk)
+
+    def roofline() -> None:
+        for _ in range(matmuls):
+            a @ b.t()
+
+    def residual_vq():
+        with torch.no_grad():
+            return plain(rvq.standardize(x).unsqueeze(0))
+
+    runs = alternate({"ours": lambda: rvq.encode(x), "residualvq": residual_vq, "roofline": roofline}, rounds)
+    (codes, ours), ((_, ref, _), theirs), (_, roof) = runs["ours"], runs["residualvq"], runs["roofline"]
+    flop = rvq.num_quantizers * 2 * rvq.dim * rvq.codebook_size
+    rate = {"ours": n / ours["seconds"], "residualvq": n / theirs["seconds"],
+            "roofline": matmuls * chunk / rvq.num_quantizers / roof["seconds"]}
+    return {"vectors": n, "chunk": chunk, "threads": torch.get_num_threads(), "flop_per_vector": flop,
+            **{k: {**s, "vectors_per_s": round(rate[k]), "gflops": round(rate[k] * flop / 1e9, 1)}
+               for k, s in (("ours", ours), ("residualvq", theirs), ("roofline", roof))},
+            "share_of_roofline": round(rate["ours"] / rate["roofline"], 3),
+            "speedup_vs_residualvq": round(rate["ours"] / rate["residualvq"], 2),
+            "identical_rows": float((codes == ref[0]).all(1).float().mean())}

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _measure import alternate, load_average, machine, residual_vq_from, table, timed
+from _measure import alternate, encode_comparison, load_average, machine, residual_vq_from, table, timed
 
 PARTS = ("counts", "tokenize", "encode", "rvq_train", "stage2", "stage3")
 
@@ -368,32 +368,12 @@ def part_tokenize(args, S, rep: Report) -> None:
 def part_encode(args, S, rep: Report) -> None:
     dim = 1024 if S["audio"] is AUDIO_FULL else S["audio"]["hidden_size"]
     rvq = stage1_rvq(S, dim)
-    plain = residual_vq_from(rvq)
     x = torch.randn(S["encode_vectors"], dim, generator=torch.Generator().manual_seed(1)) * rvq.std + rvq.mean
-    n, chunk = len(x), rvq.cfg.encode_chunk
-    rvq.encode(x[:chunk])
-    a, b = torch.randn(chunk, dim), torch.randn(rvq.codebook_size, dim)
-    matmuls = rvq.num_quantizers * -(-n // chunk)
-
-    def roofline() -> None:
-        for _ in range(matmuls):
-            a @ b.t()
-
-    def residual_vq():
-        with torch.no_grad():
-            return plain(rvq.standardize(x).unsqueeze(0))
-
-    roofline()
-    runs = alternate({"ours": lambda: rvq.encode(x), "residualvq": residual_vq, "roofline": roofline}, S["rounds"])
-    (codes, ours), ((_, ref, _), theirs), (_, roof) = runs["ours"], runs["residualvq"], runs["roofline"]
-    flop = rvq.num_quantizers * 2 * dim * rvq.codebook_size
-    rate = {"ours": n / ours["seconds"], "residualvq": n / theirs["seconds"], "roofline": matmuls * chunk / rvq.num_quantizers / roof["seconds"]}
-    identical = float((codes == ref[0]).all(1).float().mean())
-    rep.data["parts"]["encode"] = {"vectors": n, "shape": f"{rvq.num_quantizers} x {rvq.codebook_size} x {dim}", "chunk": chunk,
-                                   "device": "cpu", "threads": torch.get_num_threads(), "flop_per_vector": flop,
-                                   **{k: {**s, "vectors_per_s": round(rate[k]), "gflops": round(rate[k] * flop / 1e9, 1)}
-                                      for k, s in (("ours", ours), ("residualvq", theirs), ("roofline", roof))},
-                                   "share_of_roofline": round(rate["ours"] / rate["roofline"], 3), "identical_rows": round(identical, 4)}
+    result = encode_comparison(rvq, x, S["rounds"])
+    rate = {k: result[k]["vectors_per_s"] for k in ("ours", "residualvq", "roofline")}
+    identical = result["identical_rows"]
+    rep.data["parts"]["encode"] = {**result, "shape": f"{rvq.num_quantizers} x {rvq.codebook_size} x {dim}", "device": "cpu",
+                                   "identical_rows": round(identical, 4)}
     shape = f"{rvq.num_quantizers} x {rvq.codebook_size} x {dim}"
     rep.row("encode", f"RVQ encode vectors/s ({shape}, CPU) vs fp32 matmul roofline", round(rate["ours"]), round(rate["roofline"]),
             rate["ours"] / rate["roofline"], ">= 60 %", rate["ours"] / rate["roofline"] >= 0.6)

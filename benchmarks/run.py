@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _measure import alternate, load_average, machine, residual_vq_from, table, timed  # noqa: E402  (benchmarks/ is on the path)
+from _measure import alternate, encode_comparison, load_average, machine, residual_vq_from, table, timed  # noqa: E402  (benchmarks/ is on the path)
 
 SECTIONS = ("tokenize", "encode", "train", "generate", "stage3")
 
@@ -123,40 +123,15 @@ def bench_encode(args, report: dict) -> str:
     from speechless.rvq import SpeechRVQ
 
     rvq = SpeechRVQ.load(args.stage1)
-    plain = residual_vq_from(rvq)
     x = _features(args, rvq.dim, args.vectors)
     source = "dev-split features of the stage-1 run"
     if x is None:
         x = torch.randn(args.vectors, rvq.dim, generator=torch.Generator().manual_seed(0)) * rvq.std + rvq.mean
         source = "random vectors with the run's mean/std"
-    n, chunk = len(x), rvq.cfg.encode_chunk
-    rvq.encode(x[:chunk])  # warm-up
-    # Roofline: the same FLOPs as plain fp32 matmuls of the encode path's shapes (chunk x dim) @ (dim x codebook).
-    a, b = torch.randn(chunk, rvq.dim), torch.randn(rvq.codebook_size, rvq.dim)
-    a @ b.t()
-    matmuls = rvq.num_quantizers * -(-n // chunk)
-
-    def roofline() -> None:
-        for _ in range(matmuls):
-            a @ b.t()
-
-    def residual_vq():
-        with torch.no_grad():
-            return plain(rvq.standardize(x).unsqueeze(0))
-
-    runs = alternate({"ours": lambda: rvq.encode(x), "theirs": residual_vq, "roof": roofline}, args.rounds)
-    (codes, ours), ((_, ref, _), theirs), (_, roof) = runs["ours"], runs["theirs"], runs["roof"]
-    flop_per_vector = rvq.num_quantizers * 2 * rvq.dim * rvq.codebook_size
-    roof_rate = matmuls * chunk / rvq.num_quantizers / roof["seconds"]
-    ours_rate, theirs_rate = n / ours["seconds"], n / theirs["seconds"]
-    identical = float((codes == ref[0]).all(1).float().mean())
-    result = {"vectors": n, "source": source, "chunk": chunk, "rounds": args.rounds, "threads": torch.get_num_threads(),
-              "flop_per_vector": flop_per_vector,
-              "ours": {**ours, "vectors_per_s": round(ours_rate), "gflops": round(ours_rate * flop_per_vector / 1e9, 1)},
-              "residualvq": {**theirs, "vectors_per_s": round(theirs_rate), "gflops": round(theirs_rate * flop_per_vector / 1e9, 1)},
-              "roofline": {**roof, "vectors_per_s": round(roof_rate), "gflops": round(roof_rate * flop_per_vector / 1e9, 1)},
-              "share_of_roofline": round(ours_rate / roof_rate, 3), "target_share": 0.6,
-              "speedup_vs_residualvq": round(ours_rate / theirs_rate, 2), "identical_rows": identical}
+    result = {**encode_comparison(rvq, x, args.rounds), "source": source, "rounds": args.rounds, "target_share": 0.6}
+    n, chunk, flop_per_vector, identical = result["vectors"], result["chunk"], result["flop_per_vector"], result["identical_rows"]
+    ours, theirs, roof = result["ours"], result["residualvq"], result["roofline"]
+    ours_rate, theirs_rate, roof_rate = ours["vectors_per_s"], theirs["vectors_per_s"], roof["vectors_per_s"]
     report["encode"] = result
     return (f"### 2. RVQ encoding ({n} vectors, {source}; {rvq.num_quantizers} x {rvq.codebook_size} on {rvq.dim}-d; "
             f"{flop_per_vector / 1e6:.1f} MFLOP per vector; fastest of {args.rounds} alternating rounds)\n\n"

@@ -56,6 +56,19 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> torch.optim.AdamW:
+    """AdamW (betas 0.9 / 0.98) over the trainable parameters, with weight decay on matrices only: not on norms and
+    biases (fewer than 2 dimensions) nor on parameters whose name contains one of `no_decay_names` (e.g. "embed")."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 and not any(part in name for part in no_decay_names) else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-8)
+
+
 def lr_factor(step: int, steps: int, warmup: int, floor: float) -> float:
     """Share of the peak learning rate at `step` (counted from 0): linear warmup over `warmup` steps, then cosine decay
     to `floor` at the last step."""

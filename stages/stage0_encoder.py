@@ -41,7 +41,7 @@ from speechless.errors import UsageError
 from speechless.io import sha256_file, write_json, write_text
 from speechless.runs import RunConfig, config_fingerprint, load_checkpoint, save_checkpoint
 from speechless.store import StoreConfig
-from speechless.training import finish_run, length_batches, lr_factor, provenance, resolve_device, resume_state
+from speechless.training import adamw, finish_run, length_batches, lr_factor, provenance, resolve_device, resume_state
 
 
 class DataConfig(Section):
@@ -131,51 +131,15 @@ def _reference(cfg: EncoderPretrainConfig, units: list[str]) -> str:
     return "".join(units) if cfg.data.units == "chars" else "_".join(units).replace("_ _", " ")
 
 
-def _optimizer(model: CTCEncoder, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-8)
-
-
 # ---------------------------------------------------------------------------------------------------------- train
 
-def train(cfg: EncoderPretrainConfig) -> dict:
-    """Pretrain the encoder end to end; returns a summary (out_dir, eval, pushed, weights_sha256)."""
-    started = time.time()
-    out = Path(cfg.run.out_dir)
-    work = out / "work"
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-
-    # Setup: splits, units, targets (checked before anything is written).
-    train_entries, eval_entries = _load_splits(cfg)
-    train_seqs = _unit_sequences(cfg, [e.text for e in train_entries])
-    eval_seqs = _unit_sequences(cfg, [e.text for e in eval_entries])
-    units = alphabet_from([e.text for e in train_entries]) if cfg.data.units == "chars" else sorted({u for s in train_seqs for u in s})
-    model = build_model({**cfg.model.model_dump(exclude={"hook_module"}), "model_type": "gemma4_audio"}, units, cfg.run.seed,
-                        cfg.model.hook_module)
-    index = model.index
-    train_targets = [[index[u] for u in s if u in index] for s in train_seqs]
-    eval_targets = [[index[u] for u in s if u in index] for s in eval_seqs]
-    eval_refs = [_reference(cfg, s) for s in eval_seqs]
-    work.mkdir(parents=True, exist_ok=True)
-    write_text(out / "resolved_config.yaml", to_yaml(cfg))
-
-    tick = time.time()
-    train_features = utterance_features([e.audio_filepath for e in train_entries])
-    eval_features = utterance_features([e.audio_filepath for e in eval_entries])
-    usable = [i for i, (f, t) in enumerate(zip(train_features, train_targets)) if t and len(f) // 4 >= len(t)]
-    log.info(f"encoder pretraining: {len(usable)} of {len(train_entries)} train utterances usable, {len(eval_entries)} eval; "
-             f"{len(units)} {cfg.data.units} units; features in {time.time() - tick:.0f} s")
-    if not usable:
-        raise UsageError(f"{cfg.data.manifest}: no train utterance has a transcript that fits its frames (25 per second)")
-    parameters = sum(p.numel() for p in model.encoder.parameters())
-
-    # Train (resumable): the batches of step s depend only on (seed, s), the optimizer slots are in the checkpoint.
+def train_encoder(cfg: EncoderPretrainConfig, model: CTCEncoder, train_features: list, train_targets: list, usable: list[int],
+                  eval_data: tuple[list, list, list], work: Path, device: torch.device, parameters: int) -> dict:
+    """CTC training (resumable): the batches of step s depend only on (seed, s), the optimizer slots are in the
+    checkpoint; the held-out loss and error rate every `eval_every` steps. Returns the training state."""
+    eval_features, eval_refs, eval_targets = eval_data
     model.to(device).train()
-    optimizer = _optimizer(model, cfg.train)
+    optimizer = adamw(model, cfg.train.learning_rate, cfg.train.weight_decay)
     fingerprint = config_fingerprint(cfg)
     state = resume_state(work, fingerprint, "encoder pretraining")
     if state is None:
@@ -218,6 +182,45 @@ def train(cfg: EncoderPretrainConfig) -> dict:
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_checkpoint(work, step, model.tensors(), optimizer, state, keep=2)
             bar.advance(task)
+    return state
+
+
+def train(cfg: EncoderPretrainConfig) -> dict:
+    """Pretrain the encoder end to end; returns a summary (out_dir, eval, pushed, weights_sha256)."""
+    started = time.time()
+    out = Path(cfg.run.out_dir)
+    work = out / "work"
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+
+    # Setup: splits, units, targets (checked before anything is written).
+    train_entries, eval_entries = _load_splits(cfg)
+    train_seqs = _unit_sequences(cfg, [e.text for e in train_entries])
+    eval_seqs = _unit_sequences(cfg, [e.text for e in eval_entries])
+    units = alphabet_from([e.text for e in train_entries]) if cfg.data.units == "chars" else sorted({u for s in train_seqs for u in s})
+    model = build_model({**cfg.model.model_dump(exclude={"hook_module"}), "model_type": "gemma4_audio"}, units, cfg.run.seed,
+                        cfg.model.hook_module)
+    index = model.index
+    train_targets = [[index[u] for u in s if u in index] for s in train_seqs]
+    eval_targets = [[index[u] for u in s if u in index] for s in eval_seqs]
+    eval_refs = [_reference(cfg, s) for s in eval_seqs]
+    work.mkdir(parents=True, exist_ok=True)
+    write_text(out / "resolved_config.yaml", to_yaml(cfg))
+
+    tick = time.time()
+    train_features = utterance_features([e.audio_filepath for e in train_entries])
+    eval_features = utterance_features([e.audio_filepath for e in eval_entries])
+    usable = [i for i, (f, t) in enumerate(zip(train_features, train_targets)) if t and len(f) // 4 >= len(t)]
+    log.info(f"encoder pretraining: {len(usable)} of {len(train_entries)} train utterances usable, {len(eval_entries)} eval; "
+             f"{len(units)} {cfg.data.units} units; features in {time.time() - tick:.0f} s")
+    if not usable:
+        raise UsageError(f"{cfg.data.manifest}: no train utterance has a transcript that fits its frames (25 per second)")
+    parameters = sum(p.numel() for p in model.encoder.parameters())
+
+    # Train (resumable).
+    state = train_encoder(cfg, model, train_features, train_targets, usable, (eval_features, eval_refs, eval_targets), work,
+                          device, parameters)
 
     # Evaluate the final weights on the held-out split.
     final = evaluate(model, eval_features, eval_refs, eval_targets, device)

@@ -33,6 +33,7 @@ from speechless.store import StoreConfig
 from speechless.t2s import T2SConfig, T2SModel, build_model, collate, count_parameters
 from speechless.tokens import Stage1, load_split, resolve_stage1, row_codes, speaker_map, stage1_codebooks
 from speechless.training import (
+    adamw,
     autocast_dtype,
     finish_run,
     length_batches,
@@ -101,17 +102,6 @@ class Stage2Config(Section):
 
 # ---------------------------------------------------------------------------------------------------------- training
 
-def make_optimizer(model: T2SModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay, seen = [], [], set()
-    for name, p in model.named_parameters():
-        if id(p) in seen or not p.requires_grad:
-            continue
-        seen.add(id(p))
-        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-8)
-
-
 def _items(rows: list[dict], model: T2SModel, speakers: dict[str, str]) -> list[tuple[list[int], torch.Tensor, int]]:
     items = []
     for row in rows:
@@ -145,7 +135,7 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
     device = distributed.local_device(resolve_device(cfg.train.device))
     amp = autocast_dtype(cfg.train.precision, device)
     model.to(device)
-    optimizer = make_optimizer(model, cfg.train)
+    optimizer = adamw(model, cfg.train.learning_rate, cfg.train.weight_decay, no_decay_names=("embed",))
     fingerprint = config_fingerprint(cfg)
     state = resume_state(work, fingerprint, "stage 2")
     if state is None:
