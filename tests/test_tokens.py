@@ -59,3 +59,20 @@ def test_half_written_token_file_names_the_line(tmp_path):
     path.write_text(good + "\n" + good[: len(good) // 2])
     with pytest.raises(UsageError, match=r"t.jsonl:2: not valid JSON"):
         read_token_jsonl(path)
+
+
+def test_tokenize_audio_ids_are_unique_when_two_folders_hold_the_same_file_name(tmp_path):
+    from speechless.errors import UsageError
+    from speechless.tokenizer import entries_for_files
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.wav").write_bytes(b"")
+    (tmp_path / "a" / "x.flac").write_bytes(b"")
+    (tmp_path / "y.wav").write_bytes(b"")
+    entries = entries_for_files([tmp_path / "a" / "x.wav", tmp_path / "b" / "x.wav", tmp_path / "y.wav"])
+    assert [e.id for e in entries] == ["a/x", "b/x", "y"]
+    same_folder = entries_for_files([tmp_path / "a" / "x.wav", tmp_path / "a" / "x.flac"])
+    assert [e.id for e in same_folder] == ["x.wav", "x.flac"]
+    with pytest.raises(UsageError, match="given twice"):
+        entries_for_files([tmp_path / "y.wav", tmp_path / "y.wav"])
