@@ -116,9 +116,14 @@ class T2SConfig(Section):
     prediction of a per-speaker duration model fitted on the training data (characters and words -> frames)."""
 
     text_window: int = Field(0, ge=0)
-    """0 = off. W > 0 (needs progress_buckets): every audio step also reads the text token a constant speaking
-    rate puts there (token floor(s x n / T) of n at step s of T frames) and W tokens on each side, each through its own
-    linear map: an alignment prior, so the model reads the text locally."""
+    """0 = off. W > 0: every audio step also reads the text token spoken there (see `alignment`) and W tokens on each
+    side, each through its own linear map, so the model reads the text locally."""
+
+    alignment: Literal["constant_rate", "ctc"] = "constant_rate"
+    """Which text token the text window puts at each frame. 'constant_rate': token floor(s x n / T) of n at step s of
+    T frames (needs progress_buckets). 'ctc': each token's frames in the real training audio, from CTC forced alignment
+    by the judge probe (trained first, on real tokens); a duration predictor (FastSpeech's: two convolutions over the
+    text) learns them, and generation speaks each token for its predicted frames and ends after their sum."""
 
 
 
@@ -178,6 +183,27 @@ class TextEncoder:
 
     def encode(self, text: str, where: str = "text") -> EncodedText:
         """Check and tokenize one text: empty or nothing-known -> UsageError; unseen characters dropped; long -> chunks."""
+        clean, notes = self._clean(text, where)
+        ids = self._ids(clean)
+        if self.unk_id is not None and ids and all(i == self.unk_id for i in ids):
+            raise UsageError(f"{where}: the tokenizer knows none of this text's characters; give text in the training language and script")
+        if not ids:
+            raise UsageError(f"{where}: text gives no tokens")
+        if len(ids) <= self.max_tokens:
+            return EncodedText([ids], notes)
+        chunks = self._split(clean)
+        notes.append(f"text of {len(ids)} tokens is longer than the cap of {self.max_tokens} (model.max_text_tokens): "
+                     f"split at word boundaries into {len(chunks)} chunks, generated one after the other and concatenated")
+        return EncodedText(chunks, notes)
+
+    def spans(self, text: str, where: str = "text") -> tuple[str, list[int], list[tuple[int, int]]]:
+        """The cleaned text, its token ids (one chunk, uncapped) and each token's character span in the cleaned text."""
+        clean, _ = self._clean(text, where)
+        encoding = self.tokenizer.encode(clean, add_special_tokens=False)
+        return clean, encoding.ids, [tuple(o) for o in encoding.offsets]
+
+    def _clean(self, text: str, where: str) -> tuple[str, list[str]]:
+        """NFC/whitespace-normalised text with the case the model knows and unseen characters dropped, plus notes."""
         if not isinstance(text, str):
             raise UsageError(f"{where}: expected a string, got {type(text).__name__}")
         clean = normalize_text(text)
@@ -198,17 +224,7 @@ class TextEncoder:
                                      f"give text in the training language and script")
                 notes.append(f"dropped {len(unseen)} character(s) never seen in training: {shown}")
                 clean = kept
-        ids = self._ids(clean)
-        if self.unk_id is not None and ids and all(i == self.unk_id for i in ids):
-            raise UsageError(f"{where}: the tokenizer knows none of this text's characters; give text in the training language and script")
-        if not ids:
-            raise UsageError(f"{where}: text gives no tokens")
-        if len(ids) <= self.max_tokens:
-            return EncodedText([ids], notes)
-        chunks = self._split(clean)
-        notes.append(f"text of {len(ids)} tokens is longer than the cap of {self.max_tokens} (model.max_text_tokens): "
-                     f"split at word boundaries into {len(chunks)} chunks, generated one after the other and concatenated")
-        return EncodedText(chunks, notes)
+        return clean, notes
 
     def _split(self, text: str) -> list[list[int]]:
         chunks, current = [], ""
@@ -274,6 +290,13 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, guidance: float, eoa
     return guided
 
 
+def scale_durations(durations: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
+    """Token durations (B, Lt) stretched to sum to `totals` (B,) each, rounded on the running sum."""
+    real = durations.float() * (totals.float() / durations.sum(-1).clamp_min(1).float())[:, None]
+    ends = real.cumsum(-1).round().long()
+    return torch.diff(ends, dim=-1, prepend=torch.zeros_like(ends[:, :1]))
+
+
 def progress_buckets(steps: torch.Tensor, frames: torch.Tensor, buckets: int) -> torch.Tensor:
     """Bucket of audio steps `steps` (B, S) in utterances of `frames` (B,) frames: floor(s x (K - 1) / T), so the last
     bucket K - 1 is reached exactly at step T (where level 0 says end-of-audio) and kept after it."""
@@ -281,7 +304,7 @@ def progress_buckets(steps: torch.Tensor, frames: torch.Tensor, buckets: int) ->
     return torch.clamp(steps * last // frames.clamp_min(1)[:, None], max=last)
 
 
-def aligned_text_index(text_mask: torch.Tensor, steps: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+def constant_rate_index(text_mask: torch.Tensor, steps: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     """For audio steps `steps` (B, S) of utterances of `frames` (B,) frames whose text fills the right end of
     `text_mask` (B, Lt) (left padding): the index into the text of the token a constant speaking rate puts at each
     step, floor(s x n / T) counted from the first real token and kept at the last one from step T on."""
@@ -302,10 +325,22 @@ class Batch:
     targets: torch.Tensor  # (B, S, Q) target per step and level; -100 = no loss
     speakers: torch.Tensor  # (B,)
     frames: torch.Tensor  # (B,) frames of each utterance
+    durations: torch.Tensor | None = None  # (B, Lt) frames of each text token (aligned; 0 on padding), or None
+    frame_tokens: torch.Tensor | None = None  # (B, S) index into text_ids of the token spoken at each audio step
 
     def to(self, device) -> Batch:
-        return Batch(*(t.to(device) for t in (self.text_ids, self.text_mask, self.audio_in, self.audio_mask, self.targets,
-                                                self.speakers, self.frames)))
+        return Batch(*(None if t is None else t.to(device) for t in (
+            self.text_ids, self.text_mask, self.audio_in, self.audio_mask, self.targets, self.speakers, self.frames,
+            self.durations, self.frame_tokens)))
+
+
+def frame_token_index(durations: torch.Tensor, steps: int) -> torch.Tensor:
+    """(B, Lt) token durations of left-padded texts -> (B, steps): the index into the row of the token spoken at
+    each frame (frames past the last token's end keep the last token)."""
+    ends = durations.cumsum(-1)  # (B, Lt): a frame f belongs to the first token whose end is > f
+    frames = torch.arange(steps, device=durations.device)
+    index = torch.searchsorted(ends, frames.expand(durations.shape[0], -1).contiguous(), right=True)
+    return index.clamp(max=durations.shape[1] - 1)
 
 
 def delayed_tokens(codes: torch.Tensor, delays: list[int], codebook_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,10 +364,11 @@ def delayed_tokens(codes: torch.Tensor, delays: list[int], codebook_size: int) -
     return inputs, targets
 
 
-def collate(items: list[tuple[list[int], torch.Tensor, int]], delays: list[int], codebook_size: int) -> Batch:
-    """(text_ids, codes (Q, T), speaker) items -> a Batch: text left-padded, audio steps right-padded."""
-    lt = max(len(ids) for ids, _, _ in items)
-    pairs = [delayed_tokens(codes, delays, codebook_size) for _, codes, _ in items]
+def collate(items: list[tuple], delays: list[int], codebook_size: int) -> Batch:
+    """(text_ids, codes (Q, T), speaker[, token durations]) items -> a Batch: text left-padded, audio steps
+    right-padded; with durations (each list summing to T), the aligned token of every step too."""
+    lt = max(len(item[0]) for item in items)
+    pairs = [delayed_tokens(item[1], delays, codebook_size) for item in items]
     sa = max(inp.shape[0] for inp, _ in pairs)
     q = items[0][1].shape[0]
     b = len(items)
@@ -341,15 +377,24 @@ def collate(items: list[tuple[list[int], torch.Tensor, int]], delays: list[int],
     audio_in = torch.full((b, sa, q), codebook_size + 1, dtype=torch.long)
     audio_mask = torch.zeros(b, sa, dtype=torch.long)
     targets = torch.full((b, sa, q), -100, dtype=torch.long)
-    for row, ((ids, _, _), (inp, tgt)) in enumerate(zip(items, pairs)):
+    aligned = len(items[0]) > 3 and items[0][3] is not None
+    durations = torch.zeros(b, lt, dtype=torch.long) if aligned else None
+    for row, (item, (inp, tgt)) in enumerate(zip(items, pairs)):
+        ids = item[0]
         text_ids[row, lt - len(ids):] = torch.tensor(ids, dtype=torch.long)
         text_mask[row, lt - len(ids):] = 1
         audio_in[row, : inp.shape[0]] = inp
         audio_mask[row, : inp.shape[0]] = 1
         targets[row, : tgt.shape[0]] = tgt
-    speakers = torch.tensor([s for _, _, s in items], dtype=torch.long)
-    frames = torch.tensor([codes.shape[1] for _, codes, _ in items], dtype=torch.long)
-    return Batch(text_ids, text_mask, audio_in, audio_mask, targets, speakers, frames)
+        if aligned:
+            if len(item[3]) != len(ids) or sum(item[3]) != item[1].shape[1]:
+                raise UsageError(f"collate: {len(item[3])} durations summing to {sum(item[3])} for {len(ids)} tokens and "
+                                 f"{item[1].shape[1]} frames; durations must give every token its frames")
+            durations[row, lt - len(ids):] = torch.tensor(item[3], dtype=torch.long)
+    speakers = torch.tensor([item[2] for item in items], dtype=torch.long)
+    frames = torch.tensor([item[1].shape[1] for item in items], dtype=torch.long)
+    frame_tokens = frame_token_index(durations, sa) if aligned else None
+    return Batch(text_ids, text_mask, audio_in, audio_mask, targets, speakers, frames, durations, frame_tokens)
 
 
 # ------------------------------------------------------------------------------------------------------------ model
@@ -402,6 +447,37 @@ def pretrained_tokenizer_file(cfg: T2SConfig) -> Path:
                          f"set model.tokenizer to a tokenizer.json file") from exc
 
 
+class DurationPredictor(torch.nn.Module):
+    """FastSpeech's duration predictor: (text embeddings + speaker) -> two 1-D convolutions (kernel 3, ReLU, layer
+    norm, dropout) -> log(1 + frames) of every token. It sees the whole text (both sides of a token)."""
+
+    def __init__(self, hidden: int, speakers: int, dropout: float, width: int = 256):
+        super().__init__()
+        self.inp = torch.nn.Linear(hidden, width)
+        self.speaker = torch.nn.Embedding(max(speakers, 1), width)
+        torch.nn.init.zeros_(self.speaker.weight)
+        self.convs = torch.nn.ModuleList(torch.nn.Conv1d(width, width, 3, padding=1) for _ in range(2))
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(width) for _ in range(2))
+        self.out = torch.nn.Linear(width, 1)
+        self.drop = torch.nn.Dropout(dropout)
+
+    def forward(self, text_embeds: torch.Tensor, text_mask: torch.Tensor, speakers: torch.Tensor) -> torch.Tensor:
+        """(B, Lt, H), (B, Lt), (B,) -> (B, Lt) predicted log(1 + frames)."""
+        keep = text_mask[..., None].to(text_embeds.dtype)
+        x = (self.inp(text_embeds) + self.speaker(speakers)[:, None]) * keep
+        for conv, norm in zip(self.convs, self.norms):
+            x = self.drop(norm(F.relu(conv(x.transpose(1, 2)).transpose(1, 2)))) * keep
+        return self.out(x)[..., 0]
+
+
+def frames_from_log(log_durations: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """Predicted log(1 + frames) (B, Lt) -> whole frames per token (0 on padding), rounded so that each row's total
+    is the rounded sum of the real-valued durations (rounding token by token would add up its errors)."""
+    real = (log_durations.float().exp() - 1).clamp_min(0) * text_mask
+    ends = real.cumsum(-1).round().long()
+    return torch.diff(ends, dim=-1, prepend=torch.zeros_like(ends[:, :1]))
+
+
 class T2SModel(torch.nn.Module):
     """Backbone + summed level embeddings in + per-level heads out; see the module docstring."""
 
@@ -433,14 +509,20 @@ class T2SModel(torch.nn.Module):
             torch.nn.init.normal_(self.speaker_embed.weight, std=0.02)
         self.progress_embed = None
         if cfg.progress_buckets:
-            if duration is None:
+            if duration is None and cfg.alignment == "constant_rate":
                 raise UsageError("model.progress_buckets needs a duration model: build the model from training data with frames")
             self.progress_embed = torch.nn.Embedding(cfg.progress_buckets, hidden)
             torch.nn.init.normal_(self.progress_embed.weight, std=0.02)
         self.text_window_proj = None
+        self.duration_predictor = None
+        if cfg.alignment == "ctc":
+            if not cfg.text_window:
+                raise UsageError("model.alignment 'ctc' places the text window: set model.text_window > 0")
+            self.duration_predictor = DurationPredictor(hidden, len(self.speakers), cfg.dropout)
         if cfg.text_window:
-            if not cfg.progress_buckets:
-                raise UsageError("model.text_window needs model.progress_buckets > 0 (it places the text by the utterance's length)")
+            if cfg.alignment == "constant_rate" and not cfg.progress_buckets:
+                raise UsageError("model.text_window with model.alignment 'constant_rate' needs model.progress_buckets > 0 "
+                                 "(it places the text by the utterance's length)")
             self.text_window_proj = torch.nn.Linear((2 * cfg.text_window + 1) * hidden, hidden, bias=False)
             torch.nn.init.normal_(self.text_window_proj.weight, std=0.02 / math.sqrt(2 * cfg.text_window + 1))
         self.head_norm = torch.nn.LayerNorm(hidden)
@@ -492,9 +574,10 @@ class T2SModel(torch.nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _audio_embeds(self, tokens: torch.Tensor, speakers: torch.Tensor, steps: torch.Tensor, frames: torch.Tensor,
-                      text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+                      text_ids: torch.Tensor, text_mask: torch.Tensor, frame_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S, Q) tokens of audio steps `steps` (B, S) of utterances of `frames` (B,) frames -> (B, S, H): the sum of
-        one embedding per level (+ speaker, + progress, + the text window of cfg.text_window)."""
+        one embedding per level (+ speaker, + progress, + the text window of cfg.text_window around the token spoken at
+        each step: `frame_tokens` (B, S) with alignment 'ctc', the constant-rate token otherwise)."""
         codes = self.level_embed(tokens + self.level_offsets)
         if self.training and self.cfg.code_dropout:
             codes = codes * (torch.rand(codes.shape[:-1], device=codes.device) >= self.cfg.code_dropout)[..., None]
@@ -504,14 +587,17 @@ class T2SModel(torch.nn.Module):
         if self.progress_embed is not None:
             emb = emb + self.progress_embed(progress_buckets(steps, frames, self.progress_embed.num_embeddings))
         if self.text_window_proj is not None:
-            emb = emb + self._text_window(text_ids, text_mask, steps, frames)
+            if frame_tokens is None:
+                frame_tokens = constant_rate_index(text_mask, steps, frames)
+            emb = emb + self._text_window(text_ids, text_mask, frame_tokens)
         return self.dropout(emb)
 
-    def _text_window(self, text_ids: torch.Tensor, text_mask: torch.Tensor, steps: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        """(B, S, H): the text embeddings around each step's aligned token (see T2SConfig.text_window), mapped to H."""
+    def _text_window(self, text_ids: torch.Tensor, text_mask: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
+        """(B, S, H): the text embeddings around each step's token `window_index` (B, S) (see T2SConfig.text_window),
+        mapped to H."""
         width = self.cfg.text_window
-        offsets = torch.arange(-width, width + 1, device=steps.device)
-        index = aligned_text_index(text_mask, steps, frames)[..., None] + offsets  # (B, S, 2W + 1)
+        offsets = torch.arange(-width, width + 1, device=window_index.device)
+        index = window_index[..., None] + offsets  # (B, S, 2W + 1)
         first = (text_mask.shape[1] - text_mask.sum(-1))[:, None, None]
         inside = (index >= first) & (index < text_mask.shape[1])
         index = index.clamp(0, text_mask.shape[1] - 1)
@@ -554,7 +640,8 @@ class T2SModel(torch.nn.Module):
     def _teacher_forced(self, batch: Batch, text_mask: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, Lt + S, H) of the text (the tokens of `text_mask`) and the audio steps reading the real
         codes of `batch.audio_in` (B, S, Q)."""
-        embeds = torch.cat([self._text_embeds(batch.text_ids), self._audio_embeds(batch.audio_in, batch.speakers, steps, batch.frames, batch.text_ids, text_mask)], 1)
+        embeds = torch.cat([self._text_embeds(batch.text_ids), self._audio_embeds(
+            batch.audio_in, batch.speakers, steps, batch.frames, batch.text_ids, text_mask, batch.frame_tokens)], 1)
         mask = torch.cat([text_mask, batch.audio_mask], 1)
         positions = torch.cat([self._text_positions(text_mask), self._audio_positions(text_mask, steps)], 1)
         return self._run(embeds, mask, positions)[0]
@@ -582,7 +669,20 @@ class T2SModel(torch.nn.Module):
         level_count = counted.sum(0)
         level_loss = level_sum / level_count.clamp_min(1)
         loss = (level_loss * self.level_weights).mean()
-        return {"loss": loss, "level_loss": level_loss.detach(), "level_count": level_count.detach()}
+        out = {"loss": loss, "level_loss": level_loss.detach(), "level_count": level_count.detach()}
+        if self.duration_predictor is not None:
+            if batch.durations is None:
+                raise UsageError("model.alignment 'ctc': training items need token durations (the aligned frames of each token)")
+            predicted = self.duration_predictor(self._text_embeds(batch.text_ids), batch.text_mask, batch.speakers).float()
+            real = batch.text_mask.bool()
+            duration_loss = F.mse_loss(predicted[real], torch.log1p(batch.durations[real].float()))
+            out.update(loss=loss + duration_loss, duration_loss=duration_loss.detach(), duration_count=real.sum().detach())
+        return out
+
+    def predict_durations(self, text_ids: torch.Tensor, text_mask: torch.Tensor, speakers: torch.Tensor) -> torch.Tensor:
+        """(B, Lt) whole frames of every token of left-padded texts (alignment 'ctc'), 0 on padding."""
+        log_d = self.duration_predictor(self._text_embeds(text_ids), text_mask, speakers)
+        return frames_from_log(log_d, text_mask)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -619,11 +719,22 @@ class T2SModel(torch.nn.Module):
             tids[row, lt - len(ids):] = torch.tensor(ids, device=device)
             tmask[row, lt - len(ids):] = 1
         spk = torch.tensor(speakers if speakers is not None else [0] * b, dtype=torch.long, device=device)
-        if target_frames is None and self.progress_embed is not None:
+        table = forced_end = None
+        if self.duration_predictor is not None:  # every token spoken for its predicted frames; the end follows
+            durations = self.predict_durations(tids, tmask, spk)
+            if target_frames is not None:
+                durations = scale_durations(durations, torch.tensor(target_frames, device=device))
+            durations[:, -1] += (durations.sum(-1) < 1).long()  # at least one frame
+            predicted = durations.sum(-1)
+            target_frames = predicted.tolist()
+            forced_end = predicted.clamp(max=max_frames)
+            table = frame_token_index(durations, max_frames + dmax + 2)
+        elif target_frames is None and self.progress_embed is not None:
             target_frames = [self.predict_frames(ids, int(s)) for ids, s in zip(text_ids, spk.tolist())]
         frames_t = torch.tensor(target_frames or [1] * b, dtype=torch.long, device=device).clamp(1, max_frames)
         if guided:  # rows b.. are the same rows without their text
             tids, tmask, spk, frames_t = torch.cat([tids, tids]), torch.cat([tmask, torch.zeros_like(tmask)]), spk.repeat(2), frames_t.repeat(2)
+            table = table.repeat(2, 1) if table is not None else None
         mb = tids.shape[0]  # rows the model runs
         delay_t = torch.tensor(delays, device=device)
         step_tokens = torch.full((mb, 1, q), self.boa, dtype=torch.long, device=device)
@@ -638,10 +749,14 @@ class T2SModel(torch.nn.Module):
 
             past = DynamicCache(config=self.lm.config)
         first = torch.zeros(mb, 1, dtype=torch.long, device=device)
-        hidden, past = self._run(torch.cat([prefix, self._audio_embeds(step_tokens, spk, first, frames_t, tids, tmask)], 1), mask, positions, past)
+        at = (lambda lo, hi: table[:, lo:hi]) if table is not None else (lambda lo, hi: None)
+        hidden, past = self._run(torch.cat([prefix, self._audio_embeds(step_tokens, spk, first, frames_t, tids, tmask, at(0, 1))], 1),
+                                 mask, positions, past)
         codes = torch.zeros(b, q, max_frames, dtype=torch.long, device=device)
         end = torch.full((b,), -1, dtype=torch.long, device=device)  # frames of each row once level 0 said EOA
         capped = torch.zeros(b, dtype=torch.bool, device=device)
+        if forced_end is not None:
+            capped |= predicted > max_frames
         rows = torch.arange(b, device=device)
         step = 0
         while True:
@@ -653,7 +768,11 @@ class T2SModel(torch.nn.Module):
             logits[:, 1:, self.eoa] = -math.inf
             if step < min_frames:
                 logits[:, 0, self.eoa] = -math.inf
+            if forced_end is not None:
+                logits[:, 0, self.eoa] = torch.where(step < forced_end, -math.inf, logits[:, 0, self.eoa])
             tokens = self._pick(logits, temperature, top_k, generator)  # (B, Q)
+            if forced_end is not None:
+                tokens[:, 0] = torch.where(step == forced_end, self.eoa, tokens[:, 0])
             ended = end >= 0
             newly = (~ended) & (tokens[:, 0] == self.eoa)
             at_cap = (~ended) & (~newly) & (step >= max_frames)
@@ -680,11 +799,13 @@ class T2SModel(torch.nn.Module):
             mask = torch.cat([mask, torch.ones(mb, 1, dtype=torch.long, device=device)], 1)
             if use_cache:
                 positions = positions[:, -1:] + 1
-                hidden, past = self._run(self._audio_embeds(step_tokens, spk, first + step, frames_t, tids, tmask), mask, positions, past)
+                hidden, past = self._run(self._audio_embeds(step_tokens, spk, first + step, frames_t, tids, tmask, at(step, step + 1)),
+                                         mask, positions, past)
             else:
                 steps_so_far = torch.arange(step + 1, device=device).expand(mb, -1)
                 positions = torch.cat([text_pos, self._audio_positions(tmask, steps_so_far)], 1)
-                embeds = torch.cat([prefix, self._audio_embeds(torch.cat(all_inputs, 1), spk, steps_so_far, frames_t, tids, tmask)], 1)
+                embeds = torch.cat([prefix, self._audio_embeds(torch.cat(all_inputs, 1), spk, steps_so_far, frames_t, tids, tmask,
+                                                                at(0, step + 1))], 1)
                 hidden, _ = self._run(embeds, mask, positions)
         out = [codes[row, :, : int(end[row])].cpu() for row in range(b)]
         return out, capped.cpu().tolist()

@@ -25,6 +25,7 @@ from speechless import distributed, log
 from speechless.config import Section, to_yaml
 from speechless.errors import UsageError
 from speechless.generate import WEIGHT_FILES, GenerateConfig
+from speechless.align import align_durations, proportional_durations
 from speechless.io import read_json, sha256_file, write_json, write_text
 from speechless.probe import CTCProbe, ProbeConfig, train_probe
 from speechless.roundtrip import EvalConfig, round_trip
@@ -102,14 +103,31 @@ class Stage2Config(Section):
 
 # ---------------------------------------------------------------------------------------------------------- training
 
-def _items(rows: list[dict], model: T2SModel, speakers: dict[str, str]) -> list[tuple[list[int], torch.Tensor, int]]:
+def _items(rows: list[dict], model: T2SModel, speakers: dict[str, str], durations: list[list[int]] | None = None) -> list[tuple]:
+    """(text ids, codes, speaker index, token durations or None) per row."""
     items = []
-    for row in rows:
+    for k, row in enumerate(rows):
         encoded = model.text.encode(row["text"], where=f"utterance {row['id']}")
         ids = [i for chunk in encoded.chunks for i in chunk][: model.cfg.max_text_tokens]
         spk = model.speakers.index(speakers[row["id"]]) if model.speaker_embed is not None and row["id"] in speakers else 0
-        items.append((ids, row_codes(row), spk))
+        codes = row_codes(row)
+        spoken = None
+        if durations is not None:
+            spoken = durations[k] if len(durations[k]) == len(ids) else proportional_durations(len(ids), codes.shape[1])
+        items.append((ids, codes, spk, spoken))
     return items
+
+
+def align_text(model: T2SModel, probe: CTCProbe, rows: list[dict], split: str) -> list[list[int]]:
+    """The frames of every text token of real utterances, by CTC forced alignment with the judge (alignment 'ctc')."""
+    spans = [model.text.spans(row["text"], where=f"utterance {row['id']}") for row in rows]
+    durations, failed = align_durations(probe, [(clean, offsets, row_codes(row)) for (clean, _, offsets), row in zip(spans, rows)])
+    if failed:
+        log.warn(f"alignment: {failed} of {len(rows)} '{split}' utterances could not be aligned (too few frames for the "
+                 f"transcript, or characters the judge never saw); they use a constant speaking rate")
+    mean = sum(len(d) for d in durations) / max(len(durations), 1)
+    log.info(f"aligned {len(rows) - failed} '{split}' utterances by CTC ({mean:.1f} tokens each)")
+    return durations
 
 
 @torch.no_grad()
@@ -118,6 +136,7 @@ def eval_loss(model: T2SModel, items: list, batch_size: int, device: torch.devic
     model.eval()
     sums = torch.zeros(model.num_levels, dtype=torch.float64)
     counts = torch.zeros(model.num_levels, dtype=torch.float64)
+    dur_sum, dur_count = 0.0, 0
     order = sorted(range(len(items)), key=lambda i: items[i][1].shape[1])
     for start in range(0, len(order), batch_size):
         batch = collate([items[i] for i in order[start:start + batch_size]], model.delays, model.codebook_size).to(device)
@@ -125,8 +144,15 @@ def eval_loss(model: T2SModel, items: list, batch_size: int, device: torch.devic
             out = model.loss(batch)
         sums += (out["level_loss"].double() * out["level_count"].double()).cpu()
         counts += out["level_count"].double().cpu()
+        if "duration_loss" in out:
+            dur_sum += float(out["duration_loss"]) * int(out["duration_count"])
+            dur_count += int(out["duration_count"])
     level = (sums / counts.clamp_min(1)).tolist()
-    return {"loss": sum(level) / len(level), "level_loss": [round(v, 4) for v in level]}
+    result = {"loss": sum(level) / len(level), "level_loss": [round(v, 4) for v in level]}
+    if dur_count:  # the duration predictor's squared error in log(1 + frames), added to the loss as in training
+        result["duration_loss"] = round(dur_sum / dur_count, 4)
+        result["loss"] += dur_sum / dur_count
+    return result
 
 
 def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_items: list, out: Path, work: Path) -> dict:
@@ -174,7 +200,7 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
             optimizer.step()
             step += 1
             state["train_seconds"] += time.time() - tick
-            state["frames"] += int(sum(codes.shape[1] for _, codes, _ in picked))
+            state["frames"] += int(sum(item[1].shape[1] for item in picked))
             loss = distributed.all_reduce_mean(float(result["loss"].detach()))
             if not job.is_main:  # rank 0 alone evaluates, logs and saves
                 bar.advance(task)
@@ -260,8 +286,19 @@ def train(cfg: Stage2Config) -> dict:
                         stage1.record(), seed=cfg.run.seed, train_frames=[r["frames"] for r in rows["train"]],
                         train_speakers=[speakers.get(r["id"], "") for r in rows["train"]])
 
+    # The judge (a CTC probe on real train tokens): with alignment 'ctc' it first aligns the text to the real frames.
+    durations = {"train": None, "eval": None}
+    if cfg.model.alignment == "ctc":
+        if job.is_main:
+            train_judge(cfg, stage1, rows["train"], out / "probe")
+        distributed.barrier()  # the other ranks load the judge rank 0 trained
+        probe, _ = train_judge(cfg, stage1, rows["train"], out / "probe")
+        durations = {part: align_text(model, probe, rows[part], split) for part, split in
+                     (("train", cfg.data.train_split), ("eval", cfg.data.eval_split))}
+
     # Train.
-    state = train_model(cfg, model, _items(rows["train"], model, speakers), _items(rows["eval"], model, speakers), out, work)
+    state = train_model(cfg, model, _items(rows["train"], model, speakers, durations["train"]),
+                        _items(rows["eval"], model, speakers, durations["eval"]), out, work)
     if not job.is_main:  # torchrun job: rank 0 evaluates and writes the checkpoint
         return {"out_dir": str(out), "eval": None, "pushed": None, "revision": None, "stage1": stage1.record(), "rank": job.rank}
     model.save(out, WEIGHT_FILES["final"])

@@ -251,3 +251,19 @@ def test_speakers_come_only_from_the_manifest_stage1_read(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path / "there")
     assert speaker_map(stage1) == {}
     assert "not the manifest stage 1 read" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_ctc_alignment_run_aligns_the_text_and_generates_the_predicted_lengths(base, tmp_path):
+    """model.alignment ctc: the judge is trained first, aligns every training text to its real frames, and the
+    model learns those durations (eval loss carries the duration term) and generates them."""
+    out = tmp_path / "aligned"
+    cfg = load_config(Stage2Config, None, overrides(base, out, "run.push=false", "model.alignment=ctc", "model.text_window=1",
+                                                    "generate.max_seconds=10"))
+    summary = train(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_loss"]["duration_loss"] >= 0
+    assert metrics["eval_loss"]["loss"] > sum(metrics["eval_loss"]["level_loss"]) / 4  # the duration term is part of it
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["alignment"] == "ctc"
+    assert summary["eval"]["duration"]["capped"] == 0 and summary["eval"]["duration"]["generated_frames_mean"] > 0
+    assert (out / "probe" / "model.safetensors").is_file()

@@ -63,7 +63,16 @@ import pytest
 import torch
 
 from speechless.errors import UsageError
-from speechless.t2s import T2SConfig, T2SModel, build_model, collate, delayed_tokens, delays_for, guided_logits
+from speechless.t2s import (
+    T2SConfig,
+    T2SModel,
+    build_model,
+    collate,
+    constant_rate_index,
+    delayed_tokens,
+    delays_for,
+    guided_logits,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -232,11 +241,9 @@ def test_progress_buckets_reach_the_last_exactly_at_the_end():
     assert bool((buckets[:, :-1] <= buckets[:, 1:]).all())
 
 
-def test_aligned_text_index_walks_the_text_at_a_constant_rate_with_left_padding():
-    from speechless.t2s import aligned_text_index
-
+def test_constant_rate_index_walks_the_text_at_a_constant_rate_with_left_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # 4 and 6 text tokens, left-padded
-    index = aligned_text_index(mask, torch.arange(10).expand(2, -1), torch.tensor([8, 3]))
+    index = constant_rate_index(mask, torch.arange(10).expand(2, -1), torch.tensor([8, 3]))
     assert index[0].tolist() == [2, 2, 3, 3, 4, 4, 5, 5, 5, 5]  # floor(s * 4 / 8) after 2 pads; the last token from step 8
     assert index[1].tolist() == [0, 2, 4, 5, 5, 5, 5, 5, 5, 5]
 
@@ -246,10 +253,11 @@ def test_text_window_reads_the_aligned_text_and_needs_progress(tmp_path):
     ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     steps, frames = torch.arange(6).expand(2, -1), torch.tensor([6, 6])
-    window = model._text_window(ids, mask, steps, frames)
+    index = constant_rate_index(mask, steps, frames)
+    window = model._text_window(ids, mask, index)
     other = ids.clone()
     other[0, 3] = 12  # the last token of row 0: read only by the steps whose window reaches it (aligned index >= 2)
-    changed = (model._text_window(other, mask, steps, frames) - window).abs().sum(-1) > 0
+    changed = (model._text_window(other, mask, index) - window).abs().sum(-1) > 0
     assert changed[0].tolist() == [False, False, True, True, True, True] and not bool(changed[1].any())
     with pytest.raises(UsageError, match="progress_buckets"):
         tiny_model(tmp_path, text_window=1)
