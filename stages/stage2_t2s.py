@@ -22,10 +22,10 @@ import torch
 from pydantic import Field
 
 from speechless import distributed, log
+from speechless.align import align_durations, proportional_durations
 from speechless.config import Section, to_yaml
 from speechless.errors import UsageError
 from speechless.generate import WEIGHT_FILES, GenerateConfig
-from speechless.align import align_durations, proportional_durations
 from speechless.io import read_json, sha256_file, write_json, write_text
 from speechless.probe import CTCProbe, ProbeConfig, train_probe
 from speechless.roundtrip import EvalConfig, round_trip

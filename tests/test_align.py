@@ -9,7 +9,15 @@ import torch
 from speechless.align import ctc_viterbi, probe_char_map, proportional_durations, token_durations
 from speechless.errors import UsageError
 from speechless.probe import probe_text
-from speechless.t2s import T2SConfig, T2SModel, build_model, collate, frame_token_index, frames_from_log, scale_durations
+from speechless.t2s import (
+    T2SConfig,
+    T2SModel,
+    build_model,
+    collate,
+    frame_token_index,
+    frames_from_log,
+    scale_durations,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,7 +46,7 @@ def test_viterbi_finds_the_best_path_of_the_transcript(seed, targets, slots):
             score = float(sum(log_probs[t, s] for t, s in enumerate(path)))
             if score > best_score:
                 best, best_score = path, score
-    firsts, k, prev = [], 0, 0
+    firsts, prev = [], 0
     for t, sym in enumerate(best):
         if sym != 0 and sym != prev:
             firsts.append(t)
