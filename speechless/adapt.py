@@ -18,6 +18,7 @@ import json
 import math
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -419,6 +420,32 @@ def evaluate(model: SpeechLM, rows: list[dict], clips: dict[str, list[torch.Tens
         idx = [i for i, r in enumerate(rows) if r["task"] == task]
         result[task] = score_task(task, rows[idx[0]]["closed"], [hyps[i] for i in idx], [answer(rows[i]) for i in idx])
         result[task]["examples"] = [{"id": rows[i]["id"], "reference": answer(rows[i]), "answer": hyps[i]} for i in idx[:3]]
+    return result
+
+
+def no_listening_baselines(train_rows: list[dict], eval_rows: list[dict], condition: dict[str, str] | None = None,
+                           condition_name: str = "label") -> dict:
+    """What the closed tasks score without listening, on `eval_rows`: always the commonest answer to that task in
+    `train_rows` ('commonest_answer'); and with `condition` ({conversation id: a label known without the speech},
+    e.g. the sentence's verb in the demo task set) the commonest training answer for that label, the overall one for
+    a label never seen ('commonest_answer_for_<name>'). Scored like the models (exact match after normalising)."""
+    result: dict[str, dict] = {}
+    for task in sorted({r["task"] for r in eval_rows if r.get("closed")}):
+        train = [r for r in train_rows if r["task"] == task]
+        held = [r for r in eval_rows if r["task"] == task]
+        if not train:
+            continue
+        overall = Counter(normalize(answer(r)) for r in train).most_common(1)[0][0]
+        refs = [normalize(answer(r)) for r in held]
+        scores = {"n": len(held), "commonest_answer": round(sum(ref == overall for ref in refs) / len(held), 4)}
+        if condition:
+            by_label: dict[str, Counter] = {}
+            for r in train:
+                by_label.setdefault(condition.get(r["id"], ""), Counter())[normalize(answer(r))] += 1
+            guess = [by_label[condition.get(r["id"], "")].most_common(1)[0][0] if condition.get(r["id"], "") in by_label else overall
+                     for r in held]
+            scores[f"commonest_answer_for_{condition_name}"] = round(sum(g == ref for g, ref in zip(guess, refs)) / len(held), 4)
+        result[task] = scores
     return result
 
 

@@ -145,3 +145,17 @@ def demo_conversations(sentences_path: Path, manifest_rows: list[dict], split: s
                     {"role": "user", "content": [{"type": "text", "text": instruction + "\n"}, speech]},
                     {"role": "assistant", "content": reply}]})
     return rows
+
+
+def demo_labels(sentences_path: Path, manifest_rows: list[dict], rows: list[dict], field: str) -> dict[str, str]:
+    """{conversation id: the `field` (e.g. 'verb') of the sentence its speech says} for demo task-set conversations:
+    what a guesser that hears one word could condition on (see `adapt.no_listening_baselines`)."""
+    sentences = {row["sentence_id"]: row for _, row in read_jsonl(sentences_path, "sentences file")}
+    sentence_of = {utt["id"]: utt.get("sentence_id") for utt in manifest_rows}
+    labels = {}
+    for row in rows:
+        parts = speech_parts(row)
+        sentence = sentences.get(sentence_of.get(parts[0].get("utterance"))) if parts else None
+        if sentence and sentence.get(field):
+            labels[row["id"]] = str(sentence[field])
+    return labels

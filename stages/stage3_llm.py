@@ -34,6 +34,7 @@ from speechless.adapt import (
     evaluate,
     load_base,
     manifest_rows,
+    no_listening_baselines,
     perplexity,
     pretrain_base,
     quantized,
@@ -49,7 +50,7 @@ from speechless.config import Section, to_yaml
 from speechless.encoder import EncoderConfig
 from speechless.errors import UsageError
 from speechless.generate import GenerateConfig
-from speechless.instructions import DEMO_TASKS, demo_conversations, read_conversations
+from speechless.instructions import DEMO_TASKS, demo_conversations, demo_labels, read_conversations
 from speechless.io import read_json, sha256_file, write_json, write_jsonl, write_text
 from speechless.llm import AdapterConfig, BaseConfig, SpeechLM
 from speechless.runs import RunConfig, config_fingerprint, utc_now
@@ -147,6 +148,8 @@ class Setup:
     encoder_sha: str
     train_rows: list[dict]
     eval_rows: list[dict]
+    baselines: dict
+    """What each closed task scores without listening (see `adapt.no_listening_baselines`)."""
 
 
 def setup(cfg: Stage3Config, work: Path) -> Setup:
@@ -171,7 +174,10 @@ def setup(cfg: Stage3Config, work: Path) -> Setup:
         write_jsonl(work / "data" / "train.jsonl", train_rows)
         write_jsonl(work / "data" / "eval.jsonl", eval_rows)
     log.info(f"conversations: {len(train_rows)} train, {len(eval_rows)} held-out")
-    return Setup(stage1, rvq, encoder_cfg, encoder_sha, train_rows, eval_rows)
+    # the demo task set also knows each sentence's verb: the commonest answer for the verb is what hearing one word buys
+    verbs = demo_labels(sentences, manifest, train_rows + eval_rows, "verb") if need_demo else None
+    baselines = no_listening_baselines(train_rows, eval_rows, verbs, "verb")
+    return Setup(stage1, rvq, encoder_cfg, encoder_sha, train_rows, eval_rows, baselines)
 
 
 def speech_sources(cfg: Stage3Config, s: Setup, work: Path) -> tuple[dict[str, dict], dict]:
@@ -229,10 +235,10 @@ def evaluate_variant(cfg: Stage3Config, s: Setup, model: SpeechLM, history: list
     return result
 
 
-def summarize(variants: dict, base_text: dict, main_name: str, kinds: list[str]) -> dict:
+def summarize(variants: dict, base_text: dict, main_name: str, kinds: list[str], baselines: dict) -> dict:
     """The figures of the closing note: per adapter kind the ratio of synthetic-speech scores to the real-speech
-    topline's (when compared), and the table of every variant."""
-    summary: dict = {"main": main_name}
+    topline's (when compared), the closed tasks' no-listening baselines, and the table of every variant."""
+    summary: dict = {"main": main_name, "no_listening_baselines": baselines}
     if any(name.startswith(TOPLINE + "/") for name in variants):
         summary["topline_comparison"] = {kind: ratio_to_topline(variants[f"{SYNTHETIC}/{kind}"]["speech"], variants[f"{TOPLINE}/{kind}"]["speech"])
                                          for kind in kinds}
@@ -290,7 +296,7 @@ def train(cfg: Stage3Config) -> dict:
             variants[name]["seconds"] = round(time.time() - t0, 1)
             log.info(f"{name}: " + ", ".join(f"{t} {v['score']:.3f}" for t, v in variants[name]["speech"].items()))
 
-    summary = summarize(variants, base_text, main_name, kinds)
+    summary = summarize(variants, base_text, main_name, kinds, s.baselines)
     if not job.is_main:  # torchrun job: rank 0 writes, pushes and reports
         distributed.barrier()
         return {"out_dir": str(out), "eval": None, "pushed": None, "rank": job.rank}

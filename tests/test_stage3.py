@@ -255,14 +255,14 @@ def test_topline_summary_names_what_was_compared_and_reports_ratios_per_task():
 
     variants = {"synthetic_speech/lora": variant(scores(0.5, 0.38), scores(0.5, 0.45)),
                 "real_speech_topline/lora": variant(scores(0.5, 0.49), scores(0.4, 0.0))}
-    summary = summarize(variants, scores(0.9, 1.0), "synthetic_speech/lora", ["lora"])
+    summary = summarize(variants, scores(0.9, 1.0), "synthetic_speech/lora", ["lora"], {})
     native, stage1 = summary["topline_comparison"]["lora"], summary["topline_comparison_quantized"]["lora"]
     assert native["asr"] == {"metric": "1-CER", "synthetic_speech": 0.5, "real_speech_topline": 0.5, "ratio_to_topline": 1.0}
     assert native["where"]["ratio_to_topline"] == round(0.38 / 0.49, 4)
     assert stage1["asr"]["real_speech_topline"] == 0.4 and stage1["asr"]["ratio_to_topline"] == 1.25
     assert stage1["where"]["ratio_to_topline"] is None  # a topline at 0: no ratio
     assert "meets_0.9" not in json.dumps(summary)  # the product reports ratios; the docs judge them
-    alone = summarize({"synthetic_speech/lora": variants["synthetic_speech/lora"]}, scores(0.9, 1.0), "synthetic_speech/lora", ["lora"])
+    alone = summarize({"synthetic_speech/lora": variants["synthetic_speech/lora"]}, scores(0.9, 1.0), "synthetic_speech/lora", ["lora"], {})
     assert "topline_comparison" not in alone and list(alone["adapters"]) == ["synthetic_speech/lora"]
 
 
@@ -375,3 +375,21 @@ def test_stage3_eval_scores_a_conversation_file_of_real_speech(setup, tmp_path, 
         {"role": "user", "content": [{**speech, "audio": "audio/nope.wav"}]}, {"role": "assistant", "content": "x"}]}])
     result = cli("stage3", "eval", "--model", run, "--conversations", missing)
     assert result.exit_code == 2 and "missing.jsonl:1: messages[0].content[0].audio" in result.stderr and "nope.wav not found" in result.stderr
+
+
+def test_no_listening_baselines_guess_the_commonest_answer_overall_and_per_label():
+    from speechless.adapt import no_listening_baselines
+
+    def row(i, task, reply, closed=True):
+        return {"id": f"{i}/{task}", "task": task, "closed": closed,
+                "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply}]}
+
+    train = [row(0, "where", "Shuleni."), row(1, "where", "shuleni"), row(2, "where", "sokoni"), row(3, "where", "sokoni"),
+             row(4, "where", "sokoni"), row(5, "asr", "x", closed=False)]
+    held = [row(10, "where", "shuleni"), row(11, "where", "sokoni"), row(12, "where", "nyumbani"), row(13, "asr", "y", False)]
+    verbs = {"0/where": "soma", "1/where": "soma", "2/where": "pika", "3/where": "pika", "4/where": "pika",
+             "10/where": "soma", "11/where": "pika", "12/where": "imba"}  # 'imba' never seen: the overall guess
+    result = no_listening_baselines(train, held, verbs, "verb")
+    assert set(result) == {"where"}  # open tasks have no guessing baseline
+    assert result["where"] == {"n": 3, "commonest_answer": round(1 / 3, 4), "commonest_answer_for_verb": round(2 / 3, 4)}
+    assert no_listening_baselines(train, held)["where"] == {"n": 3, "commonest_answer": round(1 / 3, 4)}
