@@ -77,8 +77,15 @@ def test_full_run_outputs_and_metrics(finished):
     provenance = json.loads((finished / "stage2" / "provenance.json").read_text())
     assert provenance["stage1"]["revision"] == state["steps"]["stage1"]["revision"]
     page = (finished / "report" / "index.html").read_text()
-    for image in ("stage1_loss.png", "stage1_utilization.png", "stage1_code_usage.png", "stage2_probe_cer.png", "stage2_duration.png"):
+    for image in ("stage1_loss.png", "stage1_utilization.png", "stage1_code_usage.png", "stage2_probe_cer.png", "stage2_duration.png",
+                  "stage3_tasks.png"):
         assert image in page and (finished / "report" / image).stat().st_size > 1000, image
+    # the page opens with one line per step: its headline figure and the bar it meets or misses
+    summary = page.split("<h2>Summary</h2>")[1].split("<h2>")[0]
+    for step in ("stage 1", "stage 2 judge", "stage 2 round trip", "stage 3"):
+        assert f"<td>{step}" in summary, step
+    assert "meets" in summary or "misses" in summary
+    assert "without listening" in page  # the closed tasks' guessing baselines beside the scores
 
 
 def test_second_run_skips_every_step(cli, finished, pipeline_config):
@@ -176,8 +183,9 @@ def test_report_renders_in_headless_chromium(cli, finished):
 
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[0] > 500 and pixels.shape[1] > 500
-    rows_with_content = (pixels[..., :3].std(axis=1).mean(axis=1) > 0.01).sum()
-    assert rows_with_content > 200  # text and plots drawn, not a blank page
+    content = pixels[..., :3].std(axis=1).mean(axis=1) > 0.01
+    assert content.sum() > 200  # text and plots drawn, not a blank page
+    assert content[int(len(content) * 0.8):].any()  # the page fills the shot: no empty bottom half
 
 
 def test_report_of_a_missing_folder_is_a_usage_error(cli, tmp_path):
