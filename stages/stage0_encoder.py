@@ -24,7 +24,7 @@ from pydantic import Field
 
 from speechless import log
 from speechless.config import Section, to_yaml
-from speechless.data.manifest import manifest_sha256, manifest_splits
+from speechless.data.manifest import joined, manifest_sha256, manifest_splits
 from speechless.encoder import weights_sha256
 from speechless.encoder_ctc import (
     CTCEncoder,
@@ -119,7 +119,7 @@ def _load_splits(cfg: EncoderPretrainConfig) -> tuple[list, list]:
     train = [e for e in by_split[cfg.data.train_split] if e.duration <= cfg.data.max_seconds]
     if not train:
         raise UsageError(f"{cfg.data.manifest}: no train utterance of at most data.max_seconds={cfg.data.max_seconds} s")
-    return train, by_split[cfg.data.eval_split][: cfg.data.max_eval_utterances]
+    return train, joined(by_split, cfg.data.eval_split)[: cfg.data.max_eval_utterances]
 
 
 def _unit_sequences(cfg: EncoderPretrainConfig, texts: list[str]) -> list[list[str]]:

@@ -23,7 +23,7 @@ import torch
 
 from speechless import distributed, log
 from speechless.config import Section, to_yaml
-from speechless.data.manifest import manifest_sha256, manifest_splits
+from speechless.data.manifest import joined, manifest_sha256, manifest_splits
 from speechless.encoder import EncoderConfig, load_encoder, weights_sha256
 from speechless.features import extract_to_cache, read_cache
 from speechless.io import read_json, sha256_file, write_json, write_text
@@ -42,8 +42,8 @@ class DataConfig(Section):
     train_split: str = "train"
     """Split whose audio trains the RVQ."""
     eval_split: str = "dev"
-    """Held-out split for evaluation and best-checkpoint selection (>= 10 x codebook_size frames for a meaningful
-    utilization: 20k frames = 800 s of audio for 2048 codes)."""
+    """Held-out split for evaluation and best-checkpoint selection; several joined by '+' ('dev+test'). It needs
+    >= 10 x codebook_size frames for a meaningful utilization: 20k frames = 800 s of audio for 2048 codes."""
 
 
 class FeaturesConfig(Section):
@@ -112,7 +112,7 @@ def extract_features(cfg: Stage1Config, splits: dict[str, list], encoder, work: 
         paths = extract_to_cache(entries, encoder, cfg.encoder, work / "features" / split, cfg.features.shard_size)
         utterances[split] = read_cache(paths)
     train_vectors = _stack(utterances[cfg.data.train_split], cfg.features.max_train_vectors, cfg.run.seed)
-    eval_vectors = _stack(utterances[cfg.data.eval_split], None, cfg.run.seed)
+    eval_vectors = _stack(joined(utterances, cfg.data.eval_split), None, cfg.run.seed)
     log.info(f"features: {len(train_vectors)} train frames, {len(eval_vectors)} eval frames, dim {train_vectors.shape[1]}")
     if len(eval_vectors) < 10 * cfg.rvq.codebook_size:
         log.warn(f"eval split has {len(eval_vectors)} frames < 10 x codebook_size: utilization is bounded by 1 - exp(-N/K) = "

@@ -247,3 +247,14 @@ def test_write_read_round_trip_property(corpus, specs, ids):
     back = read_manifest(manifest)
     assert back == entries
     assert [entry.line for entry in back] == list(range(1, len(entries) + 1))
+
+
+def test_eval_split_may_join_several_splits(corpus):
+    from speechless.data.manifest import joined, manifest_splits
+
+    path = write_lines(corpus / "all.jsonl", [row(0), row(1), row(2, split="test"), row(3, split="test")])
+    by_split = manifest_splits(path, "train", "dev+test")
+    assert list(by_split)[:3] == ["train", "dev", "test"]
+    assert [e.id for e in joined(by_split, "dev+test")] == ["utt0", "utt2", "utt3"]
+    with pytest.raises(UsageError, match="'nope' \\(data.eval_split\\)"):
+        manifest_splits(path, "train", "dev+nope")

@@ -225,15 +225,22 @@ def read_manifest(path: str | os.PathLike, splits: list[str] | None = None) -> l
 
 def manifest_splits(path: str | os.PathLike, train_split: str, eval_split: str) -> dict[str, list[ManifestEntry]]:
     """A manifest's entries by split, the train and eval splits first; a missing one is a UsageError naming the key
-    (`data.train_split` / `data.eval_split`) and the splits present."""
+    (`data.train_split` / `data.eval_split`) and the splits present. The eval split may join several with '+'
+    ('dev+test': see `joined`)."""
     by_split: dict[str, list[ManifestEntry]] = {}
     for entry in read_manifest(path):
         by_split.setdefault(entry.split, []).append(entry)
-    for role, name in (("train", train_split), ("eval", eval_split)):
-        if name not in by_split:
-            raise UsageError(f"{path}: no utterances in split '{name}' (data.{role}_split); splits present: {', '.join(sorted(by_split))}")
-    first = [train_split, eval_split]
+    for role, names in (("train", train_split), ("eval", eval_split)):
+        for name in names.split("+") if role == "eval" else [names]:
+            if name not in by_split:
+                raise UsageError(f"{path}: no utterances in split '{name}' (data.{role}_split); splits present: {', '.join(sorted(by_split))}")
+    first = list(dict.fromkeys([train_split, *eval_split.split("+")]))
     return {name: by_split[name] for name in first + sorted(set(by_split) - set(first))}
+
+
+def joined(by_split: dict[str, list], names: str) -> list:
+    """The items of the splits named in `names`, joined by '+' ('dev+test'), in that order."""
+    return [item for name in names.split("+") for item in by_split[name]]
 
 
 def validate_manifest(path: str | os.PathLike, check_audio: bool = False) -> list[Problem]:
