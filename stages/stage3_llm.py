@@ -304,7 +304,8 @@ def train(cfg: Stage3Config) -> dict:
     data_files = {key: sha256_file(path) for key, path in (("manifest", cfg.data.manifest), ("instructions", cfg.data.instructions),
                                                            ("eval_instructions", cfg.data.eval_instructions)) if path and Path(path).is_file()}
     record = provenance("stage3", cfg, **lineage, encoder_sha256=s.encoder_sha, data_sha256=data_files,
-                        base={"source": base_cfg.source, "weights_sha256": read_json(out / "adapter_config.json")["base"]["weights_sha256"]})
+                        base={"source": base_cfg.source, **{k: v for k, v in read_json(out / "adapter_config.json")["base"].items()
+                                                            if k in ("weights_sha256", "gguf_sha256")}})
     pushed = finish_run(out, "stage3", record, model_card(cfg, metrics, record), cfg.run.push, cfg.store, cfg.run.message)
     distributed.barrier()  # the other ranks return once the outputs are written
     return {"out_dir": str(out), "eval": summary, "pushed": pushed}
