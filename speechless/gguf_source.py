@@ -179,8 +179,9 @@ def check_gguf(path: Path, key: str = "source") -> dict:
     return {"version": version, "tensors": n_tensors, "metadata": n_kv, "architecture": architecture}
 
 
-def _convert(path: Path, sha: str, final: Path, key: str) -> None:
-    """Dequantize with transformers and save model + tokenizer as safetensors/JSON into `final` (temp, then rename)."""
+def _convert(path: Path, sha: str, final: Path, key: str):
+    """Dequantize with transformers and save model + tokenizer as safetensors/JSON into `final` (temp, then rename).
+    Returns (model, tokenizer) as dequantized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     began = time.time()
@@ -219,11 +220,18 @@ def _convert(path: Path, sha: str, final: Path, key: str) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info(f"{key}: converted in {time.time() - began:.0f} s -> {final}")
+    return model, tokenizer
 
 
 def converted_folder(source: str, revision: str | None = None, key: str = "source") -> tuple[Path, dict]:
     """(folder of the converted model + tokenizer, source record with the GGUF's sha256) for a GGUF source; converts
     once per distinct file (by sha256)."""
+    folder, record, _ = _converted(source, revision, key)
+    return folder, record
+
+
+def _converted(source: str, revision: str | None, key: str):
+    """(folder, record, (model, tokenizer) when this call converted it, else None)."""
     path = resolve_gguf(source, revision, key)
     with open(path, "rb") as handle:
         head = handle.read(4)
@@ -232,25 +240,30 @@ def converted_folder(source: str, revision: str | None = None, key: str = "sourc
     sha = sha256_file(path)
     folder = cache_root() / "gguf" / sha
     marker = folder / MARKER
+    fresh = None
     if not (marker.is_file() and isinstance(read_json(marker), dict) and read_json(marker).get("gguf_sha256") == sha):
         check_gguf(path, key)
-        _convert(path, sha, folder, key)
+        fresh = _convert(path, sha, folder, key)
     record = {"source": source, "gguf_file": str(path), "gguf_sha256": sha, "converted": str(folder)}
     if HUB_SEPARATOR in source:
         record["revision"] = revision
-    return folder, record
+    return folder, record, fresh
 
 
 def load_causal_lm(source: str, revision: str | None = None, key: str = "source", with_tokenizer: bool = True):
-    """(model in float32, tokenizer or None, source record) from a GGUF source, through the converted cache."""
+    """(model in float32, tokenizer or None, source record) from a GGUF source, through the converted cache (the
+    model just dequantized when this call converted it)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, record = converted_folder(source, revision, key)
+    folder, record, fresh = _converted(source, revision, key)
+    if fresh is not None:
+        model, tokenizer = fresh
+        return model.eval(), tokenizer if with_tokenizer else None, record
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(folder)) if with_tokenizer else None
     except (OSError, ValueError) as exc:
         raise RuntimeFailure(f"{folder}: the converted copy of {source} does not load ({str(exc).splitlines()[0]}); "
                              "delete the folder to convert again") from exc
-    return model, tokenizer, record
+    return model.eval(), tokenizer, record
