@@ -6,8 +6,11 @@ Two kinds of base:
   the audio token slots, laid out exactly as `Gemma4Processor` lays out real audio: `<|audio>` + `<|audio|>` x N +
   `<audio|>`. For real audio the vectors come from the model's own audio tower (a hook on `output_proj`'s input), so
   inference is the native path audio -> encoder -> LLM (tested equal to the model's own `input_features` forward).
-- `text_lm`: any Hugging Face causal LM without an audio tower (Gemma 3 class); a trained projector (RMSNorm + Linear
-  1024 -> hidden) fills the slots, and the stage-1 encoder turns real audio into vectors.
+- `text_lm`: any Hugging Face causal LM without an audio tower (Gemma 3 class, a GGUF included); a trained projector
+  (RMSNorm + Linear 1024 -> hidden) fills the slots, and the stage-1 encoder turns real audio into vectors. The base is
+  taken as it is: the audio markers are its tokenizer's audio tokens when it has them, else Gemma 3's reserved
+  `<unused0>` (begin), `<unused1>` (slot), `<unused2>` (end); the chat turns are its own (`<start_of_turn>` for
+  Gemma 3, checked against its chat template when it ships one). `check_text_lm_base` checks this before slow steps.
 
 Adapters (`AdapterConfig.kind`):
 - `lora`: peft LoRA on the LLM's attention/MLP projections (never the audio tower); with `speech_only` the adapter is
@@ -42,6 +45,9 @@ from speechless.training import resolve_device
 ADAPTER_FORMAT = "speechless-stage3-adapter"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TURN_START, TURN_END = "<|turn>", "<turn|>"  # Gemma 4's chat turn markers
+GEMMA3_TURNS = ("<start_of_turn>", "<end_of_turn>")  # Gemma 3's (and 2's)
+#: Reserved tokens of Gemma 3's tokenizer that a text-only Gemma takes as audio markers as it is: begin, slot, end.
+RESERVED_AUDIO = ("<unused0>", "<unused1>", "<unused2>")
 
 
 class BaseConfig(Section):
@@ -85,6 +91,69 @@ class AdapterConfig(Section):
     their KV. Without speech_only any block (KV-shared ones included). With speech_only a block that computes K/V must
     follow (else the audio-only update never reaches the answer): not the last block, and with Gemma 4 E2B/E4B's KV
     sharing (last `num_kv_shared_layers` blocks reuse earlier K/V) only blocks before the last KV-owning one."""
+
+
+def _single_token(tokenizer, token: str) -> int | None:
+    """The id of `token` when the tokenizer has it as ONE token (never split, not unknown), else None."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        return None
+    return token_id if tokenizer(token, add_special_tokens=False)["input_ids"] == [token_id] else None
+
+
+def chat_turns(tokenizer, source: str) -> tuple[str, str]:
+    """The chat turn markers of the base's own format: Gemma 4's `<|turn>` / `<turn|>` or Gemma 3's `<start_of_turn>` /
+    `<end_of_turn>` (roles `user` / `model`). A tokenizer that ships a chat template must render a text request exactly
+    as the tool lays it out (rendered by the tokenizer's sandboxed template engine, only to check)."""
+    for start, end in ((TURN_START, TURN_END), GEMMA3_TURNS):
+        if _single_token(tokenizer, start) is not None and _single_token(tokenizer, end) is not None:
+            break
+    else:
+        raise UsageError(f"base.source {source}: its tokenizer has neither Gemma 4's ({TURN_START} {TURN_END}) nor Gemma 3's "
+                         f"({' '.join(GEMMA3_TURNS)}) chat turn tokens; use a Gemma base")
+    if (start, end) == GEMMA3_TURNS and getattr(tokenizer, "chat_template", None):
+        ours = f"{start}user\nHello{end}\n{start}model\n"
+        try:
+            theirs = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # a template error of any kind: one line
+            raise UsageError(f"base.source {source}: its chat template does not render ({type(exc).__name__}: {exc})") from exc
+        if ours not in theirs:
+            raise UsageError(f"base.source {source}: its chat template renders {theirs!r}, not Gemma's turn format {ours!r}")
+    return start, end
+
+
+def audio_tokens(tokenizer, source: str) -> tuple[str, str, str]:
+    """(begin, slot, end) audio markers of a text-only base: the tokenizer's own `boa_token`, `audio_token`,
+    `eoa_token` when it has them, else Gemma 3's reserved `<unused0>`, `<unused1>`, `<unused2>` (in its vocabulary,
+    never trained on), so the base is taken as it is: no token added, no embedding resized."""
+    if getattr(tokenizer, "audio_token", None) is not None:
+        return tokenizer.boa_token, tokenizer.audio_token, tokenizer.eoa_token
+    if all(_single_token(tokenizer, token) is not None for token in RESERVED_AUDIO):
+        return RESERVED_AUDIO
+    raise UsageError(f"base.source {source}: its tokenizer has no audio tokens (audio_token, boa_token, eoa_token) nor "
+                     f"Gemma 3's reserved {', '.join(RESERVED_AUDIO)}; add audio special tokens (and resize the "
+                     "embeddings) or use a Gemma 3 base")
+
+
+def check_text_lm_base(cfg: BaseConfig) -> None:
+    """Before the slow steps: a pretrained text_lm base's tokenizer has chat turns and audio slots (only the tokenizer
+    is loaded; a GGUF is converted once here). Config-JSON bases get the demo tokenizer and are checked when built."""
+    if cfg.kind != "text_lm" or cfg.source.endswith(".json"):
+        return
+    from transformers import AutoTokenizer
+
+    from speechless.gguf_source import converted_folder, is_gguf_source
+
+    try:
+        if is_gguf_source(cfg.source):
+            tokenizer = AutoTokenizer.from_pretrained(str(converted_folder(cfg.source, cfg.revision, "base.source")[0]))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.source, revision=cfg.revision)
+    except OSError as exc:
+        raise RuntimeFailure(f"base.source: cannot load the tokenizer of {cfg.source} ({str(exc).splitlines()[0]}); "
+                             "check the id/folder, network and HF_TOKEN") from exc
+    chat_turns(tokenizer, cfg.source)
+    audio_tokens(tokenizer, cfg.source)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -323,15 +392,14 @@ class SpeechLM(torch.nn.Module):
             self.boa, self.eoa = tokenizer.convert_ids_to_tokens(model.config.boa_token_id), tokenizer.convert_ids_to_tokens(model.config.eoa_token_index)
             self.slot = tokenizer.convert_ids_to_tokens(self.audio_id)
         else:
-            if getattr(tokenizer, "audio_token", None) is None:
-                raise UsageError(f"base.source {base_cfg.source}: its tokenizer has no audio tokens (audio_token, boa_token, "
-                                 "eoa_token); add them as special tokens (and resize the embeddings) before stage 3")
-            self.slot, self.boa, self.eoa = tokenizer.audio_token, tokenizer.boa_token, tokenizer.eoa_token
+            self.boa, self.slot, self.eoa = audio_tokens(tokenizer, base_cfg.source)
             self.audio_id = tokenizer.convert_tokens_to_ids(self.slot)
             dim = self.encoder_cfg_dim()
             torch.manual_seed(base_cfg.random_seed)
             self.projector = torch.nn.Sequential(torch.nn.RMSNorm(dim, elementwise_affine=False), torch.nn.Linear(dim, self.hidden))
-        self.end_id = tokenizer.convert_tokens_to_ids(TURN_END)
+        self.turn_start, self.turn_end = chat_turns(tokenizer, base_cfg.source)
+        """The base's own chat turn markers (Gemma 4's or Gemma 3's)."""
+        self.end_id = tokenizer.convert_tokens_to_ids(self.turn_end)
         for p in self.lm.parameters():
             p.requires_grad_(False)
 
@@ -407,15 +475,15 @@ class SpeechLM(torch.nn.Module):
                         for window in windows:
                             text += self.audio_block(len(window))
                             blocks.append(window)
-                add(f"{TURN_START}user\n{text}{TURN_END}\n", False)
+                add(f"{self.turn_start}user\n{text}{self.turn_end}\n", False)
             else:
-                add(f"{TURN_START}model\n", False)
+                add(f"{self.turn_start}model\n", False)
                 if last and not with_answer:
                     break
-                add(f"{message['content']}{TURN_END}", True)
+                add(f"{message['content']}{self.turn_end}", True)
                 add("\n", False)
         if not with_answer and messages[-1]["role"] == "user":
-            add(f"{TURN_START}model\n", False)
+            add(f"{self.turn_start}model\n", False)
         return Example(ids, labels, blocks)
 
     # ------------------------------------------------------------------------------------------ forward

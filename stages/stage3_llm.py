@@ -51,7 +51,7 @@ from speechless.errors import UsageError
 from speechless.generate import GenerateConfig
 from speechless.instructions import DEMO_TASKS, demo_conversations, read_conversations
 from speechless.io import read_json, sha256_file, write_json, write_jsonl, write_text
-from speechless.llm import AdapterConfig, BaseConfig, SpeechLM
+from speechless.llm import AdapterConfig, BaseConfig, SpeechLM, check_text_lm_base
 from speechless.runs import RunConfig, config_fingerprint, utc_now
 from speechless.rvq import SpeechRVQ
 from speechless.store import StoreConfig
@@ -266,6 +266,8 @@ def train(cfg: Stage3Config) -> dict:
     # Setup: stage 1, the conversations, the base (demo: text-pretrained first), the speech to learn from.
     s = setup(cfg, work)
     base_cfg = cfg.base
+    if not cfg.pretrain.enabled:
+        check_text_lm_base(cfg.base)  # chat turns and audio slots of a pretrained text LM, before the slow steps
     if cfg.pretrain.enabled:
         base_cfg = pretrain_base(cfg.base, cfg.pretrain, s.encoder_cfg, s.encoder_sha, s.train_rows, cfg.data.tasks, cfg.run.seed)
     sources, stage2_record = speech_sources(cfg, s, work)

@@ -218,3 +218,98 @@ def test_real_udhr_texts_are_fetched():
     assert "All human beings are born free and equal in dignity and rights" in texts["eng"]
     assert "Watu wote wamezaliwa huru" in texts["swh"]
     assert all(len(t.split()) > 1500 for t in texts.values()), {k: len(t.split()) for k, t in texts.items()}
+
+
+# ----------------------------------------------------------------- stage 3 on the real Gemma 3, taken as it is
+
+TINY_AUDIO = {"model_type": "gemma4_audio", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "subsampling_conv_channels": [128, 8], "output_proj_dims": 48}
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    from speechless.encoder import EncoderConfig, load_encoder
+
+    path = tmp_path_factory.mktemp("encoder") / "audio.json"
+    path.write_text(json.dumps(TINY_AUDIO))
+    cfg = EncoderConfig(source=str(path), device="cpu", batch_size=2)
+    return cfg, load_encoder(cfg).revision
+
+
+def _speech_lm(gemma, cache, encoder):
+    from speechless.llm import BaseConfig, load_speech_lm
+
+    return load_speech_lm(BaseConfig(kind="text_lm", source=SOURCE, device="cpu"), encoder[0], encoder[1])
+
+
+def _conversation(with_speech: bool) -> list[dict]:
+    content = [{"type": "text", "text": "Transcribe the audio.\n"}] + ([{"type": "speech", "text": "x"}] if with_speech else [])
+    return [{"role": "user", "content": content}, {"role": "assistant", "content": "Watoto walichora picha."}]
+
+
+def _speech_logits(model, with_speech: bool) -> torch.Tensor:
+    audio = [torch.randn(12, 32, generator=torch.Generator().manual_seed(3))] if with_speech else []
+    with torch.no_grad():
+        return model.logits(model.batch([model.encode(_conversation(with_speech), audio)])).logits
+
+
+def test_text_lm_base_is_taken_as_it_is(gemma, cache, encoder):
+    from speechless.llm import RESERVED_AUDIO, BaseConfig, audio_tokens, check_text_lm_base
+
+    check_text_lm_base(BaseConfig(kind="text_lm", source=SOURCE))  # before the slow steps: no error
+    model = _speech_lm(gemma, cache, encoder)
+    assert (model.boa, model.slot, model.eoa) == RESERVED_AUDIO and model.audio_id == 7
+    assert (model.turn_start, model.turn_end) == ("<start_of_turn>", "<end_of_turn>") and model.end_id == 106
+    assert model.lm.get_input_embeddings().num_embeddings == 262_144 and len(model.tokenizer) == 262_144  # nothing added
+    assert model.source_record["gguf_sha256"] and model.projector is not None
+    example = model.encode(_conversation(True), [torch.randn(12, 32)])
+    text = model.tokenizer.decode(example.ids)
+    assert text.startswith("<bos><start_of_turn>user\nTranscribe the audio.\n<unused0>" + "<unused1>" * 12 + "<unused2><end_of_turn>\n")
+    assert text.endswith("<start_of_turn>model\nWatoto walichora picha.<end_of_turn>\n")
+    assert example.ids.count(model.audio_id) == 12
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bare = Tokenizer(models.WordLevel({"<unk>": 0, "<start_of_turn>": 1, "<end_of_turn>": 2, "a": 3}, unk_token="<unk>"))
+    bare.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(UsageError, match="no audio tokens"):
+        audio_tokens(PreTrainedTokenizerFast(tokenizer_object=bare, unk_token="<unk>"), "x")
+
+
+def test_projector_and_speech_only_lora_step_keeps_text_bit_identical(gemma, cache, encoder):
+    from speechless.llm import AdapterConfig
+
+    model = _speech_lm(gemma, cache, encoder)
+    base_text, base_speech = _speech_logits(model, False), _speech_logits(model, True)
+    model.attach(AdapterConfig(kind="lora", lora_rank=4, lora_targets=["q_proj", "v_proj"]))
+    params = model.trainable_parameters()
+    assert any(n.startswith("projector.") for n in params) and any("lora_" in n for n in params)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=1e-3)
+    model.train()
+    began = time.time()
+    loss = model.loss(model.batch([model.encode(_conversation(True), [torch.randn(12, 32)])]))
+    loss.backward()
+    optimizer.step()
+    print(f"one projector + LoRA step on Gemma 3 270M: {time.time() - began:.1f} s, loss {loss.item():.3f}")
+    model.eval()
+    assert torch.isfinite(loss) and all(not torch.equal(before[n], p) for n, p in params.items() if "lora_A" in n or n.startswith("projector.1"))
+    assert torch.equal(_speech_logits(model, False), base_text)  # speech-only LoRA: text-only use is exactly the base
+    assert not torch.allclose(_speech_logits(model, True), base_speech)
+
+
+def test_dus_on_real_gemma_is_the_base_at_init_and_when_dropped(gemma, cache, encoder):
+    from speechless.llm import AdapterConfig, remove_dus
+
+    model = _speech_lm(gemma, cache, encoder)
+    base_text, base_speech = _speech_logits(model, False), _speech_logits(model, True)
+    model.attach(AdapterConfig(kind="dus", dus_blocks=1, speech_only=True))
+    assert torch.equal(_speech_logits(model, True), base_speech) and torch.equal(_speech_logits(model, False), base_text)
+    with torch.no_grad():
+        for name, p in model.trainable_parameters().items():
+            if ".new." in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    assert not torch.allclose(_speech_logits(model, True)[:, -1], base_speech[:, -1])
+    assert torch.equal(_speech_logits(model, False), base_text)
+    remove_dus(model.lm)
+    assert torch.equal(_speech_logits(model, True), base_speech) and torch.equal(_speech_logits(model, False), base_text)
