@@ -116,7 +116,8 @@ def chat_turns(tokenizer, source: str) -> tuple[str, str]:
         try:
             theirs = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # a template error of any kind: one line
-            raise UsageError(f"base.source {source}: its chat template does not render ({type(exc).__name__}: {exc})") from exc
+            first = (str(exc).splitlines() or [""])[0]
+            raise UsageError(f"base.source {source}: its chat template does not render ({type(exc).__name__}: {first})") from exc
         if ours not in theirs:
             raise UsageError(f"base.source {source}: its chat template renders {theirs!r}, not Gemma's turn format {ours!r}")
     return start, end

@@ -267,6 +267,17 @@ def test_text_lm_base_is_taken_as_it_is(gemma, cache, encoder):
     assert text.startswith("<bos><start_of_turn>user\nTranscribe the audio.\n<unused0>" + "<unused1>" * 12 + "<unused2><end_of_turn>\n")
     assert text.endswith("<start_of_turn>model\nWatoto walichora picha.<end_of_turn>\n")
     assert example.ids.count(model.audio_id) == 12
+    # a Gemma 3 tokenizer that ships a chat template: the layout must be what the template renders
+    from speechless.llm import chat_turns
+
+    tokenizer = model.tokenizer
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+                               "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    assert chat_turns(tokenizer, SOURCE) == ("<start_of_turn>", "<end_of_turn>")
+    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    with pytest.raises(UsageError, match="not Gemma's turn format"):
+        chat_turns(tokenizer, SOURCE)
+    tokenizer.chat_template = None
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
