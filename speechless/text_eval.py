@@ -6,6 +6,10 @@ each chunk is scored on its own with the tokenizer's BOS token in front (when it
 positions predicts `chunk - 1` text tokens from the BOS and the text before them in the chunk. Perplexity =
 exp(summed negative log-likelihood / predicted tokens), over all chunks. Logits are computed for a slice of positions
 at a time, so a 262k-token vocabulary does not need a (chunk x vocab) matrix at once.
+
+The model is a causal LM, or a stage-3 `SpeechLM` with its adapter (`speechless.adapt.load_for_inference`): text goes
+through it as any text-only request does (a speech-only adapter is then off, so its perplexity is the base's), which
+gives the text-skill table of base / adapters on the same real text.
 """
 
 from __future__ import annotations
@@ -47,7 +51,14 @@ def _hidden_and_head(model):
 
 @torch.no_grad()
 def chunk_nll(model, ids: torch.Tensor, slice_size: int = 128) -> tuple[float, int]:
-    """Summed NLL of ids[1:] given the prefix, for one (1, T) sequence; logits `slice_size` positions at a time."""
+    """Summed NLL of ids[1:] given the prefix, for one (1, T) sequence; logits `slice_size` positions at a time (a
+    SpeechLM: its own text-only forward, adapter included)."""
+    from speechless.llm import SpeechLM
+
+    if isinstance(model, SpeechLM):
+        batch = {"ids": ids, "attention": torch.ones_like(ids), "vectors": []}
+        logits = model.logits(batch).logits[0, :-1].float()
+        return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:].to(logits.device), reduction="sum")), ids.shape[1] - 1
     inner, head, cap = _hidden_and_head(model)
     if inner is None:
         logits = model(input_ids=ids).logits[0, :-1].float()

@@ -287,11 +287,17 @@ def test_text_lm_base_is_taken_as_it_is(gemma, cache, encoder):
         audio_tokens(PreTrainedTokenizerFast(tokenizer_object=bare, unk_token="<unk>"), "x")
 
 
-def test_projector_and_speech_only_lora_step_keeps_text_bit_identical(gemma, cache, encoder):
+def test_projector_and_speech_only_lora_step_keeps_text_bit_identical(gemma, cache, encoder, cli, tmp_path):
+    from speechless.data.udhr import read_udhr
     from speechless.llm import AdapterConfig
+    from speechless.text_eval import perplexity
 
     model = _speech_lm(gemma, cache, encoder)
     base_text, base_speech = _speech_logits(model, False), _speech_logits(model, True)
+    english = read_udhr("eng")
+    base_ppl = perplexity(model, model.tokenizer, english, max_tokens=32)["perplexity"]
+    # the SpeechLM's text path scores as the plain causal LM does
+    assert base_ppl == pytest.approx(perplexity(gemma[0], gemma[1], english, max_tokens=32)["perplexity"], rel=1e-5)
     model.attach(AdapterConfig(kind="lora", lora_rank=4, lora_targets=["q_proj", "v_proj"]))
     params = model.trainable_parameters()
     assert any(n.startswith("projector.") for n in params) and any("lora_" in n for n in params)
@@ -307,6 +313,15 @@ def test_projector_and_speech_only_lora_step_keeps_text_bit_identical(gemma, cac
     assert torch.isfinite(loss) and all(not torch.equal(before[n], p) for n, p in params.items() if "lora_A" in n or n.startswith("projector.1"))
     assert torch.equal(_speech_logits(model, False), base_text)  # speech-only LoRA: text-only use is exactly the base
     assert not torch.allclose(_speech_logits(model, True), base_speech)
+    assert perplexity(model, model.tokenizer, english, max_tokens=32)["perplexity"] == base_ppl
+    model.save_adapter(tmp_path / "adapter", {"stage1": {"ref": "s1"}, "stage2": {"ref": "s2"}})
+    record = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert record["base"]["gguf_sha256"] == model.source_record["gguf_sha256"]
+    result = cli("eval", "text-ppl", "--adapter", tmp_path / "adapter", "--lang", "eng", "--max-tokens", "32", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["perplexity"]["eng"]["perplexity"] == base_ppl and out["model"]["speech_only"] is True
+    assert cli("eval", "text-ppl", "--lang", "eng").exit_code == 2  # neither --model nor --adapter
 
 
 def test_dus_on_real_gemma_is_the_base_at_init_and_when_dropped(gemma, cache, encoder):
