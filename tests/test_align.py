@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from test_t2s import TEXTS, TINY_BACKBONE, one_thread  # noqa: F401  (fixture)
 
 from speechless.align import ctc_viterbi, probe_char_map, proportional_durations, token_durations
 from speechless.errors import UsageError
@@ -18,14 +19,6 @@ from speechless.t2s import (
     frames_from_log,
     scale_durations,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def collapse(path: tuple[int, ...]) -> list[int]:
@@ -93,12 +86,6 @@ def test_frame_token_index_and_rounding():
     assert frames.tolist() == [[0, 1, 0, 1], [2, 3, 0, 1]]  # 4 x 0.4 = 1.6 -> 2 frames in all, not 0
     scaled = scale_durations(torch.tensor([[1, 2, 3]]), torch.tensor([12]))
     assert scaled.tolist() == [[2, 4, 6]]
-
-
-TINY_BACKBONE = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                 "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 1024,
-                 "tie_word_embeddings": True}
-TEXTS = ["habari ya asubuhi", "watoto walichora picha darasani juzi", "ninapenda chai sana", "Mvua inanyesha leo."]
 
 
 def aligned_model(tmp_path, **extra) -> T2SModel:
