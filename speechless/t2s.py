@@ -292,11 +292,16 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, guidance: float, eoa
     return guided
 
 
-def scale_durations(durations: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
-    """Token durations (B, Lt) stretched to sum to `totals` (B,) each, rounded on the running sum."""
-    real = durations.float() * (totals.float() / durations.sum(-1).clamp_min(1).float())[:, None]
+def whole_frames(real: torch.Tensor) -> torch.Tensor:
+    """Real-valued token durations (B, Lt) -> whole frames, rounded on the running sum, so that each row's total is
+    its rounded sum (rounding token by token would add up its errors)."""
     ends = real.cumsum(-1).round().long()
     return torch.diff(ends, dim=-1, prepend=torch.zeros_like(ends[:, :1]))
+
+
+def scale_durations(durations: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
+    """Token durations (B, Lt) stretched to sum to `totals` (B,) each, in whole frames."""
+    return whole_frames(durations.float() * (totals.float() / durations.sum(-1).clamp_min(1).float())[:, None])
 
 
 def progress_buckets(steps: torch.Tensor, frames: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -484,11 +489,8 @@ class DurationPredictor(torch.nn.Module):
 
 
 def frames_from_log(log_durations: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-    """Predicted log(1 + frames) (B, Lt) -> whole frames per token (0 on padding), rounded so that each row's total
-    is the rounded sum of the real-valued durations (rounding token by token would add up its errors)."""
-    real = (log_durations.float().exp() - 1).clamp_min(0) * text_mask
-    ends = real.cumsum(-1).round().long()
-    return torch.diff(ends, dim=-1, prepend=torch.zeros_like(ends[:, :1]))
+    """Predicted log(1 + frames) (B, Lt) -> whole frames per token (0 on padding; see `whole_frames`)."""
+    return whole_frames((log_durations.float().exp() - 1).clamp_min(0) * text_mask)
 
 
 class T2SModel(torch.nn.Module):

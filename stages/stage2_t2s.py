@@ -288,12 +288,14 @@ def train(cfg: Stage2Config) -> dict:
 
     # The judge (a CTC probe on real train tokens): with alignment 'ctc' it first aligns the text to the real frames.
     durations = {"train": None, "eval": None}
+    judge = None
     if cfg.model.alignment == "ctc":
         if job.is_main:
-            train_judge(cfg, stage1, rows["train"], out / "probe")
+            judge = train_judge(cfg, stage1, rows["train"], out / "probe")
         distributed.barrier()  # the other ranks load the judge rank 0 trained
-        probe, _ = train_judge(cfg, stage1, rows["train"], out / "probe")
-        durations = {part: align_text(model, probe, rows[part], split) for part, split in
+        if judge is None:
+            judge = train_judge(cfg, stage1, rows["train"], out / "probe")
+        durations = {part: align_text(model, judge[0], rows[part], split) for part, split in
                      (("train", cfg.data.train_split), ("eval", cfg.data.eval_split))}
 
     # Train.
@@ -304,7 +306,7 @@ def train(cfg: Stage2Config) -> dict:
     model.save(out, WEIGHT_FILES["final"])
 
     # Evaluate: the judge, then the round trip on held-out sentences.
-    probe, probe_summary = train_judge(cfg, stage1, rows["train"], out / "probe")
+    probe, probe_summary = judge or train_judge(cfg, stage1, rows["train"], out / "probe")
     eval_model = model if cfg.eval.weights == "final" else T2SModel.load(out, WEIGHT_FILES["best"])
     eval_model.to("cpu")
     log.info(f"round trip on {len(rows['test'])} held-out utterances of split '{cfg.eval.split}'")
