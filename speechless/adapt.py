@@ -76,6 +76,10 @@ class EvalConfig(Section):
     """Put real-audio vectors through stage 1 (quantize, then decode at the codebook levels of the training speech)
     before the LLM. Kept in the adapter record: what `stage3 infer|eval` and `chat` do without --[no-]quantize. The
     main model and its topline are measured both ways in any case."""
+    udhr_languages: list[str] = []
+    """Also measure text perplexity on the Universal Declaration of Human Rights in these languages (eng, swh,
+    twi_asante, twi_akuapem: real text never trained on; `scripts/install.sh` fetches it) for the base and every
+    variant. [] = off."""
 
 
 # ------------------------------------------------------------------------------------------------------------- data
@@ -480,7 +484,8 @@ def load_for_inference(ref: str, store_cfg: StoreConfig | None = None) -> tuple[
     folder = adapter_checkpoint(ref, store_cfg)
 
     def build(record: dict) -> SpeechLM:
-        base = BaseConfig(kind=record["base"]["kind"], source=record["base"]["source"], revision=record["base"].get("revision"))
+        base = BaseConfig(kind=record["base"]["kind"], source=record["base"]["source"], revision=record["base"].get("revision"),
+                          frame_stack=record["base"].get("frame_stack", 1))
         encoder_cfg = EncoderConfig.model_validate(record["encoder"])
         return load_speech_lm(base, encoder_cfg, None)
 

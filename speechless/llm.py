@@ -62,6 +62,10 @@ class BaseConfig(Section):
     the GGUF's sha256."""
     revision: str | None = None
     """Hub revision of a Hub source (a Hub GGUF's too)."""
+    frame_stack: int = Field(1, ge=1)
+    """text_lm: the projector reads k consecutive stage-1 vectors (25/s) per LLM position, concatenated (the last group
+    zero-padded), so a clip of T frames takes ceil(T / k) positions; 1 = one position per frame. gemma4_audio: 1 (its
+    own audio path)."""
     random_seed: int = 0
     """Seed of the random weights of a config-JSON source."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -155,6 +159,16 @@ def check_text_lm_base(cfg: BaseConfig) -> None:
                              "check the id/folder, network and HF_TOKEN") from exc
     chat_turns(tokenizer, cfg.source)
     audio_tokens(tokenizer, cfg.source)
+
+
+def stack_frames(vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """(T, d) frames -> (ceil(T / k), k x d): k consecutive frames side by side, the last group zero-padded."""
+    if k == 1:
+        return vectors
+    pad = -len(vectors) % k
+    if pad:
+        vectors = torch.cat([vectors, vectors.new_zeros(pad, vectors.shape[1])])
+    return vectors.reshape(len(vectors) // k, k * vectors.shape[1])
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -388,6 +402,9 @@ class SpeechLM(torch.nn.Module):
         self.is_gemma4 = base_cfg.kind == "gemma4_audio"
         self.projector = None
         self._encoder: LoadedEncoder | None = None
+        if self.is_gemma4 and base_cfg.frame_stack != 1:
+            raise UsageError(f"base.frame_stack={base_cfg.frame_stack}: only a text_lm base stacks frames (Gemma 4's own "
+                             "audio path takes one position per frame); set base.frame_stack=1")
         if self.is_gemma4:
             self.audio_id = model.config.audio_token_id
             self.boa, self.eoa = tokenizer.convert_ids_to_tokens(model.config.boa_token_id), tokenizer.convert_ids_to_tokens(model.config.eoa_token_index)
@@ -395,7 +412,7 @@ class SpeechLM(torch.nn.Module):
         else:
             self.boa, self.slot, self.eoa = audio_tokens(tokenizer, base_cfg.source)
             self.audio_id = tokenizer.convert_tokens_to_ids(self.slot)
-            dim = self.encoder_cfg_dim()
+            dim = self.encoder_cfg_dim() * base_cfg.frame_stack
             torch.manual_seed(base_cfg.random_seed)
             self.projector = torch.nn.Sequential(torch.nn.RMSNorm(dim, elementwise_affine=False), torch.nn.Linear(dim, self.hidden))
         self.turn_start, self.turn_end = chat_turns(tokenizer, base_cfg.source)
@@ -431,7 +448,7 @@ class SpeechLM(torch.nn.Module):
             param = next(embedder.parameters())
             return embedder(tower.output_proj(vectors.to(param.device, param.dtype)))
         param = next(self.projector.parameters())
-        return self.projector(vectors.to(param.device, param.dtype))
+        return self.projector(stack_frames(vectors, self.base_cfg.frame_stack).to(param.device, param.dtype))
 
     def embed_audio_once(self, examples: list[Example]) -> list[Example]:
         """Copies of `examples` whose audio blocks are LLM embeddings: the frozen audio path (output_proj + embed_audio)
@@ -442,8 +459,9 @@ class SpeechLM(torch.nn.Module):
             return [Example(e.ids, e.labels, [self.embed_vectors(v) for v in e.audio], embedded=True) for e in examples]
 
     def audio_block(self, frames: int) -> str:
-        """The text that holds one audio clip's slots: exactly what Gemma4Processor.replace_audio_token produces."""
-        return f"{self.boa}{self.slot * frames}{self.eoa}"
+        """The text that holds one audio clip's slots (one per `base.frame_stack` frames): for Gemma 4 exactly what
+        Gemma4Processor.replace_audio_token produces."""
+        return f"{self.boa}{self.slot * -(-frames // self.base_cfg.frame_stack)}{self.eoa}"
 
     # ------------------------------------------------------------------------------------------ prompts
     def encode(self, messages: list[dict], audio: list[torch.Tensor], with_answer: bool = True) -> Example:
@@ -539,22 +557,28 @@ class SpeechLM(torch.nn.Module):
             return self.lm.disable_adapter()
         return contextlib.nullcontext()
 
-    def logits(self, batch: dict, past=None, use_cache: bool = False):
+    def logits(self, batch: dict, past=None, use_cache: bool = False, logits_to_keep: int | torch.Tensor = 0):
+        """The LLM's output for a batch; `logits_to_keep` (transformers' own argument): 0 = logits at every position,
+        n = the last n, a boolean (B, L) mask = those positions only, flattened to (kept, vocab)."""
         ids = batch["ids"].to(self.device)
         inputs, extra = self.input_embeddings(ids, batch["vectors"], batch.get("embeds"))
         self.positions.mask = ids == self.audio_id
         attention = batch["attention"].to(self.device)
         with self._adapter_state(bool(self.positions.mask.any())):
-            out = self.lm(inputs_embeds=inputs, attention_mask=attention, use_cache=use_cache, **extra)
+            out = self.lm(inputs_embeds=inputs, attention_mask=attention, use_cache=use_cache, logits_to_keep=logits_to_keep, **extra)
         return out
 
     def loss(self, batch: dict, reduction: str = "mean") -> torch.Tensor:
         """Next-token cross-entropy on the assistant tokens: their mean, or with reduction "sum" their sum (a
-        data-parallel step divides the sum by the token count of the whole global batch)."""
-        logits = self.logits(batch).logits.float()
+        data-parallel step divides the sum by the token count of the whole global batch). Logits are computed only at
+        the positions that predict a labelled token: with a large vocabulary (Gemma's 262,144) the output layer over
+        every position would cost as much as the rest of the model."""
         labels = batch["labels"].to(self.device)
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                                 ignore_index=-100, reduction=reduction)
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != -100
+        logits = self.logits(batch, logits_to_keep=keep).logits.float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:][keep[:, :-1]],
+                                                 reduction=reduction)
 
     @torch.no_grad()
     def nll(self, examples: list[Example], batch_size: int = 32) -> tuple[float, int]:
@@ -580,7 +604,8 @@ class SpeechLM(torch.nn.Module):
             inputs, extra = self.input_embeddings(ids, batch["vectors"], None)
             self.positions.mask = ids == self.audio_id
             positions = (attention.cumsum(1) - 1).clamp(min=0)
-            result = self.lm(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, use_cache=cached, **extra)
+            result = self.lm(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, use_cache=cached,
+                             logits_to_keep=1, **extra)
             for _ in range(max_new_tokens):
                 token = result.logits[:, -1].argmax(-1)
                 token = torch.where(done, torch.full_like(token, self.tokenizer.pad_token_id), token)
@@ -601,7 +626,8 @@ class SpeechLM(torch.nn.Module):
                     positions = torch.cat([positions, positions[:, -1:] + 1], 1)
                     inputs, extra = self.input_embeddings(ids, batch["vectors"], None)
                     self.positions.mask = ids == self.audio_id
-                    result = self.lm(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, use_cache=False, **extra)
+                    result = self.lm(inputs_embeds=inputs, attention_mask=attention, position_ids=positions, use_cache=False,
+                                     logits_to_keep=1, **extra)
         tokens = torch.stack(out_tokens, 1).cpu() if out_tokens else torch.zeros((len(examples), 0), dtype=torch.long)
         answers = []
         for row in tokens.tolist():
@@ -682,6 +708,7 @@ class SpeechLM(torch.nn.Module):
         save_tensors(folder / "adapter.safetensors", self.adapter_tensors(), metadata={"format": ADAPTER_FORMAT})
         record = {"format": ADAPTER_FORMAT, "version": 1, "adapter": self.adapter.model_dump(mode="json"), "dus_after": self.dus_after,
                   "base": {"kind": self.base_cfg.kind, "source": self.base_cfg.source, "revision": self.base_cfg.revision,
+                           "frame_stack": self.base_cfg.frame_stack,
                            "weights_sha256": self.base_sha256,
                            **({"gguf_sha256": self.source_record["gguf_sha256"]} if "gguf_sha256" in self.source_record else {})}, "encoder": self.encoder_cfg.model_dump(mode="json"),
                   "parameters": self.parameter_counts(), **lineage}

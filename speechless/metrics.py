@@ -86,3 +86,29 @@ def quantizer_metrics(x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor,
         perplexity=perplexity,
         num_vectors=n,
     )
+
+
+CLAIM_RATIO = 0.9
+"""The Speechless claim, per task: the model adapted on stage-2 speech only scores at least this share of the same
+adapter trained on real speech (the topline)."""
+
+
+def claim_checks(summary: dict) -> dict:
+    """Stage 3's `eval` summary -> per task of its main model: score, ratio to the real-speech topline and whether it
+    is >= CLAIM_RATIO; for closed tasks the best no-listening baseline and whether the score is above it; and
+    `holds`: every check met (None without a topline comparison)."""
+    main = summary.get("main", "")
+    ratios = (summary.get("topline_comparison") or {}).get(main.split("/")[-1], {})
+    scores = ((summary.get("comparison") or {}).get(main) or {}).get("scores", {})
+    baselines = summary.get("no_listening_baselines") or {}
+    tasks: dict[str, dict] = {}
+    for task, row in ratios.items():
+        ratio = row.get("ratio_to_topline")
+        check = {"score": scores.get(task, {}).get("score"), "ratio_to_topline": ratio,
+                 "meets_ratio": ratio is not None and ratio >= CLAIM_RATIO}
+        if task in baselines and check["score"] is not None:
+            check["best_no_listening"] = max(v for k, v in baselines[task].items() if k != "n")
+            check["above_no_listening"] = check["score"] > check["best_no_listening"]
+        tasks[task] = check
+    holds = all(c["meets_ratio"] and c.get("above_no_listening", True) for c in tasks.values()) if tasks else None
+    return {"tasks": tasks, "holds": holds}

@@ -47,6 +47,7 @@ from speechless.adapt import (
     train_loop,
 )
 from speechless.config import Section, to_yaml
+from speechless.data.udhr import read_udhr
 from speechless.encoder import EncoderConfig
 from speechless.errors import UsageError
 from speechless.generate import GenerateConfig
@@ -56,6 +57,7 @@ from speechless.llm import AdapterConfig, BaseConfig, SpeechLM, check_text_lm_ba
 from speechless.runs import RunConfig, config_fingerprint, utc_now
 from speechless.rvq import SpeechRVQ
 from speechless.store import StoreConfig
+from speechless.text_eval import udhr_perplexity
 from speechless.tokens import Stage1, load_split, resolve_stage1
 from speechless.training import finish_run, provenance
 
@@ -121,9 +123,10 @@ class CompareConfig(Section):
     real_speech_topline: bool = False
     """Also train the same adapter(s) on REAL speech tokens of the same training recordings (the topline), and report
     each task's `ratio_to_topline`. Needs the training recordings' stage-1 tokens (split `data.train_split`)."""
-    adapters: list[Literal["lora", "dus"]] = []
-    """Adapter kinds also trained and evaluated, with `adapter`'s other settings (the configured kind is always
-    trained; it is the product)."""
+    adapters: list[Literal["lora", "dus", "lora_all_positions", "dus_all_positions"]] = []
+    """Adapter variants also trained and evaluated, with `adapter`'s other settings (the configured one is always
+    trained; it is the product): lora, dus (speech-only as `adapter.speech_only` says), or either on every position
+    (`*_all_positions`: text-only inputs change too, so the table shows what speech-only keeps of the text skills)."""
 
 
 class Stage3Config(Section):
@@ -155,6 +158,8 @@ class Setup:
 def setup(cfg: Stage3Config, work: Path) -> Setup:
     """Stage 1 (codebooks + encoder), checked against the levels asked for, and the conversations (checked)."""
     stage1 = resolve_stage1(cfg.data.stage1, cfg.store)
+    for lang in cfg.eval.udhr_languages:  # real text for the perplexity table: present before the slow steps
+        read_udhr(lang)
     rvq = SpeechRVQ.load(stage1.folder)
     if (cfg.data.synthetic_levels or 0) > rvq.num_quantizers:
         raise UsageError(f"data.synthetic_levels={cfg.data.synthetic_levels}: stage 1 ({stage1.folder}) has "
@@ -203,10 +208,21 @@ def adapter_folder(out: Path, name: str, main_name: str) -> Path:
     return out if name == main_name else variant_folder(out, name) / "adapter"
 
 
-def train_variant(cfg: Stage3Config, s: Setup, base_cfg: BaseConfig, name: str, tokens: dict, kind: str,
+def variant_name(adapter: AdapterConfig) -> str:
+    """lora / dus, with `_all_positions` when the adapter is not speech-only."""
+    return adapter.kind + ("" if adapter.speech_only else "_all_positions")
+
+
+def variant_adapter(adapter: AdapterConfig, variant: str) -> AdapterConfig:
+    """`adapter` turned into a compared variant (see `CompareConfig.adapters`)."""
+    kind, _, rest = variant.partition("_")
+    return adapter.model_copy(update={"kind": kind, "speech_only": adapter.speech_only and rest != "all_positions"})
+
+
+def train_variant(cfg: Stage3Config, s: Setup, base_cfg: BaseConfig, name: str, tokens: dict, variant: str,
                   levels: int | None) -> tuple[SpeechLM, list[dict]]:
-    """Train one adapter of kind `kind` on the conversations spoken with `tokens` (decoded at `levels`); resumable."""
-    adapter = cfg.adapter.model_copy(update={"kind": kind})
+    """Train one adapter variant on the conversations spoken with `tokens` (decoded at `levels`); resumable."""
+    adapter = variant_adapter(cfg.adapter, variant)
     model = adapted_model(base_cfg, s.encoder_cfg, s.encoder_sha, adapter, cfg.run.seed)
     examples = model.embed_audio_once(speech_examples(model, s.train_rows, tokens, s.rvq, levels=levels))
     fingerprint = f"{config_fingerprint(cfg)} {name} {model.dus_after}"
@@ -219,7 +235,7 @@ def train_variant(cfg: Stage3Config, s: Setup, base_cfg: BaseConfig, name: str, 
 # ----------------------------------------------------------------------------------------------------- evaluate
 
 def evaluate_variant(cfg: Stage3Config, s: Setup, model: SpeechLM, history: list[dict], clips: dict, base_ppl: float,
-                     levels: int | None, main: bool) -> dict:
+                     base_udhr: dict, levels: int | None, main: bool, main_variant: bool) -> dict:
     """Scores on held-out real speech (and, for the configured adapter kind, with the real input through stage 1 at
     the levels the model's training speech had); the same requests as text; text perplexity before/after."""
     result = {"adapter": model.adapter.model_dump(mode="json"), "parameters": model.parameter_counts(), "history": history,
@@ -230,7 +246,12 @@ def evaluate_variant(cfg: Stage3Config, s: Setup, model: SpeechLM, history: list
         result["text"] = evaluate(model, s.eval_rows, None, cfg.eval)
     ppl = perplexity(model, s.eval_rows)
     result["text_perplexity"] = {"before": base_ppl, "after": ppl, "relative_change": round((ppl - base_ppl) / base_ppl, 6)}
-    if model.adapter.kind == cfg.adapter.kind:
+    if base_udhr:
+        after = udhr_perplexity(model, model.tokenizer, list(base_udhr))
+        result["udhr_perplexity"] = {lang: {"before": base_udhr[lang], "after": round(after[lang]["perplexity"], 4),
+                                            "relative_change": round((after[lang]["perplexity"] - base_udhr[lang]) / base_udhr[lang], 6)}
+                                     for lang in base_udhr}
+    if main_variant:
         result["speech_quantized"] = evaluate(model, s.eval_rows, quantized(s.rvq, clips, levels), cfg.eval)
     return result
 
@@ -248,6 +269,9 @@ def summarize(variants: dict, base_text: dict, main_name: str, kinds: list[str],
                                                                                variants[f"{TOPLINE}/{main_kind}"]["speech_quantized"])}
     summary["adapters"] = {name: {"tasks": {t: v["score"] for t, v in r["speech"].items()},
                                   "text_perplexity_change": r["text_perplexity"]["relative_change"],
+                                  **({"udhr_perplexity": {lang: v["after"] for lang, v in r["udhr_perplexity"].items()},
+                                      "udhr_perplexity_change": {lang: v["relative_change"] for lang, v in r["udhr_perplexity"].items()}}
+                                     if "udhr_perplexity" in r else {}),
                                   "trainable_parameters": r["parameters"]["trainable"]} for name, r in variants.items()}
     summary["base_text_scores"] = {t: v["score"] for t, v in base_text.items()}
     # the shape `speechless report` plots
@@ -280,19 +304,22 @@ def train(cfg: Stage3Config) -> dict:
     base = load_base(base_cfg, s.encoder_cfg, s.encoder_sha)
     clips = real_vectors(base, s.eval_rows, s.encoder_cfg)
     base_ppl, base_text = perplexity(base, s.eval_rows), evaluate(base, s.eval_rows, None, cfg.eval)
+    base_udhr = {lang: round(r["perplexity"], 4) for lang, r in udhr_perplexity(base, base.tokenizer, cfg.eval.udhr_languages).items()}
     timings = {"setup_s": round(time.time() - began, 1)}
     lineage = {"stage1": s.stage1.record(), "stage2": stage2_record}
 
     # Train and evaluate the configured adapter on synthetic speech, then whatever `compare` asks for.
-    main_name = f"{SYNTHETIC}/{cfg.adapter.kind}"
-    kinds = list(dict.fromkeys([cfg.adapter.kind] + cfg.compare.adapters))
+    main_variant = variant_name(cfg.adapter)
+    main_name = f"{SYNTHETIC}/{main_variant}"
+    kinds = list(dict.fromkeys([main_variant] + cfg.compare.adapters))
     variants = {}
     for source, tokens in sources.items():
         levels = cfg.data.synthetic_levels if source == SYNTHETIC else None
         for kind in kinds:
             name, t0 = f"{source}/{kind}", time.time()
             model, history = train_variant(cfg, s, base_cfg, name, tokens, kind, levels)
-            variants[name] = evaluate_variant(cfg, s, model, history, clips, base_ppl, levels, name == main_name)
+            variants[name] = evaluate_variant(cfg, s, model, history, clips, base_ppl, base_udhr, levels, name == main_name,
+                                              kind == main_variant)
             if job.is_main:
                 model.save_adapter(adapter_folder(out, name, main_name), {**lineage, "speech_levels": levels, "quantize_real": cfg.eval.quantize_real})
             variants[name]["seconds"] = round(time.time() - t0, 1)
@@ -306,7 +333,8 @@ def train(cfg: Stage3Config) -> dict:
     # Save: metrics, provenance, model card; push.
     held_out = {"source": cfg.data.eval_instructions or f"demo task set, split {cfg.data.eval_split}", "conversations": len(s.eval_rows),
                 "recordings": len(clips), "speech": "real recordings through the model's own audio tower"}
-    metrics = {"eval": {**summary, "base_text": base_text, "base_text_perplexity": base_ppl, "variants": variants, "held_out": held_out},
+    metrics = {"eval": {**summary, "base_text": base_text, "base_text_perplexity": base_ppl,
+                        **({"base_udhr_perplexity": base_udhr} if base_udhr else {}), "variants": variants, "held_out": held_out},
                "timings": {**timings, "total_s": round(time.time() - began, 1)}, "created": utc_now()}
     write_json(out / "metrics.json", metrics)
     data_files = {key: sha256_file(path) for key, path in (("manifest", cfg.data.manifest), ("instructions", cfg.data.instructions),
@@ -334,6 +362,15 @@ def model_card(cfg: Stage3Config, metrics: dict, provenance: dict) -> str:
     for name, row in ev["adapters"].items():
         lines.append(f"| {name} | " + " | ".join(str(row["tasks"].get(t, "")) for t in tasks)
                      + f" | {row['text_perplexity_change']:+.4%} | {row['trainable_parameters']:,} |")
+    if ev.get("base_udhr_perplexity"):
+        langs = list(ev["base_udhr_perplexity"])
+        lines += ["", "Text perplexity on the Universal Declaration of Human Rights (never trained on):", "",
+                  "| model | " + " | ".join(langs) + " |", "|---" * (len(langs) + 1) + "|",
+                  "| base | " + " | ".join(f"{ev['base_udhr_perplexity'][lang]:.2f}" for lang in langs) + " |"]
+        for name, row in ev["adapters"].items():
+            if "udhr_perplexity" in row:
+                lines.append(f"| {name} | " + " | ".join(f"{row['udhr_perplexity'][lang]:.2f} ({row['udhr_perplexity_change'][lang]:+.2%})"
+                                                          for lang in langs) + " |")
     for key, label in (("topline_comparison", "native input"), ("topline_comparison_quantized", "input through stage 1 as in training")):
         for kind, rows in ev.get(key, {}).items():
             lines.append(f"\nSynthetic speech / real-speech topline (ratio), {kind}, {label}: "

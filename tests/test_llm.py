@@ -214,3 +214,42 @@ def test_text_only_base_with_a_trained_projector(setup):
     loss.backward()
     assert model.projector[1].weight.grad is not None and torch.isfinite(loss)
     assert torch.equal(_logits(model, False), base_text)
+
+
+@pytest.mark.parametrize("kind", ["gemma4_audio", "text_lm"])
+def test_loss_from_labelled_positions_equals_the_full_logits_loss(setup, kind):
+    """The loss computes logits only where a labelled token is predicted; it equals cross-entropy over all logits."""
+    source = "configs/llm/tiny_gemma4.json" if kind == "gemma4_audio" else "configs/llm/tiny_gemma3.json"
+    model = make(setup, kind=kind, source=source)
+    batch = model.batch([model.encode(conversation(), [torch.randn(12, 32)]),
+                         model.encode(conversation("Mwalimu alikula wali nyumbani asubuhi."), [torch.randn(7, 32)])])
+    with torch.no_grad():
+        full = model.logits(batch).logits.float()
+        expected = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
+        ours = model.loss(batch, reduction="sum")
+    assert int((batch["labels"] != -100).sum()) > 10
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_frame_stacking_puts_k_frames_on_one_position(setup, tmp_path):
+    from speechless.llm import stack_frames
+
+    frames = torch.arange(5 * 3, dtype=torch.float32).reshape(5, 3)
+    stacked = stack_frames(frames, 2)
+    assert stacked.shape == (3, 6)
+    assert torch.equal(stacked[0], torch.cat([frames[0], frames[1]])) and torch.equal(stacked[2, 3:], torch.zeros(3))
+    _, encoder_cfg, sha, tokenizer = setup
+    cfg = BaseConfig(kind="text_lm", source=str(ROOT / "configs/llm/tiny_gemma3.json"), frame_stack=4, device="cpu")
+    model = load_speech_lm(cfg, encoder_cfg, sha, tokenizer)
+    assert model.projector[1].in_features == 4 * 32
+    example = model.encode(conversation(), [torch.randn(13, 32)])
+    assert example.ids.count(model.audio_id) == 4  # ceil(13 / 4)
+    model.attach(AdapterConfig(kind="lora", lora_rank=4))
+    loss = model.loss(model.batch([example]))
+    loss.backward()
+    assert torch.isfinite(loss) and model.projector[1].weight.grad is not None
+    model.save_adapter(tmp_path / "adapter", {})
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base"]["frame_stack"] == 4
+    with pytest.raises(UsageError, match="base.frame_stack=2: only a text_lm base"):
+        load_speech_lm(BaseConfig(source=str(ROOT / "configs/llm/tiny_gemma4.json"), frame_stack=2, device="cpu"), encoder_cfg, sha, tokenizer)

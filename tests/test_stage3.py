@@ -393,3 +393,36 @@ def test_no_listening_baselines_guess_the_commonest_answer_overall_and_per_label
     assert set(result) == {"where"}  # open tasks have no guessing baseline
     assert result["where"] == {"n": 3, "commonest_answer": round(1 / 3, 4), "commonest_answer_for_verb": round(2 / 3, 4)}
     assert no_listening_baselines(train, held)["where"] == {"n": 3, "commonest_answer": round(1 / 3, 4)}
+
+
+def test_compared_variants_name_speech_only_or_all_positions():
+    from speechless.llm import AdapterConfig
+    from stages.stage3_llm import variant_adapter, variant_name
+
+    product = AdapterConfig(kind="lora", lora_rank=8, speech_only=True)
+    assert variant_name(product) == "lora"
+    everywhere = variant_adapter(product, "lora_all_positions")
+    assert (everywhere.kind, everywhere.speech_only, everywhere.lora_rank) == ("lora", False, 8)
+    assert variant_name(everywhere) == "lora_all_positions"
+    dus = variant_adapter(product, "dus")
+    assert (dus.kind, dus.speech_only) == ("dus", True)
+    assert variant_name(variant_adapter(product.model_copy(update={"speech_only": False}), "dus")) == "dus_all_positions"
+
+
+def test_claim_checks_need_the_ratio_and_every_no_listening_baseline():
+    from speechless.metrics import claim_checks
+
+    def summary(where_synth, where_real, asr_synth=0.5):
+        return {"main": "synthetic_speech/lora",
+                "topline_comparison": {"lora": {"asr": {"ratio_to_topline": round(asr_synth / 0.5, 4)},
+                                                "where": {"ratio_to_topline": round(where_synth / where_real, 4)}}},
+                "comparison": {"synthetic_speech/lora": {"scores": {"asr": {"score": asr_synth}, "where": {"score": where_synth}}}},
+                "no_listening_baselines": {"where": {"n": 10, "commonest_answer": 0.2, "commonest_answer_for_verb": 0.4}}}
+
+    held = claim_checks(summary(0.45, 0.5))
+    assert held["holds"] is True and held["tasks"]["where"]["best_no_listening"] == 0.4
+    low_ratio = claim_checks(summary(0.44, 0.5))  # 0.88 x the topline
+    assert low_ratio["holds"] is False and not low_ratio["tasks"]["where"]["meets_ratio"]
+    guessing = claim_checks(summary(0.38, 0.4))  # 0.95 x the topline, but below the verb's commonest answer
+    assert guessing["holds"] is False and guessing["tasks"]["where"]["above_no_listening"] is False
+    assert claim_checks({"main": "synthetic_speech/lora"})["holds"] is None
