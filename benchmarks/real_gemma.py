@@ -8,6 +8,7 @@ The projector's input width is the stage-1 encoder's; a tiny random encoder conf
 nothing next to the LLM). Prints a markdown table and writes --out as JSON.
 
     OMP_NUM_THREADS=1 python benchmarks/real_gemma.py --threads 1 --out runs/bench/real_gemma.json
+    python benchmarks/real_gemma.py --adapters "lora r16 speech-only" --frame-stacks 1,2,4 --frames 62
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=50, help="audio frames per conversation (2 s at 25 frames/s)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per adapter (after one untimed)")
     parser.add_argument("--adapters", default=",".join(ADAPTERS), help="comma-separated names of ADAPTERS")
+    parser.add_argument("--frame-stacks", default="1", help="comma-separated base.frame_stack values (frames per LLM position)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -63,6 +65,7 @@ def main() -> None:
         encoder_cfg = EncoderConfig(source=str(Path(tmp) / "audio.json"), device="cpu", batch_size=2)
         sha = load_encoder(encoder_cfg).revision
         base_cfg = BaseConfig(kind="text_lm", source=SOURCE, device="cpu")
+        stacks = [int(k) for k in args.frame_stacks.split(",")]
 
         began = time.time()
         model = load_speech_lm(base_cfg, encoder_cfg, sha)
@@ -78,10 +81,10 @@ def main() -> None:
               file=sys.stderr)
 
         results["adapters"] = {}
-        for name in [n.strip() for n in args.adapters.split(",") if n.strip()]:
+        for name, k in [(n.strip(), k) for n in args.adapters.split(",") if n.strip() for k in stacks]:
             if name not in ADAPTERS:
                 parser.error(f"--adapters: unknown {name!r}; choose from {', '.join(ADAPTERS)}")
-            model = load_speech_lm(base_cfg, encoder_cfg, sha)
+            model = load_speech_lm(base_cfg.model_copy(update={"frame_stack": k}), encoder_cfg, sha)
             model.attach(ADAPTERS[name])
             params = model.trainable_parameters()
             optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4)
@@ -104,6 +107,8 @@ def main() -> None:
             row = {"trainable": counts["trainable"], "tokens_per_step": tokens, "step_s": round(sum(times) / len(times), 2),
                    "train_tokens_per_s": round(tokens * len(times) / sum(times), 1), "loss": round(loss.item(), 3),
                    "peak_rss_gb": round(peak_rss_gb(), 2)}
+            if len(stacks) > 1:
+                name = f"{name}, frame_stack {k}"
             results["adapters"][name] = row
             print(f"{name}: {row}", file=sys.stderr)
             del model, optimizer, params

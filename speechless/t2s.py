@@ -70,6 +70,14 @@ class T2SConfig(Section):
     backbone_revision: str | None = None
     """Hub revision (commit sha, tag or branch) of a pretrained backbone; None = main. The resolved files are recorded."""
 
+    freeze_text_embeddings: bool = False
+    """Keep the backbone's token embeddings as they are (not trained): with a pretrained backbone whose vocabulary is
+    most of its weights (Gemma 3 270M: 168 M of 268 M) the optimizer then skips them."""
+
+    backbone_layers: int | None = Field(None, ge=1)
+    """Keep only the first N decoder layers of a pretrained backbone (its lower layers, with their token and word
+    knowledge, at N / L of the cost); None = all of them."""
+
     tokenizer: str | None = None
     """Text tokenizer: a `tokenizer.json` file, or None = train a BPE tokenizer on the training text (random-weight
     backbone) / use the pretrained backbone's own `tokenizer.json`."""
@@ -418,6 +426,9 @@ def load_backbone(cfg: T2SConfig, vocab_size: int | None, seed: int = 0):
         data = read_json(path)
         if not isinstance(data, dict) or "model_type" not in data:
             raise UsageError(f"model.backbone {source}: not a Hugging Face model config (no 'model_type')")
+        if cfg.backbone_layers is not None:
+            raise UsageError(f"model.backbone_layers={cfg.backbone_layers}: a config backbone ({source}) sets its layers itself "
+                             "(num_hidden_layers); set model.backbone_layers=null")
         data = dict(data)
         if vocab_size is not None:
             data["vocab_size"] = vocab_size
@@ -434,7 +445,7 @@ def load_backbone(cfg: T2SConfig, vocab_size: int | None, seed: int = 0):
         model, _, record = load_causal_lm(source, cfg.backbone_revision, "model.backbone", with_tokenizer=False)
         if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
             model.resize_token_embeddings(vocab_size)
-        return model, {**record, "pretrained": True}
+        return keep_layers(model, cfg.backbone_layers), {**record, "pretrained": True, "layers": cfg.backbone_layers}
     try:
         # safetensors only: a repo or folder holding only pickled weights (.bin) is refused, never unpickled
         model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.backbone_revision, dtype=torch.float32, use_safetensors=True)
@@ -444,7 +455,24 @@ def load_backbone(cfg: T2SConfig, vocab_size: int | None, seed: int = 0):
     if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size)
     commit = getattr(model.config, "_commit_hash", None)
-    return model, {"source": source, "pretrained": True, "revision": cfg.backbone_revision, "commit": commit}
+    return keep_layers(model, cfg.backbone_layers), {"source": source, "pretrained": True, "revision": cfg.backbone_revision,
+                                                     "commit": commit, "layers": cfg.backbone_layers}
+
+
+def keep_layers(model, n: int | None):
+    """The causal LM cut to its first `n` decoder layers (config updated, so a saved checkpoint rebuilds that shape)."""
+    if n is None:
+        return model
+    inner = model.base_model
+    total = len(inner.layers)
+    if n > total:
+        raise UsageError(f"model.backbone_layers={n}: the backbone has {total} decoder layers; set at most {total} (or null)")
+    inner.layers = inner.layers[:n]
+    for config in {id(c): c for c in (model.config, inner.config)}.values():
+        config.num_hidden_layers = n
+        if getattr(config, "layer_types", None):
+            config.layer_types = list(config.layer_types)[:n]
+    return model
 
 
 def pretrained_tokenizer_file(cfg: T2SConfig) -> Path:
@@ -512,6 +540,8 @@ class T2SModel(torch.nn.Module):
         self.backbone_source = backbone_source or {}
         self.delays = delays_for(cfg.frame_mode, num_levels)
         self.lm = backbone.float()
+        if cfg.freeze_text_embeddings:
+            self.lm.get_input_embeddings().weight.requires_grad_(False)
         hidden = backbone.config.hidden_size
         self.hidden = hidden
         self.in_vocab = codebook_size + 3  # codes, EOA, PAD, BOA

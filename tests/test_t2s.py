@@ -349,3 +349,25 @@ def test_guidance_zero_is_text_free_and_guided_generation_batches_like_single_ro
     assert any(not torch.equal(a, b) for a, b in zip(guided, model.generate(ids, [0, 1, 0, 1], max_frames=12, target_frames=frames)[0]))
     with pytest.raises(UsageError, match="unconditional_prob"):
         tiny_model(tmp_path).generate(ids[:1], max_frames=5, guidance=2.0)
+
+
+def test_backbone_layers_keeps_the_first_decoder_layers_of_a_pretrained_backbone(tmp_path):
+    """A folder backbone cut to its first layers: config updated (a saved checkpoint rebuilds that shape), the kept
+    layers are the original ones; more layers than it has, or a config backbone, are refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from speechless.t2s import T2SConfig, load_backbone
+
+    data = json.loads(open("configs/llm/tiny_gemma3.json").read())
+    data.pop("_comment")
+    full = AutoModelForCausalLM.from_config(AutoConfig.for_model(data.pop("model_type"), **data))
+    full.save_pretrained(tmp_path / "lm")
+    cut, record = load_backbone(T2SConfig(backbone=str(tmp_path / "lm"), backbone_layers=1), None)
+    assert len(cut.base_model.layers) == 1 and cut.config.num_hidden_layers == 1 and cut.config.layer_types == ["sliding_attention"]
+    assert record["layers"] == 1
+    assert torch.equal(cut.base_model.layers[0].mlp.up_proj.weight, full.base_model.layers[0].mlp.up_proj.weight)
+    assert cut.base_model(input_ids=torch.tensor([[1, 2, 3]])).last_hidden_state.shape == (1, 3, 64)
+    with pytest.raises(UsageError, match="backbone_layers=3: the backbone has 2 decoder layers"):
+        load_backbone(T2SConfig(backbone=str(tmp_path / "lm"), backbone_layers=3), None)
+    with pytest.raises(UsageError, match="sets its layers itself"):
+        load_backbone(T2SConfig(backbone="configs/t2s/tiny_backbone.json", backbone_layers=1), 96)
