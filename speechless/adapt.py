@@ -65,6 +65,9 @@ class PretrainConfig(Section):
     """Conversations (as text) per step."""
     learning_rate: float = Field(3e-3, gt=0.0)
     """Peak AdamW learning rate (50 warmup steps, cosine decay to 0.1 x)."""
+    seed: int = 0
+    """Seed of the text pre-training's data order: the demo's stand-in for a pretrained LLM is the same base whatever
+    seed (`run.seed`) the adaptation runs with."""
 
 
 class EvalConfig(Section):

@@ -104,11 +104,28 @@ def claim_checks(summary: dict) -> dict:
     tasks: dict[str, dict] = {}
     for task, row in ratios.items():
         ratio = row.get("ratio_to_topline")
-        check = {"score": scores.get(task, {}).get("score"), "ratio_to_topline": ratio,
-                 "meets_ratio": ratio is not None and ratio >= CLAIM_RATIO}
+        check = {"score": scores.get(task, {}).get("score"), "real_speech_topline": row.get("real_speech_topline"),
+                 "ratio_to_topline": ratio, "meets_ratio": ratio is not None and ratio >= CLAIM_RATIO}
         if task in baselines and check["score"] is not None:
             check["best_no_listening"] = max(v for k, v in baselines[task].items() if k != "n")
             check["above_no_listening"] = check["score"] > check["best_no_listening"]
         tasks[task] = check
     holds = all(c["meets_ratio"] and c.get("above_no_listening", True) for c in tasks.values()) if tasks else None
     return {"tasks": tasks, "holds": holds}
+
+
+def seeds_summary(per_seed: dict[str, dict]) -> dict:
+    """{seed: stage 3's `eval` summary} -> every seed's `claim_checks`, the mean per task of the synthetic-speech
+    score, the topline's and their ratio, and at how many seeds the claim holds (it holds when it holds at every one)."""
+    checks = {seed: claim_checks(summary) for seed, summary in per_seed.items()}
+    tasks = sorted({task for check in checks.values() for task in check["tasks"]})
+
+    def mean(task: str, key: str) -> float | None:
+        values = [c["tasks"][task][key] for c in checks.values() if c["tasks"].get(task, {}).get(key) is not None]
+        return round(sum(values) / len(values), 4) if values else None
+
+    holds_at = sum(check["holds"] is True for check in checks.values())
+    return {"seeds": checks, "mean_score": {t: mean(t, "score") for t in tasks},
+            "mean_real_speech_topline": {t: mean(t, "real_speech_topline") for t in tasks},
+            "mean_ratio_to_topline": {t: mean(t, "ratio_to_topline") for t in tasks},
+            "holds_at": holds_at, "holds_at_every_seed": bool(checks) and holds_at == len(checks)}

@@ -13,6 +13,7 @@ real Gemma 4 checkpoint folder; a new encoder revision makes stage 1 (and so eve
     RUN_DIR/
       pipeline.json  metrics.json  resolved_config.yaml  report/index.html (+ PNGs)
       corpus/  [encoder/]  stage1/  stage2/  stage3_base/ (demo: the text-pretrained base)  stage3/
+      [stage3_seeds/seed<N>/ (stage 3 again at each of `seeds`) + metrics.json (the claim check per seed)]
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class PipelineConfig(Section):
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
     stage3: Stage3Config = Stage3Config()
+    seeds: list[int] = []
+    """Further stage-3 seeds: stage 3 again at each (its `run.seed`: the adapters' initial weights, the data order; and
+    stage 2's sampling of the training speech, `data.generate.seed`), each in `stage3_seeds/seed<N>/`, with the same
+    base. The step's metrics give the claim check at every seed (stage 3's own included), the means, and at how many
+    seeds the claim holds. [] = stage 3 once."""
     store: StoreConfig = StoreConfig()
     """The store every stage pushes to and reads from (each stage's own `store` section is set to this one)."""
 
@@ -195,6 +201,48 @@ def _stage3_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path)
     return train(step_cfg)
 
 
+class SeedsStepConfig(Section):
+    """The `stage3_seeds` step: stage 3's resolved config (run folder and seed set per repeat) and the seeds."""
+
+    stage3: Stage3Config
+    seeds: list[int]
+
+
+def _seeds_configure(cfg: PipelineConfig, folder: Path, upstream: dict) -> Section:
+    stage3 = _stage3_configure(cfg, folder.parent / "stage3", upstream)
+    return SeedsStepConfig(stage3=stage3.model_copy(update={"run": stage3.run.model_copy(update={"push": False})}),
+                           seeds=[seed for seed in cfg.seeds if seed != cfg.stage3.run.seed])
+
+
+def seed_config(stage3: Stage3Config, folder: Path, seed: int) -> Stage3Config:
+    """Stage 3's config for one repeat: its own run folder, the seed for the adaptation and stage 2's sampling."""
+    return stage3.model_copy(update={
+        "run": stage3.run.model_copy(update={"seed": seed, "out_dir": str(folder / f"seed{seed}")}),
+        "data": stage3.data.model_copy(update={"generate": stage3.data.generate.model_copy(update={"seed": seed})})})
+
+
+def _seeds_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path) -> dict:
+    """Stage 3 at every further seed (a repeat already finished with the same config is read, not run again), then
+    the claim check of each seed and their summary in `stage3_seeds/metrics.json`."""
+    from speechless.metrics import seeds_summary
+    from stages.stage3_llm import train
+
+    per_seed = {str(cfg.stage3.run.seed): read_json(Path(step_cfg.stage3.run.out_dir) / "metrics.json")["eval"]}
+    for seed in step_cfg.seeds:
+        seed_cfg = seed_config(step_cfg.stage3, folder, seed)
+        out = Path(seed_cfg.run.out_dir)
+        done = (out / "metrics.json").is_file() and (out / "resolved_config.yaml").is_file() \
+            and (out / "resolved_config.yaml").read_text(encoding="utf-8") == to_yaml(seed_cfg)
+        if done:
+            log.info(f"pipeline stage3_seeds: seed {seed} already finished with this config")
+        per_seed[str(seed)] = read_json(out / "metrics.json")["eval"] if done else train(seed_cfg)["eval"]
+    summary = seeds_summary(per_seed)
+    write_json(folder / "metrics.json", {"eval": summary})
+    log.info(f"stage 3 over {len(per_seed)} seeds: the claim holds at {summary['holds_at']}; mean ratio to the topline "
+             + ", ".join(f"{t} {v}" for t, v in summary["mean_ratio_to_topline"].items()))
+    return {"out_dir": str(folder)}
+
+
 STEPS = [
     Step("data", "corpus", "all.jsonl", _data_configure, _data_execute, None),
     Step("stage1", "stage1", "model.safetensors", _stage1_configure, _stage1_execute, "data"),
@@ -202,16 +250,17 @@ STEPS = [
     Step("stage3", "stage3", "adapter.safetensors", _stage3_configure, _stage3_execute, "stage2"),
 ]
 ENCODER_STEP = Step("encoder", "encoder", "model.safetensors", _encoder_configure, _encoder_execute, "data")
-STEP_NAMES = ["data", "encoder", "stage1", "stage2", "stage3"]
+SEEDS_STEP = Step("stage3_seeds", "stage3_seeds", "metrics.json", _seeds_configure, _seeds_execute, "stage3")
+STEP_NAMES = ["data", "encoder", "stage1", "stage2", "stage3", "stage3_seeds"]
 
 
 def pipeline_steps(cfg: PipelineConfig) -> list[Step]:
-    """The steps of a run: STEPS, with the encoder step between data and stage 1 when the config has one."""
-    if cfg.encoder is None:
-        return list(STEPS)
+    """The steps of a run: STEPS, with the encoder step between data and stage 1 when the config has one, and the
+    stage-3 repeats at the end when it asks for further seeds."""
     from dataclasses import replace
 
-    return [STEPS[0], ENCODER_STEP, replace(STEPS[1], upstream="encoder"), *STEPS[2:]]
+    steps = list(STEPS) if cfg.encoder is None else [STEPS[0], ENCODER_STEP, replace(STEPS[1], upstream="encoder"), *STEPS[2:]]
+    return steps + ([SEEDS_STEP] if cfg.seeds else [])
 
 
 # ------------------------------------------------------------------------------------------------------ planning
@@ -355,7 +404,7 @@ def gather_metrics(out: Path) -> dict:
     state = read_state(out)
     gathered: dict = {"steps": {name: {k: rec.get(k) for k in ("revision", "seconds", "pushed")}
                                 for name, rec in state["steps"].items()}}
-    for step in [ENCODER_STEP, *STEPS[1:]]:
+    for step in [ENCODER_STEP, *STEPS[1:], SEEDS_STEP]:
         metrics_file = out / step.folder / "metrics.json"
         if metrics_file.is_file():
             gathered[step.name] = read_json(metrics_file).get("eval", {})

@@ -260,6 +260,30 @@ def _section(title: str, numbers: dict, images: list[str], missing: str) -> str:
     return f"<h2>{html.escape(title)}</h2>{body}"
 
 
+def seeds_section(run_dir: Path) -> str:
+    """Stage 3 over seeds: per seed and task the score on stage-2 speech, the real-speech topline's and their ratio,
+    whether it is above the no-listening baselines, and whether the claim holds; then the means."""
+    ev = _metrics(run_dir / "stage3_seeds").get("eval", {})
+    if not ev.get("seeds"):
+        return ""
+    tasks = list(ev["mean_ratio_to_topline"])
+
+    def cell(check: dict) -> str:
+        text = f"{_fmt(check['score'])} / {_fmt(check['real_speech_topline'])} = {_fmt(check['ratio_to_topline'])}"
+        if "above_no_listening" in check:
+            text += f" ({'above' if check['above_no_listening'] else 'not above'} no listening {_fmt(check['best_no_listening'])})"
+        return text
+
+    rows = [("seed", *tasks, "claim holds")]
+    for seed, check in ev["seeds"].items():
+        rows.append((seed, *(cell(check["tasks"][t]) if t in check["tasks"] else "-" for t in tasks), _fmt(check["holds"])))
+    rows.append(("mean", *(f"{_fmt(ev['mean_score'][t])} / {_fmt(ev['mean_real_speech_topline'][t])} = {_fmt(ev['mean_ratio_to_topline'][t])}"
+                           for t in tasks), f"at {ev['holds_at']} of {len(ev['seeds'])} seeds"))
+    return (f"<h2>Stage 3 over {len(ev['seeds'])} seeds (held-out real speech)</h2><p>Each cell: score on stage-2 speech / "
+            f"real-speech topline = ratio (claim: >= {CLAIM_RATIO} on every task, and above every no-listening baseline "
+            "on closed tasks, at every seed).</p>" + _table(rows))
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/report/index.html and its PNGs; returns the page's path."""
     run_dir = Path(run_dir)
@@ -306,6 +330,7 @@ td{{border:1px solid #ccc;padding:2px 8px;font-size:13px}} img{{max-width:100%;d
 {_section("Stage 1: speech tokenizer (held-out)", numbers1, stage1_plots(s1, out), "stage 1 has not run in this folder")}
 {_section("Stage 2: text to semantic tokens (round trip)", numbers2, stage2_plots(s2, s1, out), "stage 2 has not run in this folder")}
 {_section("Stage 3: LLM adaptation (held-out real speech)", numbers3, stage3_plots(s3, out), "stage 3 has not run in this folder")}
+{seeds_section(run_dir)}
 </body></html>"""
     page_path = out / "index.html"
     write_text(page_path, page)

@@ -299,7 +299,7 @@ def train(cfg: Stage3Config) -> dict:
     if not cfg.pretrain.enabled:
         check_text_lm_base(cfg.base)  # chat turns and audio slots of a pretrained text LM, before the slow steps
     if cfg.pretrain.enabled:
-        base_cfg = pretrain_base(cfg.base, cfg.pretrain, s.encoder_cfg, s.encoder_sha, s.train_rows, cfg.data.tasks, cfg.run.seed)
+        base_cfg = pretrain_base(cfg.base, cfg.pretrain, s.encoder_cfg, s.encoder_sha, s.train_rows, cfg.data.tasks, cfg.pretrain.seed)
     sources, stage2_record = speech_sources(cfg, s, work)
     base = load_base(base_cfg, s.encoder_cfg, s.encoder_sha)
     clips = real_vectors(base, s.eval_rows, s.encoder_cfg)

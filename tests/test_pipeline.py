@@ -191,3 +191,24 @@ def test_report_renders_in_headless_chromium(cli, finished):
 def test_report_of_a_missing_folder_is_a_usage_error(cli, tmp_path):
     result = cli("report", tmp_path / "nope")
     assert result.exit_code == 2 and "nope" in result.stderr
+
+
+def test_further_seeds_repeat_stage3_each_in_its_own_folder(cli, finished, pipeline_config):
+    """`seeds`: stage 3 again at each further seed (own folder, own seed, same base), a summary over every seed in the
+    step's metrics and the report; a second run skips the step. (Last in this file: it adds a step to `finished`.)"""
+    run_dir = finished
+    result = cli("run", "-c", pipeline_config, "--set", "seeds=[0,7]", "--no-report")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.count("skipped") == 4  # the finished steps are reused; only the repeat runs
+    repeat = run_dir / "stage3_seeds" / "seed7"
+    resolved = yaml.safe_load((repeat / "resolved_config.yaml").read_text())
+    assert resolved["run"]["seed"] == 7 and resolved["data"]["generate"]["seed"] == 7
+    assert resolved["pretrain"]["out_dir"] == str(run_dir / "stage3_base") and (repeat / "adapter.safetensors").is_file()
+    assert not (run_dir / "stage3_seeds" / "seed0").exists()  # stage 3's own seed is not run twice
+    summary = json.loads((run_dir / "stage3_seeds" / "metrics.json").read_text())["eval"]
+    assert list(summary["seeds"]) == ["0", "7"]
+    assert summary["holds_at"] == 0 and summary["seeds"]["7"]["holds"] is None  # no topline in this config: nothing to hold
+    assert "stage3_seeds" in json.loads((run_dir / "metrics.json").read_text())
+    again = cli("run", "-c", pipeline_config, "--set", "seeds=[0,7]")
+    assert again.exit_code == 0 and again.stderr.count("skipped") == 5
+    assert "Stage 3 over 2 seeds" in (run_dir / "report" / "index.html").read_text()

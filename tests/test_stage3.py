@@ -426,3 +426,19 @@ def test_claim_checks_need_the_ratio_and_every_no_listening_baseline():
     guessing = claim_checks(summary(0.38, 0.4))  # 0.95 x the topline, but below the verb's commonest answer
     assert guessing["holds"] is False and guessing["tasks"]["where"]["above_no_listening"] is False
     assert claim_checks({"main": "synthetic_speech/lora"})["holds"] is None
+
+
+def test_seeds_summary_holds_only_when_every_seed_holds():
+    from speechless.metrics import seeds_summary
+
+    def summary(where):
+        return {"main": "synthetic_speech/lora",
+                "topline_comparison": {"lora": {"where": {"real_speech_topline": 0.5, "ratio_to_topline": round(where / 0.5, 4)}}},
+                "comparison": {"synthetic_speech/lora": {"scores": {"where": {"score": where}}}},
+                "no_listening_baselines": {"where": {"n": 10, "commonest_answer": 0.2}}}
+
+    result = seeds_summary({"0": summary(0.5), "1": summary(0.4), "2": summary(0.47)})
+    assert [check["holds"] for check in result["seeds"].values()] == [True, False, True]
+    assert result["holds_at"] == 2 and result["holds_at_every_seed"] is False
+    assert result["mean_score"]["where"] == round((0.5 + 0.4 + 0.47) / 3, 4) and result["mean_real_speech_topline"]["where"] == 0.5
+    assert seeds_summary({"0": summary(0.5)})["holds_at_every_seed"] is True

@@ -371,3 +371,13 @@ def test_backbone_layers_keeps_the_first_decoder_layers_of_a_pretrained_backbone
         load_backbone(T2SConfig(backbone=str(tmp_path / "lm"), backbone_layers=3), None)
     with pytest.raises(UsageError, match="sets its layers itself"):
         load_backbone(T2SConfig(backbone="configs/t2s/tiny_backbone.json", backbone_layers=1), 96)
+
+
+def test_frozen_text_embeddings_are_left_out_of_the_optimizer(tmp_path):
+    from speechless.training import adamw
+
+    frozen, trained = tiny_model(tmp_path, freeze_text_embeddings=True), tiny_model(tmp_path)
+    embedding = frozen.lm.get_input_embeddings().weight
+    assert not embedding.requires_grad and trained.lm.get_input_embeddings().weight.requires_grad
+    in_optimizer = {id(p) for group in adamw(frozen, 1e-3, 0.01).param_groups for p in group["params"]}
+    assert id(embedding) not in in_optimizer and id(frozen.level_embed.weight) in in_optimizer
