@@ -148,10 +148,11 @@ def train_loop(model: SpeechLM, examples: list[Example], steps: int, batch_size:
     loss_fn = distributed.data_parallel(model, "loss", trainable_only=True)
     lengths = [len(e.ids) for e in examples]
     per_epoch = math.ceil(len(examples) / batch_size)
-    began = time.time()
+    began, fed = time.time(), 0
     for step in range(start, steps):
         epoch, index = divmod(step, per_epoch)
         batch = [examples[i] for i in length_batches(lengths, batch_size, seed, epoch)[index]]
+        fed += sum(len(e.ids) for e in batch)
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step, steps, warmup, min_lr_ratio)
         local, scale = distributed.shard(batch, job), job.world_size / max(1, sum(e.targets for e in batch))
@@ -164,7 +165,8 @@ def train_loop(model: SpeechLM, examples: list[Example], steps: int, batch_size:
         optimizer.step()
         if (step + 1) % 50 == 0 or step + 1 == steps:
             mean_loss = distributed.all_reduce_mean(loss.item())  # the global batch's mean loss
-            state["history"].append({"step": step + 1, "loss": round(mean_loss, 4), "seconds": round(time.time() - began, 1)})
+            state["history"].append({"step": step + 1, "loss": round(mean_loss, 4), "seconds": round(time.time() - began, 1),
+                                     "tokens": fed})  # seconds and tokens (non-pad, the global batch's) since this process began
             log.info(f"{what}: step {step + 1}/{steps} loss {mean_loss:.4f}")
         if job.is_main and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(work, step + 1, {n: p.detach() for n, p in params.items()}, optimizer, state, keep=1)
