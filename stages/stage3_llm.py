@@ -248,7 +248,8 @@ def evaluate_variant(cfg: Stage3Config, s: Setup, model: SpeechLM, history: list
     result["text_perplexity"] = {"before": base_ppl, "after": ppl, "relative_change": round((ppl - base_ppl) / base_ppl, 6)}
     if base_udhr:
         after = udhr_perplexity(model, model.tokenizer, list(base_udhr))
-        result["udhr_perplexity"] = {lang: {"before": base_udhr[lang], "after": round(after[lang]["perplexity"], 4),
+        # the change from the unrounded perplexities: a speech-only adapter's is exactly 0
+        result["udhr_perplexity"] = {lang: {"before": round(base_udhr[lang], 4), "after": round(after[lang]["perplexity"], 4),
                                             "relative_change": round((after[lang]["perplexity"] - base_udhr[lang]) / base_udhr[lang], 6)}
                                      for lang in base_udhr}
     if main_variant:
@@ -304,7 +305,7 @@ def train(cfg: Stage3Config) -> dict:
     base = load_base(base_cfg, s.encoder_cfg, s.encoder_sha)
     clips = real_vectors(base, s.eval_rows, s.encoder_cfg)
     base_ppl, base_text = perplexity(base, s.eval_rows), evaluate(base, s.eval_rows, None, cfg.eval)
-    base_udhr = {lang: round(r["perplexity"], 4) for lang, r in udhr_perplexity(base, base.tokenizer, cfg.eval.udhr_languages).items()}
+    base_udhr = {lang: r["perplexity"] for lang, r in udhr_perplexity(base, base.tokenizer, cfg.eval.udhr_languages).items()}
     timings = {"setup_s": round(time.time() - began, 1)}
     lineage = {"stage1": s.stage1.record(), "stage2": stage2_record}
 
@@ -334,7 +335,8 @@ def train(cfg: Stage3Config) -> dict:
     held_out = {"source": cfg.data.eval_instructions or f"demo task set, split {cfg.data.eval_split}", "conversations": len(s.eval_rows),
                 "recordings": len(clips), "speech": "real recordings through the model's own audio tower"}
     metrics = {"eval": {**summary, "base_text": base_text, "base_text_perplexity": base_ppl,
-                        **({"base_udhr_perplexity": base_udhr} if base_udhr else {}), "variants": variants, "held_out": held_out},
+                        **({"base_udhr_perplexity": {lang: round(v, 4) for lang, v in base_udhr.items()}} if base_udhr else {}),
+                        "variants": variants, "held_out": held_out},
                "timings": {**timings, "total_s": round(time.time() - began, 1)}, "created": utc_now()}
     write_json(out / "metrics.json", metrics)
     data_files = {key: sha256_file(path) for key, path in (("manifest", cfg.data.manifest), ("instructions", cfg.data.instructions),

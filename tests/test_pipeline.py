@@ -38,7 +38,7 @@ def pipeline_config(tmp_path_factory) -> Path:
                    "data": {"voices_per_sentence": 1, "eval_voices_per_sentence": 1, "generate": {"max_seconds": 2}},
                    "pretrain": {"enabled": True, "steps": 10, "batch_size": 8, "vocab_size": 120},
                    "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2},
-                   "eval": {"max_new_tokens": 8}, "compare": {"real_speech_topline": False}},
+                   "eval": {"max_new_tokens": 8, "udhr_languages": ["eng"]}, "compare": {"real_speech_topline": False}},
     }
     path = root / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -86,6 +86,10 @@ def test_full_run_outputs_and_metrics(finished):
         assert f"<td>{step}" in summary, step
     assert "meets" in summary or "misses" in summary
     assert "without listening" in page  # the closed tasks' guessing baselines beside the scores
+    # real text never trained on: a speech-only adapter leaves its perplexity exactly the base's
+    udhr = metrics["stage3"]["variants"]["synthetic_speech/lora"]["udhr_perplexity"]["eng"]
+    assert udhr["before"] > 1 and udhr["relative_change"] == 0.0
+    assert "Universal Declaration" in (finished / "stage3" / "README.md").read_text()
 
 
 def test_second_run_skips_every_step(cli, finished, pipeline_config):
