@@ -251,7 +251,6 @@ STEPS = [
 ]
 ENCODER_STEP = Step("encoder", "encoder", "model.safetensors", _encoder_configure, _encoder_execute, "data")
 SEEDS_STEP = Step("stage3_seeds", "stage3_seeds", "metrics.json", _seeds_configure, _seeds_execute, "stage3")
-STEP_NAMES = ["data", "encoder", "stage1", "stage2", "stage3", "stage3_seeds"]
 
 
 def pipeline_steps(cfg: PipelineConfig) -> list[Step]:
