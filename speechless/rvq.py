@@ -113,6 +113,21 @@ class RVQConfig(Section):
     other vectors of the call. Default 4096: fast on CPU, 32 MiB of distances per chunk at 2048 codes."""
 
 
+def residual_codes(residual: torch.Tensor, books: torch.Tensor, norms: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy residual assignment: codes (N, Q) of standardised vectors `residual` (N, D), level by level the codeword
+    of `books` (Q, K, D) nearest to what the levels before left (argmin ||c||^2 - 2 r.c; `norms` (Q, K) = ||c||^2).
+    `residual` is consumed (left holding the final residual); `scores` (N, K) is an optional reusable buffer."""
+    if scores is None:
+        scores = torch.empty(residual.shape[0], books.shape[1], dtype=residual.dtype, device=residual.device)
+    codes = torch.empty(residual.shape[0], books.shape[0], dtype=torch.long, device=residual.device)
+    for level in range(books.shape[0]):
+        torch.addmm(norms[level].unsqueeze(0), residual, books[level].t(), alpha=-2.0, out=scores)
+        idx = scores.min(1).indices
+        residual.sub_(torch.index_select(books[level], 0, idx))
+        codes[:, level] = idx
+    return codes
+
+
 def _state_keys(num_quantizers: int) -> list[str]:
     keys = ["mean", "std", "needs_usage_rescale"]
     for level in range(num_quantizers):
@@ -416,11 +431,7 @@ class SpeechRVQ(torch.nn.Module):
             rows = block.shape[0]
             torch.sub(block.float(), self.mean, out=residual[:rows]).div_(self.std)  # = standardize(block)
             residual[rows:].zero_()
-            for level in range(self.num_quantizers):
-                torch.addmm(norms[level].unsqueeze(0), residual, books[level].t(), alpha=-2.0, out=scores)
-                idx = scores.min(1).indices
-                residual.sub_(torch.index_select(books[level], 0, idx))
-                codes[start:start + rows, level] = idx[:rows]
+            codes[start:start + rows] = residual_codes(residual, books, norms, scores)[:rows]
         return codes
 
     @torch.no_grad()

@@ -129,6 +129,13 @@ class T2SConfig(Section):
     """0 = off. W > 0: every audio step also reads the text token spoken there (see `alignment`) and W tokens on each
     side, each through its own linear map, so the model reads the text locally."""
 
+    decoder: Literal["autoregressive", "parallel"] = "autoregressive"
+    """'autoregressive': frame by frame, each step reading the codes before it and predicting the next codes
+    (cross-entropy per level; sampling). 'parallel': every frame at once from the text aligned to it (needs alignment
+    'ctc' and frame_mode 'parallel'), non-autoregressive like FastSpeech: the model regresses each frame's decoded
+    stage-1 vector (squared error, stage 1's standardised units) and stage 1's own codebooks turn it into codes; one
+    forward pass per text, deterministic. Evidence: docs/results.md."""
+
     alignment: Literal["constant_rate", "ctc"] = "constant_rate"
     """Which text token the text window puts at each frame. 'constant_rate': token floor(s x n / T) of n at step s of
     T frames (needs progress_buckets). 'ctc': each token's frames in the real training audio, from CTC forced alignment
@@ -526,7 +533,8 @@ class T2SModel(torch.nn.Module):
 
     def __init__(self, cfg: T2SConfig, backbone, text: TextEncoder, num_levels: int, codebook_size: int,
                  speakers: list[str], stage1: dict, backbone_source: dict | None = None,
-                 duration: DurationModel | None = None):
+                 duration: DurationModel | None = None, codebooks: torch.Tensor | None = None,
+                 vector_dim: int | None = None):
         super().__init__()
         self.duration = duration
         """Predicts an utterance's frames from its text (needed when cfg.progress_buckets > 0)."""
@@ -539,6 +547,18 @@ class T2SModel(torch.nn.Module):
         """{'revision': sha256 of the stage-1 weights these codes belong to, 'ref': the folder or store ref used}."""
         self.backbone_source = backbone_source or {}
         self.delays = delays_for(cfg.frame_mode, num_levels)
+        self.parallel = cfg.decoder == "parallel"
+        if self.parallel:
+            if cfg.alignment != "ctc" or cfg.frame_mode != "parallel":
+                raise UsageError("model.decoder 'parallel' predicts every frame from the text aligned to it: set "
+                                 "model.alignment: ctc and model.frame_mode: parallel")
+            if codebooks is None and vector_dim is None:
+                raise UsageError("model.decoder 'parallel' regresses stage-1 vectors: build the model with the stage-1 codebooks")
+            shape = tuple(codebooks.shape) if codebooks is not None else (num_levels, codebook_size, int(vector_dim))
+            if shape[:2] != (num_levels, codebook_size):
+                raise UsageError(f"stage-1 codebooks of shape {shape}; expected ({num_levels}, {codebook_size}, D)")
+            # Stage 1's codebooks (standardised units), kept with the weights so the checkpoint speaks on its own.
+            self.register_buffer("codebooks", codebooks.float().clone() if codebooks is not None else torch.zeros(shape))
         self.lm = backbone.float()
         if cfg.freeze_text_embeddings:
             self.lm.get_input_embeddings().weight.requires_grad_(False)
@@ -546,8 +566,10 @@ class T2SModel(torch.nn.Module):
         self.hidden = hidden
         self.in_vocab = codebook_size + 3  # codes, EOA, PAD, BOA
         self.out_vocab = codebook_size + 1  # codes, EOA
-        self.level_embed = torch.nn.Embedding(num_levels * self.in_vocab, hidden)
-        torch.nn.init.normal_(self.level_embed.weight, std=0.02 / math.sqrt(num_levels))
+        self.level_embed = None  # the parallel decoder reads no codes
+        if not self.parallel:
+            self.level_embed = torch.nn.Embedding(num_levels * self.in_vocab, hidden)
+            torch.nn.init.normal_(self.level_embed.weight, std=0.02 / math.sqrt(num_levels))
         self.register_buffer("level_offsets", torch.arange(num_levels) * self.in_vocab, persistent=False)
         self.speaker_embed = torch.nn.Embedding(max(len(self.speakers), 1), hidden) if cfg.speaker_embedding and self.speakers else None
         if self.speaker_embed is not None:
@@ -572,13 +594,18 @@ class T2SModel(torch.nn.Module):
             torch.nn.init.normal_(self.text_window_proj.weight, std=0.02 / math.sqrt(2 * cfg.text_window + 1))
         self.head_norm = torch.nn.LayerNorm(hidden)
         rank = cfg.head_rank
-        if rank is None:
+        self.vector_head = None
+        if self.parallel:
+            self.vector_head = torch.nn.Linear(hidden, self.codebooks.shape[-1])
+            self.head_in = self.head_out = self.head_bias = None
+        elif rank is None:
             self.head_in = None
             self.head_out = torch.nn.Parameter(torch.randn(num_levels, hidden, self.out_vocab) * hidden ** -0.5)
         else:
             self.head_in = torch.nn.Linear(hidden, num_levels * rank)
             self.head_out = torch.nn.Parameter(torch.randn(num_levels, rank, self.out_vocab) * rank ** -0.5)
-        self.head_bias = torch.nn.Parameter(torch.zeros(num_levels, self.out_vocab))
+        if not self.parallel:
+            self.head_bias = torch.nn.Parameter(torch.zeros(num_levels, self.out_vocab))
         weights = torch.tensor(cfg.level_loss_weights if cfg.level_loss_weights else [1.0] * num_levels, dtype=torch.float32)
         if weights.numel() != num_levels or bool((weights < 0).any()) or float(weights.sum()) <= 0:
             raise UsageError(f"model.level_loss_weights: need {num_levels} non-negative weights with a positive sum")
@@ -605,7 +632,7 @@ class T2SModel(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.level_embed.weight.device
+        return self.head_norm.weight.device
 
     def speaker_index(self, speaker: str | None) -> int:
         """Index of a speaker name; None = the first speaker. Unknown names are a UsageError listing the known ones."""
@@ -623,10 +650,13 @@ class T2SModel(torch.nn.Module):
         """(B, S, Q) tokens of audio steps `steps` (B, S) of utterances of `frames` (B,) frames -> (B, S, H): the sum of
         one embedding per level (+ speaker, + progress, + the text window of cfg.text_window around the token spoken at
         each step: `frame_tokens` (B, S) with alignment 'ctc', the constant-rate token otherwise)."""
-        codes = self.level_embed(tokens + self.level_offsets)
-        if self.training and self.cfg.code_dropout:
-            codes = codes * (torch.rand(codes.shape[:-1], device=codes.device) >= self.cfg.code_dropout)[..., None]
-        emb = codes.sum(-2)
+        if self.level_embed is None:  # parallel decoder: the step knows its place and its text, not the codes
+            emb = torch.zeros(*tokens.shape[:2], self.hidden, device=tokens.device, dtype=self.head_norm.weight.dtype)
+        else:
+            codes = self.level_embed(tokens + self.level_offsets)
+            if self.training and self.cfg.code_dropout:
+                codes = codes * (torch.rand(codes.shape[:-1], device=codes.device) >= self.cfg.code_dropout)[..., None]
+            emb = codes.sum(-2)
         if self.speaker_embed is not None:
             emb = emb + self.speaker_embed(speakers)[:, None, :]
         if self.progress_embed is not None:
@@ -647,7 +677,7 @@ class T2SModel(torch.nn.Module):
         inside = (index >= first) & (index < text_mask.shape[1])
         index = index.clamp(0, text_mask.shape[1] - 1)
         tokens = torch.gather(text_ids[:, None, :].expand(-1, index.shape[1], -1), 2, index)
-        window = self._text_embeds(tokens) * inside[..., None].to(self.level_embed.weight.dtype)
+        window = self._text_embeds(tokens) * inside[..., None].to(self.head_norm.weight.dtype)
         return self.text_window_proj(window.flatten(-2))
 
     def predict_frames(self, text_ids: list[int], speaker: int) -> int:
@@ -704,25 +734,47 @@ class T2SModel(torch.nn.Module):
         hidden = self._teacher_forced(batch, text_mask, steps)
         lt = batch.text_ids.shape[1]
         valid = batch.audio_mask.bool()
-        h = hidden[:, lt:][valid]  # (N, H): only real audio steps reach the heads
-        targets = batch.targets[valid]  # (N, Q)
-        logits = self.logits(h).float()
-        per = F.cross_entropy(logits.reshape(-1, self.out_vocab), targets.reshape(-1), ignore_index=-100, reduction="none")
-        per = per.view(targets.shape)
-        counted = (targets != -100).float()
-        level_sum = (per * counted).sum(0)
-        level_count = counted.sum(0)
-        level_loss = level_sum / level_count.clamp_min(1)
-        loss = (level_loss * self.level_weights).mean()
-        out = {"loss": loss, "level_loss": level_loss.detach(), "level_count": level_count.detach()}
+        if self.parallel:  # real frames only (not the end-of-audio step): squared error to the decoded stage-1 vector
+            valid = valid & (batch.targets[..., 0] >= 0) & (batch.targets[..., 0] < self.codebook_size)
+            targets = batch.targets[valid]  # (N, Q)
+            predicted = self.vectors(hidden[:, lt:][valid]).float()
+            mse = F.mse_loss(predicted, self.decode_codes(targets))
+            out = {"loss": mse, "vector_mse": mse.detach(), "frames": valid.sum().detach()}
+        else:
+            h = hidden[:, lt:][valid]  # (N, H): only real audio steps reach the heads
+            targets = batch.targets[valid]  # (N, Q)
+            logits = self.logits(h).float()
+            per = F.cross_entropy(logits.reshape(-1, self.out_vocab), targets.reshape(-1), ignore_index=-100, reduction="none")
+            per = per.view(targets.shape)
+            counted = (targets != -100).float()
+            level_sum = (per * counted).sum(0)
+            level_count = counted.sum(0)
+            level_loss = level_sum / level_count.clamp_min(1)
+            loss = (level_loss * self.level_weights).mean()
+            out = {"loss": loss, "level_loss": level_loss.detach(), "level_count": level_count.detach()}
         if self.duration_predictor is not None:
             if batch.durations is None:
                 raise UsageError("model.alignment 'ctc': training items need token durations (the aligned frames of each token)")
             predicted = self.duration_predictor(self._text_embeds(batch.text_ids), batch.text_mask, batch.speakers).float()
             real = batch.text_mask.bool()
             duration_loss = F.mse_loss(predicted[real], torch.log1p(batch.durations[real].float()))
-            out.update(loss=loss + duration_loss, duration_loss=duration_loss.detach(), duration_count=real.sum().detach())
+            out.update(loss=out["loss"] + duration_loss, duration_loss=duration_loss.detach(), duration_count=real.sum().detach())
         return out
+
+    def vectors(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., D): the parallel decoder's stage-1 vectors (standardised units)."""
+        return self.vector_head(self.head_norm(hidden))
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """(N, Q) codes -> (N, D): the sum of their stage-1 codewords (standardised units, what stage 3 reads)."""
+        return self.codebooks[torch.arange(self.num_levels, device=codes.device), codes].sum(-2)
+
+    def encode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(N, D) standardised vectors -> (N, Q) stage-1 codes (stage 1's own greedy residual assignment)."""
+        from speechless.rvq import residual_codes
+
+        books = self.codebooks.float()
+        return residual_codes(vectors.float().clone(), books, (books * books).sum(-1))
 
     def predict_durations(self, text_ids: torch.Tensor, text_mask: torch.Tensor, speakers: torch.Tensor) -> torch.Tensor:
         """(B, Lt) whole frames of every token of left-padded texts (alignment 'ctc'), 0 on padding."""
@@ -750,6 +802,8 @@ class T2SModel(torch.nn.Module):
         if guided and not self.cfg.unconditional_prob:
             raise UsageError(f"guidance {guidance:g} needs a model trained with model.unconditional_prob > 0 (this one: 0); "
                              "use guidance 1 or retrain")
+        if self.parallel:
+            return self._generate_parallel(text_ids, speakers, max_frames, target_frames, guidance)
         self.eval()
         device = self.device
         b, q = len(text_ids), self.num_levels
@@ -855,6 +909,48 @@ class T2SModel(torch.nn.Module):
         out = [codes[row, :, : int(end[row])].cpu() for row in range(b)]
         return out, capped.cpu().tolist()
 
+    @torch.no_grad()
+    def _generate_parallel(self, text_ids: list[list[int]], speakers: list[int] | None, max_frames: int,
+                           target_frames: list[int] | None, guidance: float) -> tuple[list[torch.Tensor], list[bool]]:
+        """The parallel decoder's `generate`: predicted durations, then every frame in one forward pass (guided: u + w
+        (c - u) on the vectors), then stage 1's codes of each vector."""
+        self.eval()
+        device = self.device
+        b = len(text_ids)
+        lt = max(len(ids) for ids in text_ids)
+        tids = torch.zeros(b, lt, dtype=torch.long, device=device)
+        tmask = torch.zeros(b, lt, dtype=torch.long, device=device)
+        for row, ids in enumerate(text_ids):
+            if not ids:
+                raise UsageError("generate: an empty token list; encode text with model.text.encode first")
+            tids[row, lt - len(ids):] = torch.tensor(ids, device=device)
+            tmask[row, lt - len(ids):] = 1
+        spk = torch.tensor(speakers if speakers is not None else [0] * b, dtype=torch.long, device=device)
+        durations = self.predict_durations(tids, tmask, spk)
+        if target_frames is not None:
+            durations = scale_durations(durations, torch.tensor(target_frames, device=device))
+        durations[:, -1] += (durations.sum(-1) < 1).long()  # at least one frame
+        predicted = durations.sum(-1)
+        frames = predicted.clamp(max=max_frames)
+        steps_n = int(frames.max())
+        steps = torch.arange(steps_n, device=device).expand(b, -1)
+        table = frame_token_index(durations, steps_n)
+        audio_mask = (steps < frames[:, None]).long()
+        if guidance != 1.0:  # rows b.. are the same rows without their text
+            tids, spk, frames, table, audio_mask = (torch.cat([tids, tids]), spk.repeat(2), frames.repeat(2),
+                                                    table.repeat(2, 1), audio_mask.repeat(2, 1))
+            steps, tmask = steps.repeat(2, 1), torch.cat([tmask, torch.zeros_like(tmask)])
+        dummy = torch.zeros(*steps.shape, self.num_levels, dtype=torch.long, device=device)
+        embeds = torch.cat([self._text_embeds(tids), self._audio_embeds(dummy, spk, steps, frames, tids, tmask, table)], 1)
+        positions = torch.cat([self._text_positions(tmask), self._audio_positions(tmask, steps)], 1)
+        hidden, _ = self._run(embeds, torch.cat([tmask, audio_mask], 1), positions)
+        vectors = self.vectors(hidden[:, lt:]).float()
+        if guidance != 1.0:
+            vectors = vectors[b:] + guidance * (vectors[:b] - vectors[b:])
+        codes = self.encode_vectors(vectors.reshape(-1, vectors.shape[-1])).view(b, steps_n, self.num_levels)
+        out = [codes[row, : int(frames[row])].T.contiguous().cpu() for row in range(b)]
+        return out, (predicted > max_frames).cpu().tolist()
+
     def _pick(self, logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
         if temperature <= 0:
             return logits.argmax(-1)
@@ -897,7 +993,7 @@ class T2SModel(torch.nn.Module):
             duration_model=self.duration.coef if self.duration is not None else None,
             known_chars="".join(sorted(self.text.known_chars)) if self.text.known_chars is not None else None,
             special_ids={"eoa": self.eoa, "pad": self.pad, "boa": self.boa},
-            stage1=self.stage1,
+            stage1=self.stage1, vector_dim=int(self.codebooks.shape[-1]) if self.parallel else None,
         )
 
     def save(self, folder: str | Path, weights: str = "model.safetensors") -> Path:
@@ -938,7 +1034,8 @@ class T2SModel(torch.nn.Module):
         backbone = AutoModelForCausalLM.from_config(hf_config)
         model = cls(cfg, backbone, text, int(meta["num_levels"]), int(meta["codebook_size"]), meta.get("speakers") or [],
                     meta["stage1"], meta.get("backbone_source"),
-                    DurationModel(meta["duration_model"]) if meta.get("duration_model") else None)
+                    DurationModel(meta["duration_model"]) if meta.get("duration_model") else None,
+                    vector_dim=meta.get("vector_dim"))
         model.load_weights(load_tensors(folder / weights), str(folder / weights))
         if device is not None:
             model.to(device)
@@ -947,7 +1044,7 @@ class T2SModel(torch.nn.Module):
 
 def build_model(cfg: T2SConfig, train_texts: list[str], num_levels: int, codebook_size: int, speakers: list[str],
                 stage1: dict, seed: int = 0, train_frames: list[int] | None = None,
-                train_speakers: list[str] | None = None) -> T2SModel:
+                train_speakers: list[str] | None = None, codebooks: torch.Tensor | None = None) -> T2SModel:
     """A fresh model: the text tokenizer (trained on `train_texts` or loaded), the backbone, the level embeddings/heads."""
     from tokenizers import Tokenizer
 
@@ -970,7 +1067,8 @@ def build_model(cfg: T2SConfig, train_texts: list[str], num_levels: int, codeboo
         duration = DurationModel.fit([normalize_text(t) for t in train_texts], train_frames,
                                      train_speakers or [""] * len(train_texts))
     torch.manual_seed(seed + 1)
-    return T2SModel(cfg, backbone, text, num_levels, codebook_size, speakers, stage1, source, duration)
+    return T2SModel(cfg, backbone, text, num_levels, codebook_size, speakers, stage1, source, duration,
+                    codebooks if cfg.decoder == "parallel" else None)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

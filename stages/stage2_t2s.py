@@ -132,23 +132,30 @@ def align_text(model: T2SModel, probe: CTCProbe, rows: list[dict], split: str) -
 
 @torch.no_grad()
 def eval_loss(model: T2SModel, items: list, batch_size: int, device: torch.device, amp: torch.dtype | None) -> dict:
-    """Mean cross-entropy per level (and overall) on held-out items, weighted by target counts."""
+    """Mean cross-entropy per level (and overall) on held-out items, weighted by target counts; for the parallel
+    decoder, the squared error of the vectors (one value)."""
     model.eval()
-    sums = torch.zeros(model.num_levels, dtype=torch.float64)
-    counts = torch.zeros(model.num_levels, dtype=torch.float64)
+    width = 1 if model.parallel else model.num_levels
+    sums = torch.zeros(width, dtype=torch.float64)
+    counts = torch.zeros(width, dtype=torch.float64)
     dur_sum, dur_count = 0.0, 0
     order = sorted(range(len(items)), key=lambda i: items[i][1].shape[1])
     for start in range(0, len(order), batch_size):
         batch = collate([items[i] for i in order[start:start + batch_size]], model.delays, model.codebook_size).to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model.loss(batch)
-        sums += (out["level_loss"].double() * out["level_count"].double()).cpu()
-        counts += out["level_count"].double().cpu()
+        if model.parallel:
+            sums += float(out["vector_mse"]) * int(out["frames"])
+            counts += int(out["frames"])
+        else:
+            sums += (out["level_loss"].double() * out["level_count"].double()).cpu()
+            counts += out["level_count"].double().cpu()
         if "duration_loss" in out:
             dur_sum += float(out["duration_loss"]) * int(out["duration_count"])
             dur_count += int(out["duration_count"])
     level = (sums / counts.clamp_min(1)).tolist()
-    result = {"loss": sum(level) / len(level), "level_loss": [round(v, 4) for v in level]}
+    result = {"loss": sum(level) / len(level)}
+    result.update({"vector_mse": round(level[0], 4)} if model.parallel else {"level_loss": [round(v, 4) for v in level]})
     if dur_count:  # the duration predictor's squared error in log(1 + frames), added to the loss as in training
         result["duration_loss"] = round(dur_sum / dur_count, 4)
         result["loss"] += dur_sum / dur_count
@@ -214,8 +221,9 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
                 if state["best"] is None or ev["loss"] < state["best"]["loss"]:
                     state["best"] = {"step": step, "loss": ev["loss"]}
                     model.save_weights(out / WEIGHT_FILES["best"])
-                log.info(f"step {step}: train loss {sum(window) / len(window):.3f}, eval loss {ev['loss']:.3f} "
-                         f"(levels {' '.join(f'{v:.2f}' for v in ev['level_loss'])})")
+                detail = (f"vector mse {ev['vector_mse']:.3f}" if model.parallel else
+                          f"levels {' '.join(f'{v:.2f}' for v in ev['level_loss'])}")
+                log.info(f"step {step}: train loss {sum(window) / len(window):.3f}, eval loss {ev['loss']:.3f} ({detail})")
                 window = []
             state["history"].append(record)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
@@ -284,7 +292,8 @@ def train(cfg: Stage2Config) -> dict:
         write_text(out / "resolved_config.yaml", to_yaml(cfg))
     model = build_model(cfg.model, [r["text"] for r in rows["train"]], stage1.num_levels, stage1.codebook_size, speaker_names,
                         stage1.record(), seed=cfg.run.seed, train_frames=[r["frames"] for r in rows["train"]],
-                        train_speakers=[speakers.get(r["id"], "") for r in rows["train"]])
+                        train_speakers=[speakers.get(r["id"], "") for r in rows["train"]],
+                        codebooks=stage1_codebooks(stage1) if cfg.model.decoder == "parallel" else None)
 
     # The judge (a CTC probe on real train tokens): with alignment 'ctc' it first aligns the text to the real frames.
     durations = {"train": None, "eval": None}
@@ -325,7 +334,7 @@ def train(cfg: Stage2Config) -> dict:
         "eval_loss": final_eval,
         "best": state["best"],
         "probe": probe_summary,
-        "model": {"parameters": count_parameters(model), "frame_mode": cfg.model.frame_mode, "delays": model.delays,
+        "model": {"parameters": count_parameters(model), "decoder": cfg.model.decoder, "frame_mode": cfg.model.frame_mode, "delays": model.delays,
                   "backbone": model.backbone_source, "text_vocab": model.text.vocab_size, "speakers": model.speakers},
         "train": {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "utterances": len(rows["train"]),
                   "seconds": round(state["train_seconds"], 2), "frames_seen": state["frames"],

@@ -168,3 +168,74 @@ def test_duration_predictor_learns_and_round_trips_save_load(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     # it learnt the 2-3 frames per token it was shown
     assert all(2 * len(i) - 2 <= c.shape[1] <= 3 * len(i) + 2 for i, c in zip(ids, a))
+
+
+# ------------------------------------------------------------------------------------------- the parallel decoder
+
+def parallel_model(tmp_path, **extra) -> T2SModel:
+    path = tmp_path / "backbone.json"
+    path.write_text(json.dumps(TINY_BACKBONE))
+    extra = {"text_window": 1, "alignment": "ctc", "decoder": "parallel", "frame_mode": "parallel", **extra}
+    cfg = T2SConfig(backbone=str(path), head_rank=8, tokenizer_vocab_size=40, dropout=0.0, max_text_tokens=192, **extra)
+    books = torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(1)) * torch.tensor([1.0, 0.5, 0.25, 0.125])[:, None, None]
+    return build_model(cfg, TEXTS, 4, 16, ["a", "b"], {"revision": "r" * 64, "ref": "fake"}, seed=0, codebooks=books)
+
+
+def test_parallel_decoder_needs_aligned_parallel_frames_and_the_stage1_codebooks(tmp_path):
+    with pytest.raises(UsageError, match="alignment: ctc and model.frame_mode: parallel"):
+        parallel_model(tmp_path, frame_mode="delay")
+    with pytest.raises(UsageError, match="alignment: ctc"):
+        parallel_model(tmp_path, alignment="constant_rate", progress_buckets=4)
+    path = tmp_path / "backbone.json"
+    cfg = T2SConfig(backbone=str(path), head_rank=8, tokenizer_vocab_size=40, text_window=1, alignment="ctc",
+                    decoder="parallel", frame_mode="parallel")
+    with pytest.raises(UsageError, match="codebooks"):
+        build_model(cfg, TEXTS, 4, 16, ["a", "b"], {"revision": "r" * 64, "ref": "fake"})
+    model = parallel_model(tmp_path)
+    assert model.level_embed is None and model.head_out is None  # it reads no codes and has no per-level heads
+
+
+def test_parallel_decoder_regresses_the_stage1_vectors_and_speaks_stage1_codes(tmp_path):
+    model = parallel_model(tmp_path)
+    items = items_of(model)
+    batch = collate(items, model.delays, model.codebook_size)
+    first = model.loss(batch)
+    # one target per real frame (no end-of-audio step), the squared error to the codewords' sum, plus durations
+    assert int(first["frames"]) == sum(item[1].shape[1] for item in items)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model.loss(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(model.loss(batch)["vector_mse"]) < 0.5 * float(first["vector_mse"])
+    # the codes are stage 1's greedy residual assignment of the vectors: level 0 the nearest codeword
+    vectors = torch.randn(50, 8, generator=torch.Generator().manual_seed(2))
+    codes = model.encode_vectors(vectors)
+    assert torch.equal(codes[:, 0], torch.cdist(vectors, model.codebooks[0]).argmin(1))
+    rest = vectors - model.codebooks[0][codes[:, 0]]
+    assert torch.equal(codes[:, 1], torch.cdist(rest, model.codebooks[1]).argmin(1))
+    # generation: the predicted durations, deterministic, and equal in a batch and alone
+    ids = [model.text.encode(t).chunks[0] for t in TEXTS]
+    together, capped = model.generate(ids, [0, 1, 0, 1], max_frames=200, temperature=0.9)
+    alone = [model.generate([i], [s], max_frames=200)[0][0] for i, s in zip(ids, [0, 1, 0, 1])]
+    assert capped == [False] * 4 and all(torch.equal(a, b) for a, b in zip(together, alone))
+    assert all(2 * len(i) - 2 <= c.shape[1] <= 3 * len(i) + 2 for i, c in zip(ids, together))  # it learnt 2-3 frames a token
+    forced, _ = model.generate(ids, [0, 1, 0, 1], max_frames=200, target_frames=[item[1].shape[1] for item in items])
+    real = torch.cat([item[1].T for item in items])
+    said = torch.cat([c.T for c in forced])
+    assert said.shape == real.shape and (said[:, 0] == real[:, 0]).float().mean() > 0.5  # it learnt what each frame says
+    short, capped = model.generate(ids, [0, 1, 0, 1], max_frames=3)
+    assert [c.shape[1] for c in short] == [3] * 4 and capped == [True] * 4
+
+
+def test_parallel_decoder_round_trips_save_load_with_its_codebooks(tmp_path):
+    model = parallel_model(tmp_path)
+    model.save(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["vector_dim"] == 8
+    loaded = T2SModel.load(tmp_path / "m")
+    assert torch.equal(loaded.codebooks, model.codebooks)
+    ids = [model.text.encode(t).chunks[0] for t in TEXTS]
+    a, _ = model.generate(ids, [0, 1, 0, 1], max_frames=60)
+    b, _ = loaded.generate(ids, [0, 1, 0, 1], max_frames=60)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
