@@ -417,7 +417,8 @@ def evaluate(model: SpeechLM, rows: list[dict], clips: dict[str, list[torch.Tens
         audio = [] if clips is None else [clips[p.get("utterance") or p["audio"]] for p in speech_parts(row)]
         messages = (as_text(row) if clips is None else row)["messages"][:-1]
         prompts.append(model.encode(messages, audio, with_answer=False))
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
+    # one task per batch where possible: a batch generates until its longest answer ends, and closed answers are short
+    order = sorted(range(len(prompts)), key=lambda i: (rows[i]["task"], len(prompts[i].ids)))
     chunks = [order[start:start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
     mine = [[i, text] for chunk in distributed.shard(chunks)
             for i, text in zip(chunk, model.generate([prompts[i] for i in chunk], cfg.max_new_tokens))]

@@ -31,14 +31,15 @@ WEIGHT_FILES = {"final": "model.safetensors", "best": "model.best.safetensors"}
 
 class GenerateConfig(Section):
     temperature: float = Field(0.7, ge=0.0)
-    """0 = greedy; > 0 = sampling at this temperature (with top_k). Greedy decoding of a weak model can loop
-    without ending; sampling is the default (evidence: docs/results.md)."""
+    """Autoregressive decoder: 0 = greedy; > 0 = sampling at this temperature (with top_k). Greedy decoding of a weak
+    model can loop without ending; sampling is the default (evidence: docs/results.md). The parallel decoder is
+    deterministic and ignores temperature and top_k."""
     top_k: int = Field(30, ge=0)
     """With sampling: keep only the k most likely codes per level (0 = all)."""
     guidance: float = Field(1.0, ge=0.0)
     """Classifier-free guidance weight w: 1 = off (the model as trained); w > 1 samples from u + w (c - u), the
-    text-conditioned logits c pushed away from the text-free ones u, at twice the generation cost. Needs a model trained
-    with model.unconditional_prob > 0."""
+    text-conditioned logits (parallel decoder: vectors) c pushed away from the text-free ones u, at twice the
+    generation cost. Needs a model trained with model.unconditional_prob > 0."""
     max_seconds: float = Field(30.0, gt=0.0)
     """Cap on generated speech per text chunk (25 frames per second); a text that reaches it is cut, with a warning."""
     batch_size: int = Field(64, ge=1)

@@ -167,7 +167,7 @@ def round_trip(model: T2SModel, probe: CTCProbe, rows: list[dict], speakers: dic
         "dtw_centered_cosine": mean(ccos),
         "dtw_centered_cosine_reference": {"real_same_sentence_other_speaker": mean(ref_same),
                                           "real_different_sentence": mean(ref_other)},
-        "generation": {"temperature": gen.temperature, "top_k": gen.top_k, "guidance": gen.guidance, "speakers": ev.speakers,
+        "generation": {"decoder": model.cfg.decoder, "temperature": gen.temperature, "top_k": gen.top_k, "guidance": gen.guidance, "speakers": ev.speakers,
                        "seconds": round(gen_seconds, 2), "frames_per_second": round(float(gen_frames.sum()) / max(gen_seconds, 1e-9), 1)},
         "examples": [{"id": rows[i]["id"], "text": texts[i], "probe_real": hyp_real[i], "probe_generated": hyp_gen[i],
                       "frames_real": int(real_frames[i]), "frames_generated": int(gen_frames[i])} for i in range(min(5, len(rows)))],

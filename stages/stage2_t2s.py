@@ -366,6 +366,20 @@ def model_card(cfg: Stage2Config, metrics: dict, provenance: dict) -> str:
         ev["code_usage"]["generated"]["perplexity"], ev["code_usage"]["real"]["perplexity"])))
     eval_loss = metrics.get("eval_loss") or {}
     level_loss = " / ".join(f"{v:.2f}" for v in eval_loss.get("level_loss", []))
+    parallel = metrics["model"].get("decoder") == "parallel"
+    if parallel:
+        design = (f"text tokens, then one position per frame holding the text aligned to it (each token lasting its "
+                  f"predicted duration), all frames at once (non-autoregressive); out, the frame's stage-1 vector, which "
+                  f"stage 1's codebooks (kept in this checkpoint) turn into codes")
+        loss_line = (f"Eval (split `{cfg.data.eval_split}`): squared error of the vectors {eval_loss.get('vector_mse', float('nan')):.4f}, "
+                     f"durations {eval_loss.get('duration_loss', float('nan')):.4f} (log frames).")
+        decoding = "one forward pass, deterministic"
+    else:
+        design = (f"text tokens, then one position per audio step holding the sum of {s1['num_levels']} level embeddings, one head "
+                  f"per level out; frame layout `{metrics['model']['frame_mode']}` (level delays {metrics['model']['delays']})")
+        loss_line = f"Eval loss per level (split `{cfg.data.eval_split}`): {level_loss}."
+        decoding = ('greedy' if ev['generation']['temperature'] == 0 else
+                    f"temperature {ev['generation']['temperature']}, top-k {ev['generation']['top_k']}")
     d = ev["duration"]
     refs = ev["dtw_centered_cosine_reference"]
     return f"""---
@@ -380,18 +394,17 @@ same words would have produced as speech: no audio, no TTS. Trained on stage 1 `
 consuming them with another stage-1 version is refused.
 
 Model: decoder-only `{metrics['model']['backbone'].get('source')}` backbone ({metrics['model']['parameters'] / 1e6:.2f} M parameters
-in all) fed through `inputs_embeds`: text tokens, then one position per audio step holding the sum of {s1['num_levels']} level
-embeddings, one head per level out; frame layout `{metrics['model']['frame_mode']}` (level delays {metrics['model']['delays']});
+in all) fed through `inputs_embeds`: {design};
 speakers: {', '.join(metrics['model']['speakers']) or 'none'} (default: the first). Text tokenizer: {metrics['model']['text_vocab']} tokens.
 Trained {metrics['train']['steps']} steps x {metrics['train']['batch_size']} utterances ({metrics['train']['seconds']:.0f} s).
-Eval loss per level (split `{cfg.data.eval_split}`): {level_loss}.
+{loss_line}
 
 ## Semantic round trip (held-out split `{ev['split']}`: {ev['utterances']} utterances, {ev['sentences']} sentences never seen in training)
 
 The judge is a CTC ASR probe ({metrics['probe']['parameters'] / 1e6:.2f} M parameters: summed code embeddings -> {metrics['probe'].get('layers', 'residual')} 1-D convolutions{' -> BiGRU' if cfg.probe.rnn else ''} -> characters, CTC)
 trained on real stage-1 tokens of the train split. It reads the real tokens of the held-out audio and the tokens this
 model generated from the same sentences' text ({'each utterance in its own speaker' if ev['generation']['speakers'] == 'each' else 'default speaker'},
-{'greedy' if ev['generation']['temperature'] == 0 else f"temperature {ev['generation']['temperature']}, top-k {ev['generation']['top_k']}"}).
+{decoding}).
 
 | metric | real tokens | generated tokens |
 |---|---|---|

@@ -235,14 +235,16 @@ def train_variant(cfg: Stage3Config, s: Setup, base_cfg: BaseConfig, name: str, 
 # ----------------------------------------------------------------------------------------------------- evaluate
 
 def evaluate_variant(cfg: Stage3Config, s: Setup, model: SpeechLM, history: list[dict], clips: dict, base_ppl: float,
-                     base_udhr: dict, levels: int | None, main: bool, main_variant: bool) -> dict:
+                     base_udhr: dict, base_text: dict, levels: int | None, main: bool, main_variant: bool) -> dict:
     """Scores on held-out real speech (and, for the configured adapter kind, with the real input through stage 1 at
     the levels the model's training speech had); the same requests as text; text perplexity before/after."""
     result = {"adapter": model.adapter.model_dump(mode="json"), "parameters": model.parameter_counts(), "history": history,
               "speech": evaluate(model, s.eval_rows, clips, cfg.eval)}
-    # A speech-only adapter leaves text-only inputs exactly the base (tested), so its text answers are the base's; they
-    # are generated again only for the main model and for an adapter that also changes text.
-    if main or not model.adapter.speech_only:
+    # A speech-only adapter leaves text-only inputs exactly the base (tested: bit-identical logits), so its text answers
+    # are the base's; they are generated again only for an adapter that also changes text.
+    if main and model.adapter.speech_only:
+        result["text"] = base_text
+    elif not model.adapter.speech_only:
         result["text"] = evaluate(model, s.eval_rows, None, cfg.eval)
     ppl = perplexity(model, s.eval_rows)
     result["text_perplexity"] = {"before": base_ppl, "after": ppl, "relative_change": round((ppl - base_ppl) / base_ppl, 6)}
@@ -319,8 +321,11 @@ def train(cfg: Stage3Config) -> dict:
         for kind in kinds:
             name, t0 = f"{source}/{kind}", time.time()
             model, history = train_variant(cfg, s, base_cfg, name, tokens, kind, levels)
-            variants[name] = evaluate_variant(cfg, s, model, history, clips, base_ppl, base_udhr, levels, name == main_name,
-                                              kind == main_variant)
+            trained = time.time()
+            variants[name] = evaluate_variant(cfg, s, model, history, clips, base_ppl, base_udhr, base_text, levels,
+                                              name == main_name, kind == main_variant)
+            variants[name]["seconds_train"] = round(trained - t0, 1)
+            variants[name]["seconds_eval"] = round(time.time() - trained, 1)
             if job.is_main:
                 model.save_adapter(adapter_folder(out, name, main_name), {**lineage, "speech_levels": levels, "quantize_real": cfg.eval.quantize_real})
             variants[name]["seconds"] = round(time.time() - t0, 1)
