@@ -368,9 +368,9 @@ def model_card(cfg: Stage2Config, metrics: dict, provenance: dict) -> str:
     level_loss = " / ".join(f"{v:.2f}" for v in eval_loss.get("level_loss", []))
     parallel = metrics["model"].get("decoder") == "parallel"
     if parallel:
-        design = (f"text tokens, then one position per frame holding the text aligned to it (each token lasting its "
-                  f"predicted duration), all frames at once (non-autoregressive); out, the frame's stage-1 vector, which "
-                  f"stage 1's codebooks (kept in this checkpoint) turn into codes")
+        design = ("text tokens, then one position per frame holding the text aligned to it (each token lasting its "
+                  "predicted duration), all frames at once (non-autoregressive); out, the frame's stage-1 vector, which "
+                  "stage 1's codebooks (kept in this checkpoint) turn into codes")
         loss_line = (f"Eval (split `{cfg.data.eval_split}`): squared error of the vectors {eval_loss.get('vector_mse', float('nan')):.4f}, "
                      f"durations {eval_loss.get('duration_loss', float('nan')):.4f} (log frames).")
         decoding = "one forward pass, deterministic"
