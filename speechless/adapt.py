@@ -375,7 +375,13 @@ def through_stage1(rvq: SpeechRVQ, vectors: torch.Tensor, levels: int | None = N
 
 
 def quantized(rvq: SpeechRVQ, clips: dict[str, list[torch.Tensor]], levels: int | None = None) -> dict[str, list[torch.Tensor]]:
-    return {k: [through_stage1(rvq, w, levels) for w in v] for k, v in clips.items()}
+    """`through_stage1` of every window of every clip, in one call (encoding is batch-invariant, so the codes are the
+    ones each window gets alone; a call per window would pad each to a whole `encode_chunk`)."""
+    windows = [w for v in clips.values() for w in v]
+    if not windows:
+        return {k: [] for k in clips}
+    parts = iter(torch.split(through_stage1(rvq, torch.cat(windows), levels), [w.shape[0] for w in windows]))
+    return {k: [next(parts) for _ in v] for k, v in clips.items()}
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation
@@ -524,7 +530,9 @@ def answer_requests(model: SpeechLM, requests: list[dict], max_new_tokens: int =
         windows = list(torch.split(utt.vectors, [int(w[2]) for w in utt.windows]))
         if len(windows) > 1:
             log.warn(f"{requests[int(utt.id)]['audio']}: longer than {model.encoder_cfg.max_window_s:g} s; split into {len(windows)} windows")
-        clips[utt.id] = [through_stage1(rvq, w, levels) for w in windows] if rvq is not None else windows
+        clips[utt.id] = windows
+    if rvq is not None:
+        clips = quantized(rvq, clips, levels)
     prompts = []
     for i, r in enumerate(requests):
         content = [{"type": "text", "text": r.get("text") or ""}]

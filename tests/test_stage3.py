@@ -243,6 +243,20 @@ def test_real_input_goes_through_stage1_at_the_levels_the_adapter_trained_on(set
     assert not torch.allclose(coarse, full) and not torch.allclose(full, native)
 
 
+def test_quantizing_many_clips_at_once_gives_each_window_its_own_codes(tmp_path):
+    from speechless.adapt import quantized, through_stage1
+    from speechless.rvq import SpeechRVQ
+
+    make_fake_stage1(tmp_path / "s1", sentences=4, dim=32)
+    rvq = SpeechRVQ.load(tmp_path / "s1")
+    gen = torch.Generator().manual_seed(0)
+    clips = {"a": [torch.randn(7, 32, generator=gen), torch.randn(3, 32, generator=gen)], "b": [], "c": [torch.randn(11, 32, generator=gen)]}
+    together = quantized(rvq, clips, 2)
+    assert {k: [w.shape for w in v] for k, v in together.items()} == {k: [w.shape for w in v] for k, v in clips.items()}
+    assert all(torch.equal(x, through_stage1(rvq, w, 2)) for k in clips for x, w in zip(together[k], clips[k]))
+    assert quantized(rvq, {"b": []}) == {"b": []}
+
+
 def test_topline_summary_names_what_was_compared_and_reports_ratios_per_task():
     from stages.stage3_llm import summarize
 
