@@ -211,7 +211,7 @@ def summary_rows(run_dir: Path) -> list[tuple[str, str, str, str]]:
     if "probe_cer_real" in ev2:
         real, generated = ev2["probe_cer_real"], ev2["probe_cer_generated"]
         rows.append(("stage 2 judge", f"CER on real held-out tokens {real:.3f}", f"<= {JUDGE_CER_BAR}", _bar(real, real <= JUDGE_CER_BAR)))
-        ratio = generated / real if real else None
+        ratio = ev2.get("probe_cer_ratio", generated / real if real else None)  # the recipe's, from unrounded CERs
         rows.append(("stage 2 round trip", f"CER on stage-2 tokens {generated:.3f} ({_fmt(ratio)} x real)",
                      f"<= {ROUND_TRIP_RATIO_BAR} x real", _bar(ratio, ratio is not None and ratio <= ROUND_TRIP_RATIO_BAR)))
     ev3 = _metrics(run_dir / "stage3").get("eval", {})

@@ -802,13 +802,9 @@ class T2SModel(torch.nn.Module):
         if guided and not self.cfg.unconditional_prob:
             raise UsageError(f"guidance {guidance:g} needs a model trained with model.unconditional_prob > 0 (this one: 0); "
                              "use guidance 1 or retrain")
-        if self.parallel:
-            return self._generate_parallel(text_ids, speakers, max_frames, target_frames, guidance)
         self.eval()
         device = self.device
         b, q = len(text_ids), self.num_levels
-        delays = self.delays
-        dmax = max(delays)
         lt = max(len(ids) for ids in text_ids)
         tids = torch.zeros(b, lt, dtype=torch.long, device=device)
         tmask = torch.zeros(b, lt, dtype=torch.long, device=device)
@@ -818,6 +814,10 @@ class T2SModel(torch.nn.Module):
             tids[row, lt - len(ids):] = torch.tensor(ids, device=device)
             tmask[row, lt - len(ids):] = 1
         spk = torch.tensor(speakers if speakers is not None else [0] * b, dtype=torch.long, device=device)
+        if self.parallel:
+            return self._generate_parallel(tids, tmask, spk, max_frames, target_frames, guidance)
+        delays = self.delays
+        dmax = max(delays)
         table = forced_end = None
         if self.duration_predictor is not None:  # every token spoken for its predicted frames; the end follows
             durations = self.predict_durations(tids, tmask, spk)
@@ -910,22 +910,13 @@ class T2SModel(torch.nn.Module):
         return out, capped.cpu().tolist()
 
     @torch.no_grad()
-    def _generate_parallel(self, text_ids: list[list[int]], speakers: list[int] | None, max_frames: int,
+    def _generate_parallel(self, tids: torch.Tensor, tmask: torch.Tensor, spk: torch.Tensor, max_frames: int,
                            target_frames: list[int] | None, guidance: float) -> tuple[list[torch.Tensor], list[bool]]:
-        """The parallel decoder's `generate`: predicted durations, then every frame in one forward pass (guided: u + w
-        (c - u) on the vectors), then stage 1's codes of each vector."""
-        self.eval()
+        """The parallel decoder's `generate` for left-padded texts `tids` (B, Lt) in voices `spk` (B,): predicted
+        durations, then every frame in one forward pass (guided: u + w (c - u) on the vectors), then stage 1's codes
+        of each vector."""
         device = self.device
-        b = len(text_ids)
-        lt = max(len(ids) for ids in text_ids)
-        tids = torch.zeros(b, lt, dtype=torch.long, device=device)
-        tmask = torch.zeros(b, lt, dtype=torch.long, device=device)
-        for row, ids in enumerate(text_ids):
-            if not ids:
-                raise UsageError("generate: an empty token list; encode text with model.text.encode first")
-            tids[row, lt - len(ids):] = torch.tensor(ids, device=device)
-            tmask[row, lt - len(ids):] = 1
-        spk = torch.tensor(speakers if speakers is not None else [0] * b, dtype=torch.long, device=device)
+        b, lt = tids.shape
         durations = self.predict_durations(tids, tmask, spk)
         if target_frames is not None:
             durations = scale_durations(durations, torch.tensor(target_frames, device=device))

@@ -107,6 +107,15 @@ def items_of(model: T2SModel, per_token: int = 2) -> list[tuple]:
     return items
 
 
+def overfit(model: T2SModel, batch, steps: int = 60) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = model.loss(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_ctc_alignment_needs_a_text_window(tmp_path):
     with pytest.raises(UsageError, match="text_window"):
         aligned_model(tmp_path, text_window=0)
@@ -152,12 +161,7 @@ def test_duration_predictor_learns_and_round_trips_save_load(tmp_path):
     model = aligned_model(tmp_path)
     batch = collate(items_of(model), model.delays, model.codebook_size)
     first = float(model.loss(batch)["duration_loss"])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss = model.loss(batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    overfit(model, batch)
     assert float(model.loss(batch)["duration_loss"]) < 0.2 * first
     model.eval()
     model.save(tmp_path / "m")
@@ -202,12 +206,7 @@ def test_parallel_decoder_regresses_the_stage1_vectors_and_speaks_stage1_codes(t
     first = model.loss(batch)
     # one target per real frame (no end-of-audio step), the squared error to the codewords' sum, plus durations
     assert int(first["frames"]) == sum(item[1].shape[1] for item in items)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss = model.loss(batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    overfit(model, batch)
     assert float(model.loss(batch)["vector_mse"]) < 0.5 * float(first["vector_mse"])
     # the codes are stage 1's greedy residual assignment of the vectors: level 0 the nearest codeword
     vectors = torch.randn(50, 8, generator=torch.Generator().manual_seed(2))
