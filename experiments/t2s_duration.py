@@ -115,7 +115,7 @@ def main():
                 batch, lengths = _pad([codes], probe.num_levels)
                 with torch.no_grad():
                     lp = probe(batch, lengths)[0, : codes.shape[1] * probe.cfg.upsample]
-                path = ctc_viterbi(lp, ids and [index[c] for c in form])
+                path = ctc_viterbi(lp, ids)
                 if path is None:
                     continue
                 dur = token_durations([(i, i + 1) for i in range(len(form))], list(range(len(form))),
@@ -162,7 +162,7 @@ def main():
             logits = out.view(len(idx), T, Q, C)
             closs = F.cross_entropy(logits[fmask].reshape(-1, C), codes[fmask].reshape(-1))
         else:
-            target = rvq.standardize(rvq.unstandardize(rvq.decode(codes[fmask]))) if False else rvq.decode(codes[fmask])
+            target = rvq.decode(codes[fmask])
             closs = F.mse_loss(out[fmask], target) / target.var()
         loss = closs + dloss
         opt.zero_grad()

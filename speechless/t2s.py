@@ -594,17 +594,15 @@ class T2SModel(torch.nn.Module):
             torch.nn.init.normal_(self.text_window_proj.weight, std=0.02 / math.sqrt(2 * cfg.text_window + 1))
         self.head_norm = torch.nn.LayerNorm(hidden)
         rank = cfg.head_rank
-        self.vector_head = None
+        self.vector_head = self.head_in = self.head_out = self.head_bias = None
         if self.parallel:
             self.vector_head = torch.nn.Linear(hidden, self.codebooks.shape[-1])
-            self.head_in = self.head_out = self.head_bias = None
-        elif rank is None:
-            self.head_in = None
-            self.head_out = torch.nn.Parameter(torch.randn(num_levels, hidden, self.out_vocab) * hidden ** -0.5)
         else:
-            self.head_in = torch.nn.Linear(hidden, num_levels * rank)
-            self.head_out = torch.nn.Parameter(torch.randn(num_levels, rank, self.out_vocab) * rank ** -0.5)
-        if not self.parallel:
+            if rank is None:
+                self.head_out = torch.nn.Parameter(torch.randn(num_levels, hidden, self.out_vocab) * hidden ** -0.5)
+            else:
+                self.head_in = torch.nn.Linear(hidden, num_levels * rank)
+                self.head_out = torch.nn.Parameter(torch.randn(num_levels, rank, self.out_vocab) * rank ** -0.5)
             self.head_bias = torch.nn.Parameter(torch.zeros(num_levels, self.out_vocab))
         weights = torch.tensor(cfg.level_loss_weights if cfg.level_loss_weights else [1.0] * num_levels, dtype=torch.float32)
         if weights.numel() != num_levels or bool((weights < 0).any()) or float(weights.sum()) <= 0:
