@@ -763,7 +763,7 @@ def part_stage3(args, S, rep: Report) -> None:
     ours(1), trainer(1), trainer(1, False)  # warm-up: no side pays the one-off allocations
     before = load_average()
     runs = alternate({"ours": partial(ours, steps), "trainer": partial(trainer, steps),
-                      "trainer_own_loss": partial(trainer, steps, False)}, 1)
+                      "trainer_own_loss": partial(trainer, steps, False)}, S["rounds"])
     result["load_average"] = {"before": before, "after": load_average()}
     o, t, t_own = runs["ours"][1], runs["trainer"][1], runs["trainer_own_loss"][1]
     ours_rate, trainer_rate, own_loss_rate = ours_real / o["seconds"], counts_t["real"] / t["seconds"], counts_t["real"] / t_own["seconds"]
