@@ -64,7 +64,7 @@ class RVQConfig(Section):
     about N x K x D x 2 FLOP per level). Evidence for the default: docs/results.md."""
 
     kmeans_sample: int = Field(524_288, ge=2)
-    """At most this many train vectors (a random subset) feed `initialize()`. Default 131072 = 64 per code at 2048
+    """At most this many train vectors (a random subset) feed `initialize()`. Default 524288 = 256 per code at 2048
     codes; cost grows linearly (one iteration ~ N x K x D x 2 FLOP per level)."""
 
     kmeans_min_cluster: float = Field(0.25, ge=0.0)
