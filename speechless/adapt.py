@@ -143,7 +143,7 @@ def train_loop(model: SpeechLM, examples: list[Example], steps: int, batch_size:
         log.info(f"{what}: resuming at step {start}")
     distributed.barrier()  # every rank has read the resume state before rank 0 writes again
     if gradient_checkpointing:
-        model._inner().gradient_checkpointing_enable()
+        model._inner().activation_checkpointing_enable()
     model.train()
     loss_fn = distributed.data_parallel(model, "loss", trainable_only=True)
     lengths = [len(e.ids) for e in examples]
