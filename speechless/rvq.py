@@ -84,6 +84,11 @@ class RVQConfig(Section):
     """Share of the init vectors held out from the spherical k-means to fit each equal-norm level's gain without the
     self-inclusion bias. Default 0.2."""
 
+    null_code: bool = True
+    """Whether each gain-shape level keeps its last code as a null code (the mean of the vectors nearer the origin than
+    to any direction code, near zero) and fits its directions without those vectors (see `equal_norm_codebook`).
+    Default True: evidence in docs/results.md."""
+
     finetune: bool = True
     """Whether `loss()` in train mode updates the codebooks (EMA, dead-code replacement, or gradients). False passes
     vqp's `freeze_codebook=True`: the codebooks stay exactly as `initialize()` left them."""
@@ -199,7 +204,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator,
 
 @torch.no_grad()
 def equal_norm_codebook(x: torch.Tensor, k: int, iters: int, generator: torch.Generator, holdout: float = 0.2,
-                        min_cluster: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, float]:
+                        min_cluster: float = 0.25, null_code: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Gain-shape codebook: k unit directions (spherical k-means) times ONE gain; returns (codes, counts, gain).
 
     With equal code norms, Euclidean argmin ||x - c|| equals argmax x.c, so vqp's own assignment picks by direction
@@ -208,6 +213,11 @@ def equal_norm_codebook(x: torch.Tensor, k: int, iters: int, generator: torch.Ge
     the largest clusters take nearly all held-out vectors (measured: levels 2-8 at 0.14-0.39 utilization). The gain is
     the least-squares one, mean of max_k x.u_k, measured on a `holdout` share of `x` that the directions never saw
     (on the fitting rows it is inflated by each row's own contribution to its centroid).
+
+    With `null_code`, the last code is a null code (the mean of the rows it serves, near zero) and only k - 1 codes
+    are directions. A row whose best projection x.u falls under gain / 2 is nearer the origin than to any code of
+    norm `gain`; such rows (silence, frames the levels before already coded) are left out of the direction fitting,
+    so no direction is spent on their arbitrary orientations; the null code serves them.
     """
     n = x.shape[0]
     perm = torch.randperm(n, generator=generator)
@@ -216,12 +226,19 @@ def equal_norm_codebook(x: torch.Tensor, k: int, iters: int, generator: torch.Ge
     if n_fit < k:
         raise UsageError(f"equal-norm codebook needs at least {k} fitting vectors; got {n_fit}; give initialize() more data")
     unit = F.normalize(fit, dim=1)
-    dirs = unit[torch.randperm(n_fit, generator=generator)[:k]].clone()
-    tiny = min_cluster * n_fit / k
+    fit_norm = fit.norm(dim=1)
+    k_dirs = k - 1 if null_code else k
+    dirs = unit[torch.randperm(n_fit, generator=generator)[:k_dirs]].clone()
+    active = torch.ones(n_fit, dtype=torch.bool)
+    tiny = min_cluster * n_fit / k_dirs
     for it in range(iters):
         idx, best = _assign_dot(unit, dirs)
-        counts = torch.bincount(idx, minlength=k)
-        sums = torch.zeros(k, x.shape[1], dtype=unit.dtype).index_add_(0, idx, unit)
+        if null_code:
+            proj = best * fit_norm
+            active = proj >= 0.5 * _null_gain(proj)
+            tiny = min_cluster * int(active.sum()) / k_dirs
+        counts = torch.bincount(idx[active], minlength=k_dirs)
+        sums = torch.zeros(k_dirs, x.shape[1], dtype=unit.dtype).index_add_(0, idx[active], unit[active])
         new = F.normalize(sums, dim=1)
         dirs = torch.where((counts > 0).unsqueeze(1), new, dirs)
         limit = tiny if it < iters - 2 else 0.5
@@ -229,13 +246,32 @@ def equal_norm_codebook(x: torch.Tensor, k: int, iters: int, generator: torch.Ge
         m = int(small.sum())
         if m:
             # re-seed at the rows worst served by their direction (lowest cosine), sampled ~ (1 - cos)
-            weights = (1 - best.double()).clamp_min(0) + 1e-12
-            picks = torch.multinomial(weights, min(m, n_fit), replacement=False, generator=generator)
+            weights = ((1 - best.double()).clamp_min(0) + 1e-12) * active
+            picks = torch.multinomial(weights, min(m, int(active.sum())), replacement=False, generator=generator)
             dirs[small.nonzero().squeeze(1)[: len(picks)]] = unit[picks]
     _, proj = _assign_dot(held, dirs)
-    gain = float(proj.double().mean())
-    idx, _ = _assign_dot(x, dirs)
-    return dirs * gain, torch.bincount(idx, minlength=k), gain
+    gain = _null_gain(proj) if null_code else float(proj.double().mean())
+    codes = dirs * gain
+    if null_code:
+        idx, best = _assign_dot(x, dirs)
+        served = best < 0.5 * gain
+        null = x[served].double().mean(0).float() if bool(served.any()) else torch.zeros(x.shape[1], dtype=x.dtype)
+        codes = torch.cat([codes, null.unsqueeze(0)])
+    idx, _ = _assign(x, codes)
+    return codes, torch.bincount(idx, minlength=k), gain
+
+
+def _null_gain(proj: torch.Tensor, rounds: int = 10) -> float:
+    """The least-squares gain of the rows a gain-shape codebook with a null code gives a direction: mean of the best
+    projections x.u over the rows whose projection reaches gain / 2 (fixed point, from the mean over all rows)."""
+    proj = proj.double()
+    gain = float(proj.mean())
+    for _ in range(rounds):
+        kept = proj[proj >= 0.5 * gain]
+        if kept.numel() == 0:
+            break
+        gain = float(kept.mean())
+    return gain
 
 
 @torch.no_grad()
@@ -339,7 +375,7 @@ class SpeechRVQ(torch.nn.Module):
             gain = None
             if cfg.equal_norm_from_level is not None and level >= cfg.equal_norm_from_level:
                 centroids, counts, gain = equal_norm_codebook(residual, cfg.codebook_size, cfg.kmeans_iters, gen,
-                                                              cfg.gain_holdout, cfg.kmeans_min_cluster)
+                                                              cfg.gain_holdout, cfg.kmeans_min_cluster, cfg.null_code)
             else:
                 centroids, counts = kmeans(residual, cfg.codebook_size, cfg.kmeans_iters, gen, cfg.kmeans_min_cluster)
             idx, _ = _assign(residual, centroids)

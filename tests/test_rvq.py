@@ -47,10 +47,52 @@ def test_init_uses_every_code_on_train(fitted):
 def test_equal_norm_levels(fitted):
     model, _ = fitted
     norms = model.codebooks().norm(dim=-1)
-    assert model.cfg.equal_norm_from_level == 1
+    assert model.cfg.equal_norm_from_level == 1 and model.cfg.null_code
     assert float(norms[0].std()) > 1e-3  # level 0: plain k-means
     for level in range(1, LEVELS):
-        assert torch.allclose(norms[level], norms[level].mean().expand_as(norms[level]), rtol=1e-4)
+        directions, null = norms[level, :-1], norms[level, -1]
+        assert torch.allclose(directions, directions.mean().expand_as(directions), rtol=1e-4)
+        assert float(null) < 0.5 * float(directions[0])  # the last code is the null code
+
+
+def _with_silence(n: int, silent: int, seed: int) -> torch.Tensor:
+    """Clustered rows plus `silent` near-identical rows (like silence frames: level 0 codes them almost exactly)."""
+    gen = torch.Generator().manual_seed(seed + 99)
+    silence = 5.0 + 0.01 * torch.randn(silent, DIM, generator=gen)
+    return torch.cat([_data(n, seed), silence])
+
+
+def test_null_code_serves_what_level_0_already_coded():
+    train = _with_silence(3000, 600, seed=0)
+    held = _with_silence(1000, 200, seed=1)
+    silent = torch.arange(len(held)) >= 1000
+    codes = {}
+    for null_code in (True, False):
+        model = SpeechRVQ(_cfg(null_code=null_code), DIM)
+        model.initialize(train, seed=0)
+        codes[null_code] = model.eval().encode(held)
+    # with the null code, near-zero residuals go to it at every gain-shape level ...
+    assert bool((codes[True][silent, 1:] == CODES - 1).all())
+    # ... without it they are spread over arbitrary directions
+    assert all(torch.unique(codes[False][silent, level]).numel() > 1 for level in range(1, LEVELS))
+
+
+def test_null_code_survives_ema_training():
+    """EMA fine-tuning keeps the null code near zero and serving the near-zero residuals; every code stays in use."""
+    train = _with_silence(3000, 1500, seed=0)
+    held = _with_silence(1500, 750, seed=1)
+    silent = torch.arange(len(held)) >= 1500
+    model = SpeechRVQ(_cfg(), DIM)
+    model.initialize(train, seed=0)
+    gain = float(model.codebooks()[1, 0].norm())
+    for step in range(20):
+        torch.manual_seed(step)
+        model.train_step(train[torch.randint(len(train), (512,))])
+    codes = model.eval().encode(held)
+    assert float(model.codebooks()[1, -1].norm()) < 0.1 * gain
+    assert float((codes[silent, 1:] == CODES - 1).float().mean()) > 0.99
+    for level in range(1, LEVELS):
+        assert torch.unique(codes[:, level]).numel() == CODES
 
 
 def test_frozen_codebooks_do_not_change(fitted):
