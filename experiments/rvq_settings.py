@@ -1,8 +1,9 @@
 """Stage-1 RVQ settings study: which ResidualVQ settings use every code of every level on held-out speech features?
 
-Run: `python benchmarks/rvq_settings.py [--run runs/demo/stage1]` after `speechless stage1 train` has cached features.
-Options: `--steps N`, `--batch N`, `--variants a,b,...`, `--train-split`, `--eval-split`, `--out results.json`
-(finished variants are reused when the features are the same).
+Run: `python experiments/rvq_settings.py [--run runs/demo/stage1]` after `speechless stage1 train` has cached
+features. Options: `--steps N`, `--batch N`, `--kmeans-sample N`, `--variants a,b,...`, `--train-split`, `--eval-split`
+(several joined with '+', e.g. dev+test), `--out results.json` (finished variants are reused when the features and
+settings are the same).
 
 Features: the very vectors stage 1 trains on: the 1024-d activations entering `output_proj` (forward hook
 `inputs[0]`, valid frames only), read from the run's feature cache. For the demo run: espeak-ng speech of the demo
@@ -35,7 +36,7 @@ def load_features(run_dir: Path, train_split: str, eval_split: str) -> dict:
 
     arrays, summary = {}, {"run": str(run_dir)}
     for role, split in (("train", train_split), ("eval", eval_split)):
-        shards = sorted((run_dir / "work" / "features" / split).glob("shard-*.safetensors"))
+        shards = sorted(p for name in split.split("+") for p in (run_dir / "work" / "features" / name).glob("shard-*.safetensors"))
         if not shards:
             raise SystemExit(f"{run_dir}: no cached features for split '{split}'; run `speechless stage1 train` first")
         utterances = [u for shard in shards for u in read_shard(shard)]
@@ -62,14 +63,23 @@ VARIANTS: dict[str, tuple[str, dict, str | None]] = {
                    dict(standardize="global", equal_norm_from_level=None, kmeans_iters=12,
                         decay=0.99, dead_code_threshold=0.1), "kmeans:plain"),
     "e1_gainshape": ("our residual k-means, levels 2-8 gain-shape (equal-norm), global std, no fine-tuning",
-                     dict(standardize="global", equal_norm_from_level=1, finetune=False),
+                     dict(standardize="global", equal_norm_from_level=1, null_code=False, finetune=False),
                      "kmeans:gainshape1"),
     "e1_gainshape_ema": ("e1 init + EMA fine-tune, decay 0.99, dead-code 0.1",
-                         dict(standardize="global", equal_norm_from_level=1, decay=0.99,
+                         dict(standardize="global", equal_norm_from_level=1, null_code=False, decay=0.99,
                               dead_code_threshold=0.1), "kmeans:gainshape1"),
+    "e1_gainshape_ema_nodead": ("e1 init + EMA fine-tune, decay 0.99, no dead-code replacement",
+                                dict(standardize="global", equal_norm_from_level=1, null_code=False, decay=0.99,
+                                     dead_code_threshold=0.0), "kmeans:gainshape1"),
     "e0_gainshape_all": ("our residual k-means, ALL levels gain-shape (equal-norm), global std, no fine-tuning",
-                         dict(standardize="global", equal_norm_from_level=0, finetune=False),
+                         dict(standardize="global", equal_norm_from_level=0, null_code=False, finetune=False),
                          "kmeans:gainshape0"),
+    "n1_nullcode": ("levels 2-8 gain-shape with a null code (the product's default), no fine-tuning",
+                    dict(standardize="global", equal_norm_from_level=1, null_code=True, finetune=False),
+                    "kmeans:gainshape1null"),
+    "n1_nullcode_ema": ("n1 init + EMA fine-tune, decay 0.99, dead-code 0.1 (the product's default)",
+                        dict(standardize="global", equal_norm_from_level=1, null_code=True, decay=0.99,
+                             dead_code_threshold=0.1), "kmeans:gainshape1null"),
 }
 
 
@@ -82,16 +92,20 @@ def evaluate(model, x_eval: torch.Tensor) -> dict:
     t_enc = time.perf_counter() - t0
     x_hat = model.decode(codes)
     out = quantizer_metrics(x_eval, x_hat, codes, model.codebook_size)
+    counts = [torch.bincount(codes[:, level], minlength=model.codebook_size) for level in range(codes.shape[1])]
+    # the share of held-out frames on the 10 most used codes, and on the last code (the null code, where there is one)
+    out["top10_share"] = [round(float(c.sort(descending=True).values[:10].sum() / c.sum()), 4) for c in counts]
+    out["last_code_share"] = [round(float(c[-1] / c.sum()), 4) for c in counts]
     out["encode_vectors_per_s"] = x_eval.shape[0] / t_enc
     return out
 
 
 def run_variant(name: str, train: torch.Tensor, x_eval: torch.Tensor, steps: int, batch: int, seed: int,
-                init_cache: dict) -> dict:
+                init_cache: dict, kmeans_sample: int | None = None) -> dict:
     from speechless.rvq import RVQConfig, SpeechRVQ
 
     desc, overrides, init_src = VARIANTS[name]
-    cfg = RVQConfig(**overrides)
+    cfg = RVQConfig(**overrides, **({} if kmeans_sample is None else dict(kmeans_sample=kmeans_sample)))
     torch.manual_seed(seed)
     model = SpeechRVQ(cfg, train.shape[1])
     t0 = time.perf_counter()
@@ -147,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kmeans-sample", type=int, default=None, help="rvq.kmeans_sample (default: the schema's)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default=str(CACHE / "results.json"))
     parser.add_argument("--save-best", default=str(CACHE / "best"))
@@ -161,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     out_path = Path(args.out)
     results: list[dict] = []
     saved = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    previous = {r["name"]: r for r in saved.get("results", [])} if saved.get("features") == data["summary"] else {}
+    same = saved.get("features") == data["summary"] and saved.get("kmeans_sample") == args.kmeans_sample
+    previous = {r["name"]: r for r in saved.get("results", [])} if same else {}
     init_cache: dict = {}
     best = None
     for name in args.variants.split(","):
@@ -169,14 +185,14 @@ def main(argv: list[str] | None = None) -> None:
             results.append(previous[name])
             print(f"{name}: cached", flush=True)
             continue
-        res, model = run_variant(name, train, x_eval, args.steps, args.batch, args.seed, init_cache)
+        res, model = run_variant(name, train, x_eval, args.steps, args.batch, args.seed, init_cache, args.kmeans_sample)
         results.append(res)
         print(f"{name}: util {[round(u, 3) for u in res['utilization']]} mse {res['mse']:.4f} nmse {res['nmse']:.3f} "
               f"cos {res['cosine']:.4f} ccos {res['centered_cosine']:.3f} train {res['train_seconds']}s", flush=True)
         if min(res["utilization"]) >= 0.95 and (best is None or res["mse"] < best[0]):
             best = (res["mse"], name, model)
         write_json(out_path, dict(machine=machine(), features=data["summary"], steps=args.steps, batch=args.batch,
-                                  results=results))
+                                  kmeans_sample=args.kmeans_sample, results=results))
     speed = None
     if best is not None:
         best[2].save(args.save_best)
@@ -191,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         speed["heldout_identical_codes"] = float((ours == ref[0]).float().mean())
         speed["best"] = best[1]
     write_json(out_path, dict(machine=machine(), features=data["summary"], steps=args.steps, batch=args.batch,
-                              results=results, encode_speed=speed))
+                              kmeans_sample=args.kmeans_sample, results=results, encode_speed=speed))
     print(markdown_table(results))
     print(json.dumps(speed, indent=2))
 

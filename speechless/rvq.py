@@ -7,7 +7,7 @@ commitment loss) and adds what the stage needs around it:
   would otherwise eat the first level and inflate cosine;
 * `initialize()`: residual k-means fitted offline on training vectors, level by level on the residuals, with empty and
   tiny clusters re-seeded so every code has members; levels >= 1 as gain-shape (equal-norm) codebooks so held-out
-  vectors spread over all codes; written into the ResidualVQ buffers (`embed`, `embed_avg`, `cluster_size`,
+  vectors spread over all codes, each with a null code for the vectors the levels before already coded; written into the ResidualVQ buffers (`embed`, `embed_avg`, `cluster_size`,
   `initted`), so vqp's own k-means never runs over it;
 * `encode()`: a fast, batch-invariant inference path (per-level fp32 matmul + argmin over fixed-size, padded chunks)
   that returns the same codes as `ResidualVQ` in eval mode;
@@ -84,10 +84,11 @@ class RVQConfig(Section):
     """Share of the init vectors held out from the spherical k-means to fit each equal-norm level's gain without the
     self-inclusion bias. Default 0.2."""
 
-    null_code: bool = True
+    null_code: bool = False
     """Whether each gain-shape level keeps its last code as a null code (the mean of the vectors nearer the origin than
-    to any direction code, near zero) and fits its directions without those vectors (see `equal_norm_codebook`).
-    Default True: evidence in docs/results.md."""
+    to any direction code, near zero) and fits its directions without those vectors (see `equal_norm_codebook`). Off
+    by default: on the demo it kept every code in use through fine-tuning, but stage 2's speech did not reproduce the
+    real tokens' null codes and read back worse (docs/results.md)."""
 
     finetune: bool = True
     """Whether `loss()` in train mode updates the codebooks (EMA, dead-code replacement, or gradients). False passes

@@ -139,8 +139,16 @@ def start_or_resume(cfg: Stage1Config, rvq: SpeechRVQ, train_vectors: torch.Tens
 
 def train_codebooks(cfg: Stage1Config, rvq: SpeechRVQ, state: dict | None, train_vectors: torch.Tensor,
                     eval_vectors: torch.Tensor, out: Path, work: Path, job) -> None:
-    """EMA codebook updates, deterministic per step; held-out evaluation (best weights kept) and resume checkpoints."""
+    """EMA codebook updates, deterministic per step; held-out evaluation (best weights kept) and resume checkpoints.
+    The initialised codebooks are evaluated too (step 0), so the history shows what fine-tuning changes."""
     step = distributed.broadcast_json(state["step"] if job.is_main else None)
+    if job.is_main and step == 0 and not state["history"]:
+        metrics = quantizer_eval(rvq, eval_vectors)
+        state["history"].append({"step": 0, "eval": metrics})
+        state["best"] = {"step": 0, "mse": metrics["mse"]}
+        rvq.save(out, weights=WEIGHT_FILES["best"])
+        log.info(f"step 0 (initialised): eval mse {metrics['mse']:.4f} cosine {metrics['cosine']:.4f} "
+                 f"utilization min {min(metrics['utilization']):.3f}")
     with log.progress() as bar:
         task = bar.add_task("training RVQ", total=cfg.train.steps, completed=step)
         while step < cfg.train.steps:
@@ -168,9 +176,6 @@ def train_codebooks(cfg: Stage1Config, rvq: SpeechRVQ, state: dict | None, train
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_checkpoint(work, step, rvq.tensors(), None, state, cfg.train.average_last)
             bar.advance(task)
-    if job.is_main and cfg.train.steps == 0 and state["best"] is None:
-        state["best"] = {"step": 0, "mse": quantizer_eval(rvq, eval_vectors)["mse"]}
-        rvq.save(out, weights=WEIGHT_FILES["best"])
 
 
 def train(cfg: Stage1Config) -> dict:

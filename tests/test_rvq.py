@@ -47,8 +47,13 @@ def test_init_uses_every_code_on_train(fitted):
 def test_equal_norm_levels(fitted):
     model, _ = fitted
     norms = model.codebooks().norm(dim=-1)
-    assert model.cfg.equal_norm_from_level == 1 and model.cfg.null_code
+    assert model.cfg.equal_norm_from_level == 1 and not model.cfg.null_code
     assert float(norms[0].std()) > 1e-3  # level 0: plain k-means
+    for level in range(1, LEVELS):
+        assert torch.allclose(norms[level], norms[level].mean().expand_as(norms[level]), rtol=1e-4)
+    with_null = SpeechRVQ(_cfg(null_code=True), DIM)
+    with_null.initialize(_with_silence(3000, 600, seed=0), seed=0)
+    norms = with_null.codebooks().norm(dim=-1)
     for level in range(1, LEVELS):
         directions, null = norms[level, :-1], norms[level, -1]
         assert torch.allclose(directions, directions.mean().expand_as(directions), rtol=1e-4)
@@ -82,7 +87,7 @@ def test_null_code_survives_ema_training():
     train = _with_silence(3000, 1500, seed=0)
     held = _with_silence(1500, 750, seed=1)
     silent = torch.arange(len(held)) >= 1500
-    model = SpeechRVQ(_cfg(), DIM)
+    model = SpeechRVQ(_cfg(null_code=True), DIM)
     model.initialize(train, seed=0)
     gain = float(model.codebooks()[1, 0].norm())
     for step in range(20):

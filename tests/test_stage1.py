@@ -48,6 +48,22 @@ def test_outputs_of_a_run(trained):
     assert not list(trained.rglob("*.tmp")), "temporary files left behind"
 
 
+def test_history_starts_with_the_initialised_codebooks(trained, corpus, encoder_json, tmp_path):
+    history = json.loads((trained / "metrics.json").read_text())["history"]
+    assert history[0]["step"] == 0 and "train_loss" not in history[0] and len(history[0]["eval"]["utilization"]) == 4
+    assert history[1]["step"] == 1 and "train_loss" in history[1]
+    # no fine-tuning: the initialised codebooks are the final, best and averaged weights, with the step-0 figures
+    cfg = load_config(Stage1Config, None, overrides(corpus, encoder_json, tmp_path / "run", tmp_path / "store",
+                                                 "train.steps=0"))
+    shutil.copytree(trained / "work" / "features", tmp_path / "run" / "work" / "features")
+    train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["best_step"] == 0 and [h["step"] for h in metrics["history"]] == [0]
+    assert metrics["eval"]["mse"] == metrics["history"][0]["eval"]["mse"] == history[0]["eval"]["mse"]
+    weights = {name: (tmp_path / "run" / name).read_bytes() for name in ("model.safetensors", "model.best.safetensors")}
+    assert weights["model.safetensors"] == weights["model.best.safetensors"]
+
+
 def test_tokenize_gives_the_codes_stage1_wrote(trained, corpus, cli, tmp_path):
     written = {json.loads(l)["id"]: json.loads(l) for l in (trained / "tokens" / "dev.jsonl").read_text().splitlines()}
     result = cli("tokenize", "audio", "--tokenizer", trained, "--manifest", corpus, "--split", "dev", "--format", "json")
