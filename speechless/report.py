@@ -102,11 +102,12 @@ def stage1_plots(folder: Path, out: Path) -> list[str]:
         for level in range(levels):
             ax.plot([h["step"] for h in evals], [h["eval"]["utilization"][level] for h in evals], marker="o", label=f"codebook {level}")
         size = (read_json(folder / "config.json") if (folder / "config.json").is_file() else {}).get("codebook_size", "all")
+        ax.axhline(0.95, color="grey", linestyle="--", linewidth=1, label="bar 0.95")
         ax.set_ylim(0, 1.02), ax.set_xlabel("step"), ax.set_ylabel(f"share of the {size} codes used")
         ax.set_title("Stage 1: held-out utilization per codebook"), ax.legend(fontsize=6, ncol=4)
         images.append(_save(fig, out / "stage1_utilization.png"))
     split = metrics.get("eval", {}).get("split", "dev")
-    rows = _read_jsonl(folder / "tokens" / f"{split}.jsonl")
+    rows = [row for name in split.split("+") for row in _read_jsonl(folder / "tokens" / f"{name}.jsonl")]  # dev+test: both
     if rows:
         levels = len(rows[0]["codes"])
         fig, (rank_ax, hist_ax) = plt.subplots(1, 2, figsize=(10, 3.4))

@@ -236,3 +236,16 @@ def test_corrupt_checkpoint_weights_runtime_error(trained, corpus, tmp_path, cli
     (other / "model.safetensors").write_bytes(data[: len(data) // 2])
     result = cli("tokenize", "audio", "--tokenizer", other, "--manifest", corpus, "--split", "dev")
     assert result.exit_code == 1 and "model.safetensors" in result.stderr, result.stderr
+
+
+def test_report_reads_the_tokens_of_a_joined_eval_split(trained, tmp_path):
+    from speechless.report import stage1_plots
+
+    folder = tmp_path / "stage1"
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("work"))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["eval"]["split"] = "dev+test"
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    images = stage1_plots(folder, tmp_path / "report")
+    assert (tmp_path / "report" / "stage1_code_usage.png").is_file()
+    assert len(images) == 3
