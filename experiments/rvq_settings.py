@@ -74,10 +74,10 @@ VARIANTS: dict[str, tuple[str, dict, str | None]] = {
     "e0_gainshape_all": ("our residual k-means, ALL levels gain-shape (equal-norm), global std, no fine-tuning",
                          dict(standardize="global", equal_norm_from_level=0, null_code=False, finetune=False),
                          "kmeans:gainshape0"),
-    "n1_nullcode": ("levels 2-8 gain-shape with a null code (the product's default), no fine-tuning",
+    "n1_nullcode": ("levels 2-8 gain-shape with a null code (`null_code`), no fine-tuning",
                     dict(standardize="global", equal_norm_from_level=1, null_code=True, finetune=False),
                     "kmeans:gainshape1null"),
-    "n1_nullcode_ema": ("n1 init + EMA fine-tune, decay 0.99, dead-code 0.1 (the product's default)",
+    "n1_nullcode_ema": ("n1 init + EMA fine-tune, decay 0.99, dead-code 0.1",
                         dict(standardize="global", equal_norm_from_level=1, null_code=True, decay=0.99,
                              dead_code_threshold=0.1), "kmeans:gainshape1null"),
 }

@@ -87,14 +87,12 @@ def stage1_plots(folder: Path, out: Path) -> list[str]:
         return []
     plt = _plt()
     images = []
-    fig, ax = plt.subplots(figsize=(6, 3.2))
     trained = [h for h in history if "train_loss" in h]
     if trained:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
         ax.plot([h["step"] for h in trained], [h["train_loss"] for h in trained], label="train loss")
         ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title("Stage 1: RVQ training loss"), ax.legend()
         images.append(_save(fig, out / "stage1_loss.png"))
-    else:
-        plt.close(fig)
     evals = [h for h in history if "eval" in h]
     if evals:
         fig, ax = plt.subplots(figsize=(6, 3.2))

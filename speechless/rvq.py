@@ -7,8 +7,8 @@ commitment loss) and adds what the stage needs around it:
   would otherwise eat the first level and inflate cosine;
 * `initialize()`: residual k-means fitted offline on training vectors, level by level on the residuals, with empty and
   tiny clusters re-seeded so every code has members; levels >= 1 as gain-shape (equal-norm) codebooks so held-out
-  vectors spread over all codes, each with a null code for the vectors the levels before already coded; written into the ResidualVQ buffers (`embed`, `embed_avg`, `cluster_size`,
-  `initted`), so vqp's own k-means never runs over it;
+  vectors spread over all codes (optionally each with a null code, `null_code`); written into the ResidualVQ buffers
+  (`embed`, `embed_avg`, `cluster_size`, `initted`), so vqp's own k-means never runs over it;
 * `encode()`: a fast, batch-invariant inference path (per-level fp32 matmul + argmin over fixed-size, padded chunks)
   that returns the same codes as `ResidualVQ` in eval mode;
 * `decode()`, safetensors + JSON `save()` / `load()` (never pickles), and codebook averaging across checkpoints.
@@ -205,8 +205,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator,
 
 @torch.no_grad()
 def equal_norm_codebook(x: torch.Tensor, k: int, iters: int, generator: torch.Generator, holdout: float = 0.2,
-                        min_cluster: float = 0.25, null_code: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Gain-shape codebook: k unit directions (spherical k-means) times ONE gain; returns (codes, counts, gain).
+                        min_cluster: float = 0.25, null_code: bool = False) -> tuple[torch.Tensor, float]:
+    """Gain-shape codebook: k unit directions (spherical k-means) times ONE gain; returns (codes, gain).
 
     With equal code norms, Euclidean argmin ||x - c|| equals argmax x.c, so vqp's own assignment picks by direction
     and no code wins or loses because of its norm. Why: on noise-like residuals in 1024-d, k-means centroids of ~64
@@ -254,12 +254,11 @@ def equal_norm_codebook(x: torch.Tensor, k: int, iters: int, generator: torch.Ge
     gain = _null_gain(proj) if null_code else float(proj.double().mean())
     codes = dirs * gain
     if null_code:
-        idx, best = _assign_dot(x, dirs)
+        _, best = _assign_dot(x, dirs)
         served = best < 0.5 * gain
         null = x[served].double().mean(0).float() if bool(served.any()) else torch.zeros(x.shape[1], dtype=x.dtype)
         codes = torch.cat([codes, null.unsqueeze(0)])
-    idx, _ = _assign(x, codes)
-    return codes, torch.bincount(idx, minlength=k), gain
+    return codes, gain
 
 
 def _null_gain(proj: torch.Tensor, rounds: int = 10) -> float:
@@ -375,10 +374,10 @@ class SpeechRVQ(torch.nn.Module):
         for level, cb in enumerate(self._codebook_modules()):
             gain = None
             if cfg.equal_norm_from_level is not None and level >= cfg.equal_norm_from_level:
-                centroids, counts, gain = equal_norm_codebook(residual, cfg.codebook_size, cfg.kmeans_iters, gen,
-                                                              cfg.gain_holdout, cfg.kmeans_min_cluster, cfg.null_code)
+                centroids, gain = equal_norm_codebook(residual, cfg.codebook_size, cfg.kmeans_iters, gen,
+                                                      cfg.gain_holdout, cfg.kmeans_min_cluster, cfg.null_code)
             else:
-                centroids, counts = kmeans(residual, cfg.codebook_size, cfg.kmeans_iters, gen, cfg.kmeans_min_cluster)
+                centroids, _ = kmeans(residual, cfg.codebook_size, cfg.kmeans_iters, gen, cfg.kmeans_min_cluster)
             idx, _ = _assign(residual, centroids)
             counts = torch.bincount(idx, minlength=cfg.codebook_size)
             residual -= centroids[idx]
