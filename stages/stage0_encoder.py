@@ -174,6 +174,8 @@ def train_encoder(cfg: EncoderPretrainConfig, model: CTCEncoder, train_features:
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                 ev = evaluate(model, eval_features, eval_refs, eval_targets, device)
                 record["eval"] = {"loss": ev["loss"], "error_rate": ev["error_rate"]}
+                if step == cfg.train.steps:
+                    state["final_eval"] = ev  # the final weights' figures (with examples): not evaluated again
                 if state["best"] is None or ev["error_rate"] < state["best"]["error_rate"]:
                     state["best"] = {"step": step, "error_rate": ev["error_rate"]}
                 log.info(f"step {step}: train ctc {record['loss']:.3f}, eval ctc {ev['loss']:.3f}, "
@@ -222,8 +224,8 @@ def train(cfg: EncoderPretrainConfig) -> dict:
     state = train_encoder(cfg, model, train_features, train_targets, usable, (eval_features, eval_refs, eval_targets), work,
                           device, parameters)
 
-    # Evaluate the final weights on the held-out split.
-    final = evaluate(model, eval_features, eval_refs, eval_targets, device)
+    # The final weights on the held-out split: evaluated at the last step (again only for a checkpoint without it).
+    final = state.get("final_eval") or evaluate(model, eval_features, eval_refs, eval_targets, device)
     model.to("cpu").eval()
 
     # Save: the standalone Gemma4AudioModel folder + head, metrics, provenance, model card.

@@ -203,13 +203,16 @@ def train(cfg: Stage1Config) -> dict:
         return {"out_dir": str(out), "eval": None, "pushed": None, "revision": None, "rank": job.rank,
                 "codebooks_sha256": weights_sha256(rvq)}
 
-    # Evaluate the final, best and averaged models on the held-out split.
+    # Evaluate the final, best and averaged models on the held-out split. The last step was evaluated in training: its
+    # figures are the final model's, and the best model's when the best step is the last.
     rvq.save(out, weights=WEIGHT_FILES["final"])
-    final_metrics = quantizer_eval(rvq, eval_vectors)
+    last = state["history"][-1]
+    final_metrics = last["eval"] if last["step"] == cfg.train.steps and "eval" in last else quantizer_eval(rvq, eval_vectors)
     averaged = _averaged_model(work, state["checkpoints"], cfg.rvq, encoder.dim)
     averaged.save(out, weights=WEIGHT_FILES["averaged"])
-    best = SpeechRVQ.load(out, weights=WEIGHT_FILES["best"])
-    variants = {"final": final_metrics, "best": quantizer_eval(best, eval_vectors), "averaged": quantizer_eval(averaged, eval_vectors)}
+    best_metrics = (final_metrics if state["best"]["step"] == cfg.train.steps
+                    else quantizer_eval(SpeechRVQ.load(out, weights=WEIGHT_FILES["best"]), eval_vectors))
+    variants = {"final": final_metrics, "best": best_metrics, "averaged": quantizer_eval(averaged, eval_vectors)}
 
     # Save: config (RVQ + encoder), tokens, metrics, provenance, model card; push.
     config = read_json(out / "config.json")

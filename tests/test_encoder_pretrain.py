@@ -51,6 +51,26 @@ def test_outputs_load_through_encoder_source(pretrained):
     assert not list(pretrained.rglob("*.tmp")) and not list(pretrained.rglob("*.pt"))
 
 
+def test_recorded_figures_are_those_of_the_saved_weights(pretrained):
+    """The final figures are the last step's evaluation in training: a fresh evaluation of the saved folder's weights
+    on the eval split gives them again."""
+    import torch
+
+    import stages.stage0_encoder as recipe
+    from speechless.encoder_ctc import evaluate, load_ctc_encoder, utterance_features
+
+    cfg = load_config(EncoderPretrainConfig, pretrained / "resolved_config.yaml", [])
+    _, eval_entries = recipe._load_splits(cfg)
+    units = recipe._unit_sequences(cfg, [e.text for e in eval_entries])
+    model, _ = load_ctc_encoder(pretrained)
+    fresh = evaluate(model, utterance_features([e.audio_filepath for e in eval_entries]), [recipe._reference(cfg, u) for u in units],
+                     [[model.index[x] for x in u if x in model.index] for u in units], torch.device("cpu"))
+    metrics = json.loads((pretrained / "metrics.json").read_text())
+    assert metrics["history"][-1]["eval"] == {"loss": metrics["eval"]["loss"], "error_rate": metrics["eval"]["error_rate"]}
+    assert fresh["error_rate"] == metrics["eval"]["error_rate"] and fresh["examples"] == metrics["eval"]["examples"]
+    assert fresh["loss"] == pytest.approx(metrics["eval"]["loss"], abs=2e-4)
+
+
 def test_resume_after_a_kill_gives_identical_weights(pretrained, corpus, tmp_path, monkeypatch):
     import stages.stage0_encoder as recipe
 

@@ -64,6 +64,19 @@ def test_history_starts_with_the_initialised_codebooks(trained, corpus, encoder_
     assert weights["model.safetensors"] == weights["model.best.safetensors"]
 
 
+def test_recorded_figures_are_those_of_the_saved_weights(trained, corpus):
+    """The final (and, when the best step is the last, the best) figures come from the last step's evaluation in
+    training: `speechless stage1 eval` of the saved weights on the eval split gives them again."""
+    from speechless.tokenizer import evaluate_tokenizer
+
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["history"][-1]["step"] == 6 and metrics["eval_variants"]["final"] == metrics["history"][-1]["eval"]
+    for name in ("final", "best", "averaged"):
+        fresh = evaluate_tokenizer(str(trained), str(corpus), "dev", weights=name)
+        for key, value in metrics["eval_variants"][name].items():  # equal up to the order of float sums
+            assert fresh[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, key)
+
+
 def test_tokenize_gives_the_codes_stage1_wrote(trained, corpus, cli, tmp_path):
     written = {json.loads(l)["id"]: json.loads(l) for l in (trained / "tokens" / "dev.jsonl").read_text().splitlines()}
     result = cli("tokenize", "audio", "--tokenizer", trained, "--manifest", corpus, "--split", "dev", "--format", "json")
