@@ -227,7 +227,7 @@ def equal_norm_codebook(x: torch.Tensor, k: int, iters: int, generator: torch.Ge
     if n_fit < k:
         raise UsageError(f"equal-norm codebook needs at least {k} fitting vectors; got {n_fit}; give initialize() more data")
     unit = F.normalize(fit, dim=1)
-    fit_norm = fit.norm(dim=1)
+    fit_norm = fit.norm(dim=1) if null_code else None
     k_dirs = k - 1 if null_code else k
     dirs = unit[torch.randperm(n_fit, generator=generator)[:k_dirs]].clone()
     active = torch.ones(n_fit, dtype=torch.bool)

@@ -203,11 +203,10 @@ def train(cfg: Stage1Config) -> dict:
         return {"out_dir": str(out), "eval": None, "pushed": None, "revision": None, "rank": job.rank,
                 "codebooks_sha256": weights_sha256(rvq)}
 
-    # Evaluate the final, best and averaged models on the held-out split. The last step was evaluated in training: its
-    # figures are the final model's, and the best model's when the best step is the last.
+    # Evaluate the final, best and averaged models on the held-out split. The last step (step 0 without fine-tuning)
+    # was always evaluated in training: its figures are the final model's, and the best model's when it was the best.
     rvq.save(out, weights=WEIGHT_FILES["final"])
-    last = state["history"][-1]
-    final_metrics = last["eval"] if last["step"] == cfg.train.steps and "eval" in last else quantizer_eval(rvq, eval_vectors)
+    final_metrics = state["history"][-1]["eval"]
     averaged = _averaged_model(work, state["checkpoints"], cfg.rvq, encoder.dim)
     averaged.save(out, weights=WEIGHT_FILES["averaged"])
     best_metrics = (final_metrics if state["best"]["step"] == cfg.train.steps
