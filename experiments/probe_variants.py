@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from speechless.probe import ProbeConfig, cer, train_probe  # noqa: E402
-from speechless.rvq import SpeechRVQ  # noqa: E402
-from speechless.tokens import read_token_jsonl  # noqa: E402
+from speechless.core.metrics import cer  # noqa: E402
+from speechless.speech.rvq import SpeechRVQ  # noqa: E402
+from speechless.speech.tokens import read_token_jsonl  # noqa: E402
+from speechless.t2s.probe import ProbeConfig, train_probe  # noqa: E402
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ CACHE = ROOT / "runs" / "rvq_study"
 
 def load_features(run_dir: Path, train_split: str, eval_split: str) -> dict:
     """Train / held-out vectors (float32, N x dim) from `run_dir/work/features/<split>/shard-*.safetensors`."""
-    from speechless.features import read_shard
+    from speechless.speech.features import read_shard
 
     arrays, summary = {}, {"run": str(run_dir)}
     for role, split in (("train", train_split), ("eval", eval_split)):
@@ -84,7 +84,7 @@ VARIANTS: dict[str, tuple[str, dict, str | None]] = {
 
 
 def evaluate(model, x_eval: torch.Tensor) -> dict:
-    from speechless.metrics import quantizer_metrics
+    from speechless.core.metrics import quantizer_metrics
 
     model.eval()
     t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def evaluate(model, x_eval: torch.Tensor) -> dict:
 
 def run_variant(name: str, train: torch.Tensor, x_eval: torch.Tensor, steps: int, batch: int, seed: int,
                 init_cache: dict, kmeans_sample: int | None = None) -> dict:
-    from speechless.rvq import RVQConfig, SpeechRVQ
+    from speechless.speech.rvq import RVQConfig, SpeechRVQ
 
     desc, overrides, init_src = VARIANTS[name]
     cfg = RVQConfig(**overrides, **({} if kmeans_sample is None else dict(kmeans_sample=kmeans_sample)))
@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(os.cpu_count() or 2)
     data = load_features(Path(args.run), args.train_split, args.eval_split)
     print(json.dumps(data["summary"]), flush=True)
-    from speechless.io import write_json
-    from speechless.rvq import encode_speed
+    from speechless.core.io import write_json
+    from speechless.speech.rvq import encode_speed
 
     train, x_eval = data["train"], data["eval"]
     out_path = Path(args.out)

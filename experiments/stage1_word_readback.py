@@ -18,10 +18,11 @@ import time
 import torch
 from t2s_level_diagnostic import recall_by_third  # noqa: E402
 
+from speechless.core.io import read_jsonl  # noqa: E402
+from speechless.core.metrics import cer, probe_text  # noqa: E402
 from speechless.data.synth import PLACES, SUBJECTS, TIMES  # noqa: E402
-from speechless.io import read_jsonl  # noqa: E402
-from speechless.probe import ProbeConfig, cer, probe_text, train_probe  # noqa: E402
-from speechless.tokens import load_split, resolve_stage1, row_codes, stage1_codebooks  # noqa: E402
+from speechless.speech.tokens import load_split, resolve_stage1, row_codes, stage1_codebooks  # noqa: E402
+from speechless.t2s.probe import ProbeConfig, train_probe  # noqa: E402
 
 SWAHILI = {"subject": {s.en: s.sw for s in SUBJECTS}, "place": {en: sw for sw, en in PLACES.values()},
            "time": {en: sw for options in TIMES.values() for sw, en in options if en}}

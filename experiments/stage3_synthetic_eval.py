@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch  # noqa: E402
 
-from speechless.adapt import evaluate, load_for_inference, synthetic_tokens, vectors_from_tokens  # noqa: E402
-from speechless.config import load_config  # noqa: E402
-from speechless.instructions import speech_parts  # noqa: E402
-from speechless.io import read_jsonl  # noqa: E402
-from speechless.rvq import SpeechRVQ  # noqa: E402
-from speechless.tokens import resolve_stage1  # noqa: E402
+from speechless.core.config import load_config  # noqa: E402
+from speechless.core.io import read_jsonl  # noqa: E402
+from speechless.llm.adapt import evaluate, load_for_inference, synthetic_tokens, vectors_from_tokens  # noqa: E402
+from speechless.llm.instructions import speech_parts  # noqa: E402
+from speechless.speech.rvq import SpeechRVQ  # noqa: E402
+from speechless.speech.tokens import resolve_stage1  # noqa: E402
 from stages.stage3_llm import Stage3Config, adapter_folder  # noqa: E402
 
 

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from speechless.align import ctc_viterbi, probe_char_map, token_durations
-from speechless.probe import _pad, cer
-from speechless.roundtrip import load_probe
-from speechless.rvq import SpeechRVQ
-from speechless.tokens import load_split, resolve_stage1, row_codes, speaker_map
+from speechless.core.metrics import cer
+from speechless.speech.rvq import SpeechRVQ
+from speechless.speech.tokens import load_split, resolve_stage1, row_codes, speaker_map
+from speechless.t2s.align import ctc_viterbi, probe_char_map, token_durations
+from speechless.t2s.probe import _pad
+from speechless.t2s.roundtrip import load_probe
 
 
 class DurationT2S(torch.nn.Module):

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from speechless.probe import CTCProbe, cer, probe_text  # noqa: E402
-from speechless.t2s import T2SModel  # noqa: E402
-from speechless.tokens import load_split, resolve_stage1, row_codes, speaker_map, stage1_codebooks  # noqa: E402
+from speechless.core.metrics import cer, probe_text  # noqa: E402
+from speechless.speech.tokens import load_split, resolve_stage1, row_codes, speaker_map, stage1_codebooks  # noqa: E402
+from speechless.t2s.model import T2SModel  # noqa: E402
+from speechless.t2s.probe import CTCProbe  # noqa: E402
 from stages.stage2_t2s import _items  # noqa: E402
 
 

@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speechless.generate import load_stage2  # noqa: E402
-from speechless.probe import cer  # noqa: E402
-from speechless.roundtrip import load_probe  # noqa: E402
-from speechless.tokens import load_split, resolve_stage1, row_codes, speaker_map  # noqa: E402
+from speechless.core.metrics import cer  # noqa: E402
+from speechless.speech.tokens import load_split, resolve_stage1, row_codes, speaker_map  # noqa: E402
+from speechless.t2s.generate import load_stage2  # noqa: E402
+from speechless.t2s.roundtrip import load_probe  # noqa: E402
 from stages.stage2_t2s import align_text  # noqa: E402
 
 

@@ -30,7 +30,7 @@ VARIANTS = {
 def run(args) -> list[dict]:
     import torch
 
-    from speechless.config import load_config
+    from speechless.core.config import load_config
     from stages.stage2_t2s import Stage2Config, train
 
     if args.threads:

@@ -8,8 +8,8 @@ import sys
 import typer
 
 from speechless.commands import config_cmd, data, encoder, evaluate, hub, pipeline, stage1, stage2, stage3, tokenize
-from speechless.errors import SpeechlessError
-from speechless.log import console
+from speechless.core.errors import SpeechlessError
+from speechless.core.log import console
 
 app = typer.Typer(
     name="speechless",

@@ -28,13 +28,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from speechless import distributed, log
-from speechless.config import Section, to_yaml
+from speechless.core import distributed, log
+from speechless.core.config import Section, to_yaml
+from speechless.core.errors import UsageError
+from speechless.core.io import read_json, sha256_file, write_json, write_text
+from speechless.core.store import StoreConfig
 from speechless.data.hf_import import ImportConfig
 from speechless.data.synth import SynthConfig
-from speechless.errors import UsageError
-from speechless.io import read_json, sha256_file, write_json, write_text
-from speechless.store import StoreConfig
 from stages.stage0_encoder import EncoderPretrainConfig
 from stages.stage1_rvq import Stage1Config
 from stages.stage2_t2s import Stage2Config
@@ -224,7 +224,7 @@ def seed_config(stage3: Stage3Config, folder: Path, seed: int) -> Stage3Config:
 def _seeds_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path) -> dict:
     """Stage 3 at every further seed (a repeat already finished with the same config is read, not run again), then
     the claim check of each seed and their summary in `stage3_seeds/metrics.json`."""
-    from speechless.metrics import seeds_summary
+    from speechless.core.metrics import seeds_summary
     from stages.stage3_llm import train
 
     per_seed = {str(cfg.stage3.run.seed): read_json(Path(step_cfg.stage3.run.out_dir) / "metrics.json")["eval"]}
@@ -392,7 +392,7 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] | None = None, report: boo
     write_json(_state_file(out), state)
     gather_metrics(out)
     if report:
-        from speechless.report import write_report
+        from speechless.core.report import write_report
 
         write_report(out)
     return state

@@ -22,11 +22,24 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from speechless import log
-from speechless.config import Section, to_yaml
+from speechless.core import log
+from speechless.core.config import Section, to_yaml
+from speechless.core.errors import UsageError
+from speechless.core.io import sha256_file, write_json, write_text
+from speechless.core.runs import RunConfig, config_fingerprint, load_checkpoint, save_checkpoint
+from speechless.core.store import StoreConfig
+from speechless.core.training import (
+    adamw,
+    finish_run,
+    length_batches,
+    lr_factor,
+    provenance,
+    resolve_device,
+    resume_state,
+)
 from speechless.data.manifest import joined, manifest_sha256, manifest_splits
-from speechless.encoder import weights_sha256
-from speechless.encoder_ctc import (
+from speechless.speech.encoder import weights_sha256
+from speechless.speech.encoder_ctc import (
     CTCEncoder,
     alphabet_from,
     build_model,
@@ -37,11 +50,6 @@ from speechless.encoder_ctc import (
     save_encoder_folder,
     utterance_features,
 )
-from speechless.errors import UsageError
-from speechless.io import sha256_file, write_json, write_text
-from speechless.runs import RunConfig, config_fingerprint, load_checkpoint, save_checkpoint
-from speechless.store import StoreConfig
-from speechless.training import adamw, finish_run, length_batches, lr_factor, provenance, resolve_device, resume_state
 
 
 class DataConfig(Section):

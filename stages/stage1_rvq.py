@@ -21,18 +21,18 @@ from pathlib import Path
 
 import torch
 
-from speechless import distributed, log
-from speechless.config import Section, to_yaml
+from speechless.core import distributed, log
+from speechless.core.config import Section, to_yaml
+from speechless.core.io import read_json, sha256_file, write_json, write_text
+from speechless.core.runs import RunConfig, config_fingerprint, load_checkpoint, save_checkpoint
+from speechless.core.store import StoreConfig
+from speechless.core.training import finish_run, provenance, resume_state
 from speechless.data.manifest import joined, manifest_sha256, manifest_splits
-from speechless.encoder import EncoderConfig, load_encoder, weights_sha256
-from speechless.features import extract_to_cache, read_cache
-from speechless.io import read_json, sha256_file, write_json, write_text
-from speechless.runs import RunConfig, config_fingerprint, load_checkpoint, save_checkpoint
-from speechless.rvq import RVQConfig, SpeechRVQ, average_checkpoints
-from speechless.store import StoreConfig
-from speechless.tokenizer import WEIGHT_FILES, quantizer_eval, tokens_from_vectors
-from speechless.tokens import write_token_jsonl
-from speechless.training import finish_run, provenance, resume_state
+from speechless.speech.encoder import EncoderConfig, load_encoder, weights_sha256
+from speechless.speech.features import extract_to_cache, read_cache
+from speechless.speech.rvq import RVQConfig, SpeechRVQ, average_checkpoints
+from speechless.speech.tokenizer import WEIGHT_FILES, quantizer_eval, tokens_from_vectors
+from speechless.speech.tokens import write_token_jsonl
 
 
 class DataConfig(Section):

@@ -21,19 +21,13 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from speechless import distributed, log
-from speechless.align import align_durations, proportional_durations
-from speechless.config import Section, to_yaml
-from speechless.errors import UsageError
-from speechless.generate import WEIGHT_FILES, GenerateConfig
-from speechless.io import read_json, sha256_file, write_json, write_text
-from speechless.probe import CTCProbe, ProbeConfig, train_probe
-from speechless.roundtrip import EvalConfig, round_trip
-from speechless.runs import RunConfig, config_fingerprint, load_checkpoint, save_checkpoint
-from speechless.store import StoreConfig
-from speechless.t2s import T2SConfig, T2SModel, build_model, collate, count_parameters
-from speechless.tokens import Stage1, load_split, resolve_stage1, row_codes, speaker_map, stage1_codebooks
-from speechless.training import (
+from speechless.core import distributed, log
+from speechless.core.config import Section, to_yaml
+from speechless.core.errors import UsageError
+from speechless.core.io import read_json, sha256_file, write_json, write_text
+from speechless.core.runs import RunConfig, config_fingerprint, load_checkpoint, save_checkpoint
+from speechless.core.store import StoreConfig
+from speechless.core.training import (
     adamw,
     autocast_dtype,
     finish_run,
@@ -43,6 +37,12 @@ from speechless.training import (
     resolve_device,
     resume_state,
 )
+from speechless.speech.tokens import Stage1, load_split, resolve_stage1, row_codes, speaker_map, stage1_codebooks
+from speechless.t2s.align import align_durations, proportional_durations
+from speechless.t2s.generate import WEIGHT_FILES, GenerateConfig
+from speechless.t2s.model import T2SConfig, T2SModel, build_model, collate, count_parameters
+from speechless.t2s.probe import CTCProbe, ProbeConfig, train_probe
+from speechless.t2s.roundtrip import EvalConfig, round_trip
 
 
 class DataConfig(Section):

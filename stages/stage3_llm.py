@@ -9,7 +9,7 @@ adapter kinds -> evaluate each on held-out REAL speech through the model's own a
 perplexity before/after, the same requests as text; ratios to the topline) -> save the adapter only (+ lineage),
 metrics, provenance and model card -> push `stage3@vN` (`finish_run`).
 
-The library parts live in `speechless.adapt` (data, training loop, evaluation, inference) and `speechless.llm` (the
+The library parts live in `speechless.llm.adapt` (data, training loop, evaluation, inference) and `speechless.llm.model` (the
 model and its adapters). `work/` (caches, resume state, compared variants) is never pushed.
 
 Several processes (`torchrun --nproc_per_node N -m speechless stage3 train ...`): DDP over the adapter only, every rank
@@ -26,8 +26,15 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from speechless import distributed, log
-from speechless.adapt import (
+from speechless.core import distributed, log
+from speechless.core.config import Section, to_yaml
+from speechless.core.errors import UsageError
+from speechless.core.io import read_json, sha256_file, write_json, write_jsonl, write_text
+from speechless.core.runs import RunConfig, config_fingerprint, utc_now
+from speechless.core.store import StoreConfig
+from speechless.core.training import finish_run, provenance
+from speechless.data.udhr import read_udhr
+from speechless.llm.adapt import (
     EvalConfig,
     PretrainConfig,
     adapted_model,
@@ -46,20 +53,13 @@ from speechless.adapt import (
     synthetic_tokens,
     train_loop,
 )
-from speechless.config import Section, to_yaml
-from speechless.data.udhr import read_udhr
-from speechless.encoder import EncoderConfig
-from speechless.errors import UsageError
-from speechless.generate import GenerateConfig
-from speechless.instructions import DEMO_TASKS, demo_conversations, demo_labels, read_conversations
-from speechless.io import read_json, sha256_file, write_json, write_jsonl, write_text
-from speechless.llm import AdapterConfig, BaseConfig, SpeechLM, check_text_lm_base
-from speechless.runs import RunConfig, config_fingerprint, utc_now
-from speechless.rvq import SpeechRVQ
-from speechless.store import StoreConfig
-from speechless.text_eval import udhr_perplexity
-from speechless.tokens import Stage1, load_split, resolve_stage1
-from speechless.training import finish_run, provenance
+from speechless.llm.instructions import DEMO_TASKS, demo_conversations, demo_labels, read_conversations
+from speechless.llm.model import AdapterConfig, BaseConfig, SpeechLM, check_text_lm_base
+from speechless.llm.text_eval import udhr_perplexity
+from speechless.speech.encoder import EncoderConfig
+from speechless.speech.rvq import SpeechRVQ
+from speechless.speech.tokens import Stage1, load_split, resolve_stage1
+from speechless.t2s.generate import GenerateConfig
 
 SYNTHETIC, TOPLINE = "synthetic_speech", "real_speech_topline"
 """The two speech sources a stage-3 model can learn from: stage-2 speech of the text (the product) and real speech
@@ -76,7 +76,7 @@ class DataConfig(Section):
     sentences: str | None = None
     """Demo sentences with their answers (None = `sentences.jsonl` beside the manifest)."""
     instructions: str | None = None
-    """Training conversations JSONL (see speechless/instructions.py); None = the demo task set of `train_split`."""
+    """Training conversations JSONL (see speechless/llm/instructions.py); None = the demo task set of `train_split`."""
     eval_instructions: str | None = None
     """Held-out conversations JSONL whose speech parts carry real `audio` (relative to the file) and a `task`;
     None = the demo task set of `eval_split`."""

@@ -65,7 +65,7 @@ def encoder_json(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def stage1_trained(corpus, encoder_json, tmp_path_factory) -> Path:
     """A finished tiny stage-1 run folder (uninterrupted, in-process)."""
-    from speechless.config import load_config
+    from speechless.core.config import load_config
     from stages.stage1_rvq import Stage1Config, train
 
     base = tmp_path_factory.mktemp("stage1")
@@ -81,7 +81,7 @@ def stage2_base(tmp_path_factory) -> Path:
     """A fake stage-1 run pushed as stage1@v1 to a local store, and the tiny backbone config (test_stage2's layout)."""
     from test_t2s import TINY_BACKBONE, make_fake_stage1
 
-    from speechless.store import open_store
+    from speechless.core.store import open_store
 
     root = tmp_path_factory.mktemp("stage2")
     make_fake_stage1(root / "stage1", sentences=20)
@@ -95,7 +95,7 @@ def stage2_reference(stage2_base) -> Path:
     """An uninterrupted in-process tiny stage-2 run (one thread, as the subprocess runs that are compared with it)."""
     from test_stage2 import overrides
 
-    from speechless.config import load_config
+    from speechless.core.config import load_config
     from stages.stage2_t2s import Stage2Config, train
 
     train(load_config(Stage2Config, None, overrides(stage2_base, stage2_base / "reference", "train.threads=1")))

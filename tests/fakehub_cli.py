@@ -26,7 +26,7 @@ from huggingface_hub.utils import _http as hf_http  # noqa: E402
 from test_hub_backend import FakeHub  # noqa: E402
 
 from speechless.cli import run  # noqa: E402
-from speechless.io import write_json  # noqa: E402
+from speechless.core.io import write_json  # noqa: E402
 
 
 def _encode(repos: dict) -> dict:

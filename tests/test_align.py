@@ -1,4 +1,4 @@
-"""Text-to-frame alignment (speechless.align) and the stage-2 model's aligned mode (model.alignment: ctc)."""
+"""Text-to-frame alignment (speechless.t2s.align) and the stage-2 model's aligned mode (model.alignment: ctc)."""
 
 import itertools
 import json
@@ -7,10 +7,10 @@ import pytest
 import torch
 from test_t2s import TEXTS, TINY_BACKBONE, one_thread  # noqa: F401  (fixture)
 
-from speechless.align import ctc_viterbi, probe_char_map, proportional_durations, token_durations
-from speechless.errors import UsageError
-from speechless.probe import probe_text
-from speechless.t2s import (
+from speechless.core.errors import UsageError
+from speechless.core.metrics import probe_text
+from speechless.t2s.align import ctc_viterbi, probe_char_map, proportional_durations, token_durations
+from speechless.t2s.model import (
     T2SConfig,
     T2SModel,
     build_model,

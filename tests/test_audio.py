@@ -1,4 +1,4 @@
-"""speechless.audio: decoding, mono mix, resampling, every bad-input case, window bounds."""
+"""speechless.data.audio: decoding, mono mix, resampling, every bad-input case, window bounds."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speechless.audio import MAX_WINDOW_S, SAMPLE_RATE, decode_audio, load_audio, window_bounds
-from speechless.errors import UsageError
+from speechless.core.errors import UsageError
+from speechless.data.audio import MAX_WINDOW_S, SAMPLE_RATE, decode_audio, load_audio, window_bounds
 
 
 def sine(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from speechless.config import Section, describe, load_config, to_yaml
-from speechless.errors import UsageError
+from speechless.core.config import Section, describe, load_config, to_yaml
+from speechless.core.errors import UsageError
 
 
 class Inner(Section):

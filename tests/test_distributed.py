@@ -37,8 +37,8 @@ LOOP = dict(steps=6, batch_size=3, lr=1e-4, warmup=1, fingerprint="f", seed=0, c
 
 def stage3_loop_model(root: Path):
     """A tiny Gemma 4 with LoRA (test_llm's model) and the conversations the loop trains on."""
-    from speechless.encoder import EncoderConfig, load_encoder
-    from speechless.llm import AdapterConfig, BaseConfig, build_demo_tokenizer, load_speech_lm
+    from speechless.llm.model import AdapterConfig, BaseConfig, build_demo_tokenizer, load_speech_lm
+    from speechless.speech.encoder import EncoderConfig, load_encoder
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "audio.json").write_text(json.dumps(TINY_AUDIO))
@@ -55,8 +55,8 @@ def stage3_loop_model(root: Path):
 def stage3_loop(root: Path, work: Path, die_at_call: int | None = None) -> dict:
     """Train the loop model (optionally killed at the n-th loss call, then resumed from work/). Returns its trainable
     weights and `grads`: each step's gradient (after the DDP all-reduce, before clipping), one row per step."""
-    from speechless.adapt import train_loop
-    from speechless.llm import SpeechLM
+    from speechless.llm.adapt import train_loop
+    from speechless.llm.model import SpeechLM
 
     real_loss, real_clip, calls, grads = SpeechLM.loss, torch.nn.utils.clip_grad_norm_, {"n": 0}, []
 
@@ -102,7 +102,7 @@ def _rank_job(rank: int, port: int, paths: dict) -> None:
     import torch.distributed as dist
 
     from speechless.cli import run
-    from speechless.config import load_config
+    from speechless.core.config import load_config
     from stages.stage1_rvq import Stage1Config
     from stages.stage1_rvq import train as train_stage1
     from stages.stage2_t2s import Stage2Config
@@ -119,7 +119,7 @@ def _rank_job(rank: int, port: int, paths: dict) -> None:
                                                             "train.steps=4", "probe.steps=4", "eval.max_utterances=2"))
     stage2 = train_stage2(cfg2)
     report["stage2"] = {"eval_done": stage2["eval"] is not None, "rank": stage2["rank"] if "rank" in stage2 else 0}
-    from speechless.io import save_tensors
+    from speechless.core.io import save_tensors
     from stages.stage3_llm import Stage3Config
     from stages.stage3_llm import train as train_stage3
 
@@ -150,8 +150,8 @@ def test_stage1_codebooks_identical_on_both_ranks(job):
     assert reports[0]["stage1"]["eval"] is not None and reports[1]["stage1"]["eval"] is None  # rank 0 alone evaluates
     assert (base / "stage1" / "model.safetensors").is_file()
     # the checkpoint rank 0 wrote holds the codebooks both ranks trained
-    from speechless.encoder import weights_sha256
-    from speechless.rvq import SpeechRVQ
+    from speechless.speech.encoder import weights_sha256
+    from speechless.speech.rvq import SpeechRVQ
 
     assert weights_sha256(SpeechRVQ.load(base / "stage1")) == hashes[0]
     history = json.loads((base / "stage1" / "metrics.json").read_text())["history"]
@@ -182,7 +182,7 @@ def test_stage3_training_on_two_ranks_takes_the_one_rank_steps(job, tmp_path):
     """DDP over the LoRA weights: both ranks end with the same weights, and every step's gradient equals (to float
     rounding) the one of one process training on the same global batch; a run killed at step 4 and resumed on 2 ranks
     ends with exactly the weights of the straight run."""
-    from speechless.io import load_tensors
+    from speechless.core.io import load_tensors
 
     base, _ = job
     straight = [load_tensors(base / f"loop_straight_rank{r}.safetensors") for r in range(WORLD)]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import TINY_ENCODER, stage1_overrides
 
-from speechless.config import load_config
+from speechless.core.config import load_config
 from stages.stage0_encoder import EncoderPretrainConfig, train
 
 
@@ -32,8 +32,8 @@ def pretrained(corpus, tmp_path_factory) -> Path:
 
 
 def test_outputs_load_through_encoder_source(pretrained):
-    from speechless.encoder import EncoderConfig, load_encoder
-    from speechless.encoder_ctc import load_ctc_encoder
+    from speechless.speech.encoder import EncoderConfig, load_encoder
+    from speechless.speech.encoder_ctc import load_ctc_encoder
 
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "ctc_head.safetensors", "ctc_head.json",
                  "metrics.json", "provenance.json", "resolved_config.yaml", "README.md"):
@@ -57,7 +57,7 @@ def test_recorded_figures_are_those_of_the_saved_weights(pretrained):
     import torch
 
     import stages.stage0_encoder as recipe
-    from speechless.encoder_ctc import evaluate, load_ctc_encoder, utterance_features
+    from speechless.speech.encoder_ctc import evaluate, load_ctc_encoder, utterance_features
 
     cfg = load_config(EncoderPretrainConfig, pretrained / "resolved_config.yaml", [])
     _, eval_entries = recipe._load_splits(cfg)
@@ -99,7 +99,7 @@ def test_resume_after_a_kill_gives_identical_weights(pretrained, corpus, tmp_pat
 def test_stage1_on_the_encoder_refuses_it_once_its_weights_change(pretrained, corpus, tmp_path, cli):
     from safetensors.torch import load_file
 
-    from speechless.io import save_tensors
+    from speechless.core.io import save_tensors
     from stages.stage1_rvq import Stage1Config
     from stages.stage1_rvq import train as train_stage1
 
@@ -123,7 +123,7 @@ def test_stage1_on_the_encoder_refuses_it_once_its_weights_change(pretrained, co
 
 def test_pipeline_step_skips_when_up_to_date_and_reruns_downstream(corpus, tmp_path, monkeypatch):
     from speechless import pipeline
-    from speechless.report import write_report
+    from speechless.core.report import write_report
 
     monkeypatch.setattr(pipeline, "STEPS", pipeline.STEPS[:2])  # data -> encoder -> stage 1 (stages 2-3 tested elsewhere)
     data = {"run": {"out_dir": str(tmp_path / "run")}, "store": {"root": str(tmp_path / "store")},

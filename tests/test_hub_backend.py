@@ -17,8 +17,8 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import _http as hf_http
 
 from speechless.cli import run
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.store import HubStore, StoreConfig, open_store
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.store import HubStore, StoreConfig, open_store
 
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"
 NS = "my-org"

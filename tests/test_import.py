@@ -12,12 +12,12 @@ import pytest
 import soundfile as sf
 import yaml
 
-from speechless.audio import SAMPLE_RATE
-from speechless.config import load_config
+from speechless.core.config import load_config
+from speechless.core.errors import UsageError
 from speechless.data import hf_import
+from speechless.data.audio import SAMPLE_RATE
 from speechless.data.hf_import import ImportConfig, import_hf_dataset, normalize_text, safe_name
 from speechless.data.manifest import read_manifest, validate_manifest
-from speechless.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAVERSAL_IDS = ["../../etc/x", "/etc/passwd_x", "..", "a/../../b", "con:1?*"]

@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-from speechless.errors import RuntimeFailure
-from speechless.io import atomic_path, load_tensors, save_tensors, write_text
+from speechless.core.errors import RuntimeFailure
+from speechless.core.io import atomic_path, load_tensors, save_tensors, write_text
 
 SAVE = """
 import sys, torch
-from speechless.io import save_tensors
+from speechless.core.io import save_tensors
 save_tensors(sys.argv[1], {"w": torch.arange(6.0).reshape(2, 3), "n": torch.tensor([1, 2])},
              {"format": "x", "version": "1", "zeta": "z", "alpha": "a", "mid": "m"})
 """

@@ -184,7 +184,7 @@ def make_checkpoint(folder: Path, files: int = 300, size: int = 8 << 10) -> None
     """A checkpoint-like folder with many files: a push fsyncs each, so it lasts long enough to be killed."""
     import torch
 
-    from speechless.io import save_tensors
+    from speechless.core.io import save_tensors
 
     generator = torch.Generator().manual_seed(0)
     (folder / "shards").mkdir(parents=True)
@@ -208,7 +208,7 @@ def local_push_started(ctx: dict) -> bool:
 def only_complete_versions(ctx: dict) -> None:
     """A killed push is never a visible half version: nothing is listed, or (when the kill landed after the rename)
     a version whose every file matches its recorded sha256."""
-    from speechless.store import LocalStore
+    from speechless.core.store import LocalStore
 
     store = LocalStore(ctx["tmp"] / "store")
     for version in store.list("stage1"):
@@ -216,7 +216,7 @@ def only_complete_versions(ctx: dict) -> None:
 
 
 def local_push_complete(ctx: dict) -> None:
-    from speechless.store import LocalStore
+    from speechless.core.store import LocalStore
 
     store = LocalStore(ctx["tmp"] / "store")
     assert [v.version for v in store.list("stage1")][0] == "v1"

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from speechless.encoder import EncoderConfig, load_encoder
-from speechless.errors import UsageError
-from speechless.llm import (
+from speechless.core.errors import UsageError
+from speechless.llm.model import (
     AdapterConfig,
     BaseConfig,
     SpeechLM,
@@ -21,6 +20,7 @@ from speechless.llm import (
     load_speech_lm,
     remove_dus,
 )
+from speechless.speech.encoder import EncoderConfig, load_encoder
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["Watoto walichora picha darasani juzi.", "The children drew a picture in the classroom.", "Transcribe the audio.",
@@ -58,7 +58,7 @@ def test_audio_slots_match_gemma4_processor(setup):
     """Our prompt ids for an audio clip == the ids Gemma4Processor's audio expansion + the same tokenizer give."""
     from transformers import Gemma4AudioFeatureExtractor, Gemma4Processor
 
-    from speechless.encoder import AudioWindow, encode_windows
+    from speechless.speech.encoder import AudioWindow, encode_windows
 
     model = make(setup)
     audio = clip(2.37)
@@ -86,7 +86,7 @@ def test_our_audio_path_is_gemmas_native_path(setup):
     model = make(setup)
     audio = clip(1.5, seed=1)
     features = model.encoder().feature_extractor([audio], return_tensors="pt")
-    from speechless.encoder import AudioWindow, encode_windows
+    from speechless.speech.encoder import AudioWindow, encode_windows
 
     vectors = dict(encode_windows(model.encoder(), [AudioWindow((0, 0), audio)], setup[1].model_copy(update={"batch_size": 1,
                                                                                                           "length_bucket_s": 1.5})))[(0, 0)]
@@ -233,7 +233,7 @@ def test_loss_from_labelled_positions_equals_the_full_logits_loss(setup, kind):
 
 
 def test_frame_stacking_puts_k_frames_on_one_position(setup, tmp_path):
-    from speechless.llm import stack_frames
+    from speechless.llm.model import stack_frames
 
     frames = torch.arange(5 * 3, dtype=torch.float32).reshape(5, 3)
     stacked = stack_frames(frames, 2)

@@ -12,7 +12,8 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from speechless.audio import SAMPLE_RATE
+from speechless.core.errors import UsageError
+from speechless.data.audio import SAMPLE_RATE
 from speechless.data.manifest import (
     MANIFEST_FIELDS,
     ManifestEntry,
@@ -21,7 +22,6 @@ from speechless.data.manifest import (
     validate_manifest,
     write_manifest,
 )
-from speechless.errors import UsageError
 
 
 def tone(path: Path, seconds: float = 0.5) -> Path:

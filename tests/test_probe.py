@@ -1,4 +1,4 @@
-"""The CTC ASR probe (speechless.probe): text normalisation, CER, training on real tokens, save/load."""
+"""The CTC ASR probe (speechless.t2s.probe): text normalisation, CER, training on real tokens, save/load."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 from test_t2s import make_fake_stage1, one_thread  # noqa: F401  (fixture)
 
-from speechless.errors import UsageError
-from speechless.probe import CTCProbe, ProbeConfig, cer, probe_text, train_probe
-from speechless.tokens import read_token_jsonl
+from speechless.core.errors import UsageError
+from speechless.core.metrics import cer, probe_text
+from speechless.speech.tokens import read_token_jsonl
+from speechless.t2s.probe import CTCProbe, ProbeConfig, train_probe
 
 
 def test_probe_text_and_cer():

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from speechless.core.errors import UsageError
 from speechless.data.manifest import ManifestEntry, read_manifest, validate_manifest, write_manifest
-from speechless.errors import UsageError
-from speechless.tokens import codes_to_string, hex_width, string_to_codes
+from speechless.speech.tokens import codes_to_string, hex_width, string_to_codes
 
 AUDIO_NAMES = ["a.wav", "sub/b.flac"]
 

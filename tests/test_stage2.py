@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from test_t2s import TINY_BACKBONE, make_fake_stage1, one_thread  # noqa: F401  (fixture)
 
-from speechless.config import load_config
-from speechless.store import open_store
+from speechless.core.config import load_config
+from speechless.core.store import open_store
 from stages.stage2_t2s import Stage2Config, train
 
 
@@ -71,7 +71,7 @@ def test_outputs_of_a_run(trained, base):
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(trained, base, tmp_path, monkeypatch):
-    from speechless.t2s import T2SModel
+    from speechless.t2s.model import T2SModel
 
     cfg = load_config(Stage2Config, None, overrides(base, tmp_path / "run", *TRAINED))
     real_loss, calls = T2SModel.loss, {"n": 0}
@@ -236,8 +236,8 @@ def test_shipped_stage2_configs_validate(name):
 
 
 def test_speakers_come_only_from_the_manifest_stage1_read(tmp_path, monkeypatch, capsys):
-    from speechless.io import sha256_file, write_json
-    from speechless.tokens import resolve_stage1, speaker_map
+    from speechless.core.io import sha256_file, write_json
+    from speechless.speech.tokens import resolve_stage1, speaker_map
 
     folder = make_fake_stage1(tmp_path / "stage1", sentences=4)
     (tmp_path / "here").mkdir()

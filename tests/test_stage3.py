@@ -12,12 +12,12 @@ import torch
 from test_llm import clip, conversation, make, setup  # noqa: F401  (fixture)
 from test_t2s import TINY_BACKBONE, make_fake_stage1
 
-from speechless.adapt import adapted_model, score_task, train_loop, vectors_from_tokens
-from speechless.adapt import synthetic_tokens as speak
-from speechless.config import load_config
-from speechless.errors import UsageError
-from speechless.instructions import as_text, demo_conversations, read_conversations
-from speechless.io import read_jsonl
+from speechless.core.config import load_config
+from speechless.core.errors import UsageError
+from speechless.core.io import read_jsonl
+from speechless.llm.adapt import adapted_model, score_task, train_loop, vectors_from_tokens
+from speechless.llm.adapt import synthetic_tokens as speak
+from speechless.llm.instructions import as_text, demo_conversations, read_conversations
 from stages.stage3_llm import Stage3Config, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +70,8 @@ def test_demo_task_set_and_text_version():
 def tiny_stage2(tmp_path: Path) -> tuple[list[dict], list[str], dict]:
     """Fake stage 1 `s1a` (and an unrelated `s1b`), a random tiny stage 2 `s2` trained on s1a, two conversations, and
     the config overrides that point stage 3 at them."""
-    from speechless.io import sha256_file
-    from speechless.t2s import T2SConfig, build_model
+    from speechless.core.io import sha256_file
+    from speechless.t2s.model import T2SConfig, build_model
 
     make_fake_stage1(tmp_path / "s1a", sentences=6, seed=0)
     make_fake_stage1(tmp_path / "s1b", sentences=6, seed=1)
@@ -113,8 +113,9 @@ def test_stage2_trained_on_another_stage1_is_refused_and_speech_is_cached(tmp_pa
 
 
 def test_best_of_n_draws_keeps_the_draw_the_stage2_probe_reads_best(tmp_path):
-    from speechless.probe import CTCProbe, ProbeConfig, cer, train_probe
-    from speechless.tokens import read_token_jsonl
+    from speechless.core.metrics import cer
+    from speechless.speech.tokens import read_token_jsonl
+    from speechless.t2s.probe import CTCProbe, ProbeConfig, train_probe
 
     rows, common, _ = tiny_stage2(tmp_path)
     cfg = load_config(Stage3Config, None, [*common, "data.synthetic_draws=4"])
@@ -137,8 +138,8 @@ def test_best_of_n_draws_keeps_the_draw_the_stage2_probe_reads_best(tmp_path):
 
 
 def test_synthetic_levels_decode_the_coarse_prefix_and_are_checked_against_stage1(tmp_path):
-    from speechless.rvq import SpeechRVQ
-    from speechless.tokens import read_token_jsonl
+    from speechless.speech.rvq import SpeechRVQ
+    from speechless.speech.tokens import read_token_jsonl
 
     make_fake_stage1(tmp_path / "s1", sentences=2, seed=0)
     rvq = SpeechRVQ.load(tmp_path / "s1")
@@ -157,7 +158,7 @@ def test_synthetic_levels_decode_the_coarse_prefix_and_are_checked_against_stage
 def test_every_variant_starts_from_the_same_adapter_whatever_ran_before(setup, kind):  # noqa: F811
     from test_llm import ROOT
 
-    from speechless.llm import AdapterConfig, BaseConfig
+    from speechless.llm.model import AdapterConfig, BaseConfig
 
     base = BaseConfig(kind="gemma4_audio", source=str(ROOT / "configs/llm/tiny_gemma4.json"), device="cpu")
     make_one = lambda seed: adapted_model(base, setup[1], setup[2], AdapterConfig(kind=kind, dus_blocks=1), seed, setup[3])
@@ -170,7 +171,7 @@ def test_every_variant_starts_from_the_same_adapter_whatever_ran_before(setup, k
 
 
 def test_training_resumes_after_a_kill_to_the_same_weights(setup, tmp_path, monkeypatch):  # noqa: F811
-    from speechless.llm import AdapterConfig, SpeechLM
+    from speechless.llm.model import AdapterConfig, SpeechLM
 
     def fresh():
         model = make(setup)
@@ -204,7 +205,7 @@ def test_training_resumes_after_a_kill_to_the_same_weights(setup, tmp_path, monk
 
 
 def test_audio_longer_than_the_window_is_split_into_audio_blocks(setup, tmp_path, capsys):  # noqa: F811
-    from speechless.adapt import answer_requests
+    from speechless.llm.adapt import answer_requests
 
     model = make(setup)
     model.encoder_cfg = model.encoder_cfg.model_copy(update={"max_window_s": 2.0})
@@ -220,7 +221,7 @@ def test_audio_longer_than_the_window_is_split_into_audio_blocks(setup, tmp_path
 
 
 def test_real_input_goes_through_stage1_at_the_levels_the_adapter_trained_on(setup, tmp_path):  # noqa: F811
-    from speechless.adapt import answer_requests, stage1_round_trip
+    from speechless.llm.adapt import answer_requests, stage1_round_trip
 
     make_fake_stage1(tmp_path / "s1", sentences=4, dim=32)  # the tiny audio tower's hook width
     record = {"stage1": {"ref": str(tmp_path / "s1")}, "speech_levels": 2, "quantize_real": False}
@@ -244,8 +245,8 @@ def test_real_input_goes_through_stage1_at_the_levels_the_adapter_trained_on(set
 
 
 def test_quantizing_many_clips_at_once_gives_each_window_its_own_codes(tmp_path):
-    from speechless.adapt import quantized, through_stage1
-    from speechless.rvq import SpeechRVQ
+    from speechless.llm.adapt import quantized, through_stage1
+    from speechless.speech.rvq import SpeechRVQ
 
     make_fake_stage1(tmp_path / "s1", sentences=4, dim=32)
     rvq = SpeechRVQ.load(tmp_path / "s1")
@@ -309,8 +310,8 @@ def test_real_scale_stage3_config_targets_gemma4_e2b():
 def test_pushed_adapter_answers_through_chat_and_infer(setup, tmp_path, monkeypatch, cli):  # noqa: F811
     """Save a base like the demo does, train-free adapter on it, push stage3@v1 (adapter files only), then `chat`
     (text and audio) and batched `stage3 infer` load it from the store."""
-    from speechless.llm import AdapterConfig, BaseConfig, load_speech_lm
-    from speechless.store import open_store
+    from speechless.core.store import open_store
+    from speechless.llm.model import AdapterConfig, BaseConfig, load_speech_lm
 
     _, encoder_cfg, sha, _ = setup
     first = make(setup)
@@ -335,7 +336,7 @@ def test_pushed_adapter_answers_through_chat_and_infer(setup, tmp_path, monkeypa
 
 
 def test_training_resume_with_another_config_warns_and_starts_again(setup, tmp_path, capsys):  # noqa: F811
-    from speechless.llm import AdapterConfig
+    from speechless.llm.model import AdapterConfig
 
     model = make(setup)
     model.attach(AdapterConfig(kind="dus", dus_blocks=1))
@@ -353,7 +354,7 @@ def test_training_resume_with_another_config_warns_and_starts_again(setup, tmp_p
 
 def saved_adapter(setup, folder: Path) -> Path:  # noqa: F811
     """A train-free stage-3 adapter on a saved copy of the tiny base, as `stage3 train` would save it."""
-    from speechless.llm import AdapterConfig, BaseConfig, load_speech_lm
+    from speechless.llm.model import AdapterConfig, BaseConfig, load_speech_lm
 
     _, encoder_cfg, sha, _ = setup
     first = make(setup)
@@ -392,7 +393,7 @@ def test_stage3_eval_scores_a_conversation_file_of_real_speech(setup, tmp_path, 
 
 
 def test_no_listening_baselines_guess_the_commonest_answer_overall_and_per_label():
-    from speechless.adapt import no_listening_baselines
+    from speechless.llm.adapt import no_listening_baselines
 
     def row(i, task, reply, closed=True):
         return {"id": f"{i}/{task}", "task": task, "closed": closed,
@@ -410,7 +411,7 @@ def test_no_listening_baselines_guess_the_commonest_answer_overall_and_per_label
 
 
 def test_compared_variants_name_speech_only_or_all_positions():
-    from speechless.llm import AdapterConfig
+    from speechless.llm.model import AdapterConfig
     from stages.stage3_llm import variant_adapter, variant_name
 
     product = AdapterConfig(kind="lora", lora_rank=8, speech_only=True)
@@ -424,7 +425,7 @@ def test_compared_variants_name_speech_only_or_all_positions():
 
 
 def test_claim_checks_need_the_ratio_and_every_no_listening_baseline():
-    from speechless.metrics import claim_checks
+    from speechless.core.metrics import claim_checks
 
     def summary(where_synth, where_real, asr_synth=0.5):
         return {"main": "synthetic_speech/lora",
@@ -443,7 +444,7 @@ def test_claim_checks_need_the_ratio_and_every_no_listening_baseline():
 
 
 def test_seeds_summary_holds_only_when_every_seed_holds():
-    from speechless.metrics import seeds_summary
+    from speechless.core.metrics import seeds_summary
 
     def summary(where):
         return {"main": "synthetic_speech/lora",

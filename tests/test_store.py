@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from speechless import store as store_mod
 from speechless.cli import run
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.store import LocalStore, StoreConfig, is_store_ref, open_store, parse_ref, store_config
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.store import LocalStore, StoreConfig, is_store_ref, open_store, parse_ref, store_config
+from speechless.core.store import local as store_mod
 
 
 def tree(folder: Path) -> dict[str, str]:

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from speechless.audio import SAMPLE_RATE
-from speechless.config import load_config
+from speechless.core.config import load_config
+from speechless.core.errors import UsageError
 from speechless.data import synth
+from speechless.data.audio import SAMPLE_RATE
 from speechless.data.manifest import read_manifest
 from speechless.data.synth import SynthConfig, VoiceConfig, generate_sentences, split_counts, synthesize_corpus
-from speechless.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 

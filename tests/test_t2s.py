@@ -1,4 +1,4 @@
-"""The stage-2 model (speechless.t2s): layout, loss, generation (cache, batching, sampling, caps), text handling, save/load."""
+"""The stage-2 model (speechless.t2s.model): layout, loss, generation (cache, batching, sampling, caps), text handling, save/load."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ def make_fake_stage1(folder, *, sentences: int = 30, speakers=("s1", "s2"), leve
 
     import torch
 
-    from speechless.io import sha256_file, write_json
-    from speechless.rvq import RVQConfig, SpeechRVQ
-    from speechless.tokens import token_row, write_token_jsonl
+    from speechless.core.io import sha256_file, write_json
+    from speechless.speech.rvq import RVQConfig, SpeechRVQ
+    from speechless.speech.tokens import token_row, write_token_jsonl
 
     folder = Path(folder)
     rng = random.Random(seed)
@@ -62,8 +62,8 @@ import math
 import pytest
 import torch
 
-from speechless.errors import UsageError
-from speechless.t2s import (
+from speechless.core.errors import UsageError
+from speechless.t2s.model import (
     T2SConfig,
     T2SModel,
     build_model,
@@ -215,7 +215,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_duration_model_fits_per_speaker_and_falls_back_to_everyone():
-    from speechless.t2s import DurationModel, text_features
+    from speechless.t2s.model import DurationModel, text_features
 
     texts = [" ".join("ab" * (1 + (i * j) % 3) for j in range(1 + i % 4)) for i in range(40)]
     speakers = ["slow" if i % 2 else "fast" for i in range(40)]
@@ -232,7 +232,7 @@ def test_duration_model_fits_per_speaker_and_falls_back_to_everyone():
 
 
 def test_progress_buckets_reach_the_last_exactly_at_the_end():
-    from speechless.t2s import progress_buckets
+    from speechless.t2s.model import progress_buckets
 
     steps = torch.arange(12).expand(2, -1)
     buckets = progress_buckets(steps, torch.tensor([10, 4]), 8)
@@ -356,7 +356,7 @@ def test_backbone_layers_keeps_the_first_decoder_layers_of_a_pretrained_backbone
     layers are the original ones; more layers than it has, or a config backbone, are refused."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from speechless.t2s import T2SConfig, load_backbone
+    from speechless.t2s.model import T2SConfig, load_backbone
 
     data = json.loads(open("configs/llm/tiny_gemma3.json").read())
     data.pop("_comment")
@@ -374,7 +374,7 @@ def test_backbone_layers_keeps_the_first_decoder_layers_of_a_pretrained_backbone
 
 
 def test_frozen_text_embeddings_are_left_out_of_the_optimizer(tmp_path):
-    from speechless.training import adamw
+    from speechless.core.training import adamw
 
     frozen, trained = tiny_model(tmp_path, freeze_text_embeddings=True), tiny_model(tmp_path)
     embedding = frozen.lm.get_input_embeddings().weight

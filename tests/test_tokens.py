@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from speechless.errors import UsageError
-from speechless.tokens import (
+from speechless.core.errors import UsageError
+from speechless.speech.tokens import (
     codes_to_string,
     hex_width,
     read_token_jsonl,
@@ -62,8 +62,8 @@ def test_half_written_token_file_names_the_line(tmp_path):
 
 
 def test_tokenize_audio_ids_are_unique_when_two_folders_hold_the_same_file_name(tmp_path):
-    from speechless.errors import UsageError
-    from speechless.tokenizer import entries_for_files
+    from speechless.core.errors import UsageError
+    from speechless.speech.tokenizer import entries_for_files
 
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()

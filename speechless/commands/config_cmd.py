@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from speechless.commands.options import ConfigOption, SetOption
-from speechless.log import emit
+from speechless.core.log import emit
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -23,7 +23,7 @@ def _schemas() -> dict:
 
 
 def _schema(stage: str):
-    from speechless.errors import UsageError
+    from speechless.core.errors import UsageError
 
     schemas = _schemas()
     if stage not in schemas:
@@ -34,7 +34,7 @@ def _schema(stage: str):
 @app.command()
 def show(stage: Annotated[str, typer.Argument(help="Whose schema to print: stage1, stage2, pipeline.")]) -> None:
     """Print every config key of a stage with its default and documentation."""
-    from speechless.config import describe
+    from speechless.core.config import describe
 
     emit("\n".join(f"{key} = {default}\n    {doc}" for key, default, doc in describe(_schema(stage))))
 
@@ -42,6 +42,6 @@ def show(stage: Annotated[str, typer.Argument(help="Whose schema to print: stage
 @app.command()
 def resolve(stage: Annotated[str, typer.Argument(help="stage1, stage2 or pipeline.")], config: ConfigOption = None, set_: SetOption = None) -> None:
     """Validate a config file (+ overrides) and print the resolved YAML."""
-    from speechless.config import load_config, to_yaml
+    from speechless.core.config import load_config, to_yaml
 
     emit(to_yaml(load_config(_schema(stage), config, list(set_ or []))))

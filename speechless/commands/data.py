@@ -9,11 +9,11 @@ from typing import Annotated
 import typer
 
 from speechless.commands.options import ConfigOption, FormatOption, SetOption, check_format
-from speechless.config import load_config
+from speechless.core.config import load_config
+from speechless.core.errors import UsageError
+from speechless.core.io import read_json
+from speechless.core.log import emit
 from speechless.data.manifest import read_manifest, summarize, validate_manifest
-from speechless.errors import UsageError
-from speechless.io import read_json
-from speechless.log import emit
 
 app = typer.Typer(
     no_args_is_help=True,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from speechless.commands.options import ConfigOption, FormatOption, SetOption, check_format, load_run_config
-from speechless.log import emit
+from speechless.core.log import emit
 
 app = typer.Typer(no_args_is_help=True)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from speechless.commands.options import FormatOption, check_format
-from speechless.log import emit
+from speechless.core.log import emit
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -30,9 +30,9 @@ def text_ppl(
     (or --adapter runs/stage3 for a stage-3 adapter on its base: a speech-only adapter gives the base's figures)."""
     import torch
 
+    from speechless.core.errors import UsageError
     from speechless.data.udhr import read_udhr
-    from speechless.errors import UsageError
-    from speechless.text_eval import load_text_lm, udhr_perplexity
+    from speechless.llm.text_eval import load_text_lm, udhr_perplexity
 
     fmt = check_format(fmt)
     languages = [x.strip() for x in lang.split(",") if x.strip()]
@@ -47,7 +47,7 @@ def text_ppl(
     if threads:
         torch.set_num_threads(threads)
     if adapter is not None:
-        from speechless.adapt import load_for_inference
+        from speechless.llm.adapt import load_for_inference
 
         lm, adapter_record, folder = load_for_inference(adapter)
         tokenizer = lm.tokenizer

@@ -12,9 +12,9 @@ from typing import Annotated
 import typer
 
 from speechless.commands.options import FormatOption, check_format
-from speechless.errors import UsageError
-from speechless.log import emit, info
-from speechless.store import VERSION_RE, VersionInfo, open_store
+from speechless.core.errors import UsageError
+from speechless.core.log import emit, info
+from speechless.core.store import VERSION_RE, VersionInfo, open_store
 
 app = typer.Typer(
     no_args_is_help=True,

@@ -13,7 +13,7 @@ FormatOption = Annotated[str, typer.Option("--format", help="Output on stdout: t
 
 
 def check_format(fmt: str) -> str:
-    from speechless.errors import UsageError
+    from speechless.core.errors import UsageError
 
     if fmt.lower() not in ("text", "json"):
         raise UsageError(f"--format {fmt!r}: choose text or json")
@@ -22,7 +22,7 @@ def check_format(fmt: str) -> str:
 
 def load_run_config(schema, config, set_: list[str] | None, out: Path | None = None, push: bool = False):
     """A stage's config from -c/--set, with the command-line shortcuts --out (run.out_dir) and --push (run.push)."""
-    from speechless.config import load_config
+    from speechless.core.config import load_config
 
     overrides = list(set_ or [])
     if out is not None:

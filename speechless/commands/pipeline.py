@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from speechless.commands.options import ConfigOption, FormatOption, SetOption, check_format, load_run_config
-from speechless.log import emit
+from speechless.core.log import emit
 
 
 def run(
@@ -72,8 +72,8 @@ def report(
     shot: Annotated[bool, typer.Option("--screenshot", help="Also render the page in headless Chromium to report/screenshot.png.")] = False,
 ) -> None:
     """Write RUN_DIR/report/index.html with PNG plots of every stage's results (and gather RUN_DIR/metrics.json)."""
+    from speechless.core.report import screenshot, write_report
     from speechless.pipeline import gather_metrics
-    from speechless.report import screenshot, write_report
 
     if (run_dir / "pipeline.json").is_file():
         gather_metrics(run_dir)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from speechless.commands.options import ConfigOption, FormatOption, SetOption, check_format, load_run_config
-from speechless.log import emit
+from speechless.core.log import emit
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -52,7 +52,7 @@ def evaluate(
     fmt: FormatOption = "text",
 ) -> None:
     """Evaluate a stage-1 checkpoint on a manifest split: MSE, cosine, per-codebook utilization and perplexity."""
-    from speechless.tokenizer import evaluate_tokenizer
+    from speechless.speech.tokenizer import evaluate_tokenizer
 
     fmt = check_format(fmt)
     metrics = evaluate_tokenizer(model, str(manifest), split, weights, device)

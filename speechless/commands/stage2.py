@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from speechless.commands.options import ConfigOption, FormatOption, SetOption, check_format, load_run_config
-from speechless.log import emit
+from speechless.core.log import emit
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -19,8 +19,8 @@ StoreRootOption = Annotated[Optional[Path], typer.Option("--store-root", help="L
 
 def generate_settings(temperature: float, top_k: int, max_seconds: float, batch_size: int, speaker: Optional[str], seed: int,
                       guidance: float = 1.0):
-    from speechless.config import validate
-    from speechless.generate import GenerateConfig
+    from speechless.core.config import validate
+    from speechless.t2s.generate import GenerateConfig
 
     return validate(GenerateConfig, dict(temperature=temperature, top_k=top_k, max_seconds=max_seconds, batch_size=batch_size,
                                          speaker=speaker, seed=seed, guidance=guidance), "generation options")
@@ -85,8 +85,8 @@ def generate(
     fmt: FormatOption = "text",
 ) -> None:
     """Convert a text corpus into stage-2 semantic tokens, with a progress bar; re-running resumes where it stopped."""
-    from speechless.generate import generate_file
-    from speechless.store import store_config
+    from speechless.core.store import store_config
+    from speechless.t2s.generate import generate_file
 
     fmt = check_format(fmt)
     gen = generate_settings(temperature, top_k, max_seconds, batch_size, speaker, seed, guidance)
@@ -114,9 +114,9 @@ def evaluate(
 ) -> None:
     """The semantic round trip of a stage-2 checkpoint: probe CER on real vs generated tokens, durations, code usage,
     DTW cosine of decoded vectors."""
-    from speechless.config import validate
-    from speechless.roundtrip import EvalConfig, evaluate_checkpoint
-    from speechless.store import store_config
+    from speechless.core.config import validate
+    from speechless.core.store import store_config
+    from speechless.t2s.roundtrip import EvalConfig, evaluate_checkpoint
 
     fmt = check_format(fmt)
     gen = generate_settings(temperature, top_k, max_seconds, 64, None, seed, guidance)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from speechless.commands.options import ConfigOption, FormatOption, SetOption, check_format, load_run_config
-from speechless.log import emit
+from speechless.core.log import emit
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -66,8 +66,8 @@ def infer(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Requests answered together.")] = 16,
 ) -> None:
     """Answer a batch of requests: real audio (through the model's own audio tower) and/or text, in; text out."""
-    from speechless.adapt import infer_file
-    from speechless.io import write_jsonl
+    from speechless.core.io import write_jsonl
+    from speechless.llm.adapt import infer_file
 
     rows = infer_file(model, manifest, instruction, quantize, max_new_tokens, batch_size)
     if output is not None:
@@ -90,7 +90,7 @@ def evaluate(
     fmt: FormatOption = "text",
 ) -> None:
     """Score an adapter on held-out REAL speech (WER/CER, BLEU/chrF, exact match): a conversation file, or the demo task set."""
-    from speechless.adapt import evaluate_file
+    from speechless.llm.adapt import evaluate_file
 
     fmt = check_format(fmt)
     result = evaluate_file(model, conversations, quantize, demo_manifest, split, voices, max_new_tokens, batch_size)
@@ -108,6 +108,6 @@ def chat(
     max_new_tokens: MaxTokensOption = 60,
 ) -> None:
     """One request to a stage-3 model: speech and/or text in, text out."""
-    from speechless.adapt import chat as answer
+    from speechless.llm.adapt import chat as answer
 
     emit(answer(model, audio, text, quantize, max_new_tokens))

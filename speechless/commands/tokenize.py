@@ -17,7 +17,7 @@ from speechless.commands.stage2 import (
     TopKOption,
     generate_settings,
 )
-from speechless.log import emit
+from speechless.core.log import emit
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -39,8 +39,8 @@ def audio(
     as one list per codebook). Audio over 30 s is split into equal windows, recorded in each row's `windows`.
     Under `torchrun --nproc_per_node N` the utterances are shared among N processes and rank 0 writes the output.
     """
-    from speechless import distributed
-    from speechless.tokenizer import tokenize_audio
+    from speechless.core import distributed
+    from speechless.speech.tokenizer import tokenize_audio
 
     fmt = check_format(fmt)
     rows = tokenize_audio(tokenizer, files, manifest, split, weights, device, output)
@@ -73,8 +73,8 @@ def text(
 
     Text output prints the compact code string of each text (one line each); JSON prints token rows like `audio`.
     """
-    from speechless.generate import generate_texts
-    from speechless.store import store_config
+    from speechless.core.store import store_config
+    from speechless.t2s.generate import generate_texts
 
     fmt = check_format(fmt)
     gen = generate_settings(temperature, top_k, max_seconds, 64, speaker, seed, guidance)

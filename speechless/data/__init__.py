@@ -1,4 +1,5 @@
-"""The data layer: JSONL manifests, a synthetic espeak-ng corpus, and Hugging Face dataset import.
+"""Corpora and manifests (before any stage): reading audio, the JSONL manifest, the espeak-ng demo corpus, Hugging
+Face dataset import, the UDHR texts. Imports only `core`.
 
 `speechless.data.manifest` is imported here; `speechless.data.synth` and `speechless.data.hf_import` are imported on
 use (the latter pulls in `datasets`).

@@ -1,7 +1,7 @@
 """Import a speech dataset (Hugging Face Hub id or a local `save_to_disk` folder) as 16 kHz wav files + manifests.
 
 Audio is never decoded by `datasets` (>= 4 would need torchcodec): the audio column is cast to `Audio(decode=False)`
-and its bytes (or file path) are decoded with soundfile through `speechless.audio`.
+and its bytes (or file path) are decoded with soundfile through `speechless.data.audio`.
 
 Output layout of `import_hf_dataset(cfg, out_dir)`:
 
@@ -31,12 +31,12 @@ import soundfile as sf
 from pydantic import Field, field_validator
 from rich.markup import escape
 
-from speechless import log
-from speechless.audio import SAMPLE_RATE, decode_audio, load_audio, written_duration
-from speechless.config import Section, to_yaml
+from speechless.core import log
+from speechless.core.config import Section, to_yaml
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.io import atomic_path, write_json, write_text
+from speechless.data.audio import SAMPLE_RATE, decode_audio, load_audio, written_duration
 from speechless.data.manifest import ManifestEntry, summarize, write_manifest
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.io import atomic_path, write_json, write_text
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 

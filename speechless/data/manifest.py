@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from speechless.errors import UsageError
-from speechless.io import sha256_file, write_text
+from speechless.core.errors import UsageError
+from speechless.core.io import sha256_file, write_text
 
 MANIFEST_FIELDS = ("id", "audio_filepath", "duration", "text", "language", "speaker_id", "split", "source")
 REQUIRED_FIELDS = ("id", "audio_filepath", "duration", "text", "split")
@@ -249,7 +249,7 @@ def validate_manifest(path: str | os.PathLike, check_audio: bool = False) -> lis
     path = Path(path)
     entries, problems = _scan(path, stop_at_first=False)
     if check_audio:
-        from speechless.audio import SAMPLE_RATE, load_audio
+        from speechless.data.audio import SAMPLE_RATE, load_audio
 
         for entry in entries:
             try:

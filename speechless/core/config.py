@@ -14,7 +14,7 @@ from typing import Any, TypeVar, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from speechless.errors import UsageError
+from speechless.core.errors import UsageError
 
 Schema = TypeVar("Schema", bound="Section")
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from speechless import distributed, log
-from speechless.audio import SAMPLE_RATE, load_audio, window_bounds
+from speechless.core import distributed, log
+from speechless.core.errors import RuntimeFailure
+from speechless.core.io import save_tensors
+from speechless.data.audio import SAMPLE_RATE, load_audio, window_bounds
 from speechless.data.manifest import ManifestEntry
-from speechless.encoder import AudioWindow, EncoderConfig, LoadedEncoder, encode_windows
-from speechless.errors import RuntimeFailure
-from speechless.io import save_tensors
+from speechless.speech.encoder import AudioWindow, EncoderConfig, LoadedEncoder, encode_windows
 
 
 @dataclass
@@ -96,7 +96,7 @@ def extract_to_cache(entries: Sequence[ManifestEntry], encoder: LoadedEncoder, c
                      shard_size: int, rank: int | None = None, world_size: int | None = None) -> list[Path]:
     """Extract every shard this rank owns (shard i belongs to rank i % world_size); return all shard paths in order.
 
-    rank / world_size default to this process's place in the joined process group (`speechless.distributed`); in a job every
+    rank / world_size default to this process's place in the joined process group (`speechless.core.distributed`); in a job every
     rank waits at a barrier until all shards are written, so every rank may read all of them afterwards (the cache
     folder must then be on a filesystem all ranks share).
     """

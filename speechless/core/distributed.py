@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from speechless.errors import RuntimeFailure, UsageError
+from speechless.core.errors import RuntimeFailure, UsageError
 
 
 @dataclass(frozen=True)

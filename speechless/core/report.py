@@ -14,9 +14,9 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.io import atomic_path, read_json, read_jsonl, write_text
-from speechless.metrics import CLAIM_RATIO, claim_checks
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.io import atomic_path, read_json, read_jsonl, write_text
+from speechless.core.metrics import CLAIM_RATIO, claim_checks
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

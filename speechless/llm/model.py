@@ -36,11 +36,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from speechless.config import Section
-from speechless.encoder import EncoderConfig, LoadedEncoder, weights_sha256
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.io import load_tensors, read_json, save_tensors, write_json
-from speechless.training import resolve_device
+from speechless.core.config import Section
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.io import load_tensors, read_json, save_tensors, write_json
+from speechless.core.training import resolve_device
+from speechless.speech.encoder import EncoderConfig, LoadedEncoder, weights_sha256
 
 ADAPTER_FORMAT = "speechless-stage3-adapter"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -147,7 +147,7 @@ def check_text_lm_base(cfg: BaseConfig) -> None:
         return
     from transformers import AutoTokenizer
 
-    from speechless.gguf_source import converted_folder, is_gguf_source
+    from speechless.core.gguf_source import converted_folder, is_gguf_source
 
     try:
         if is_gguf_source(cfg.source):
@@ -204,7 +204,7 @@ def _random_gemma4(config_file: Path, encoder_cfg: EncoderConfig, vocab_size: in
     """Gemma4ForConditionalGeneration from a text-config JSON, whose audio tower is the stage-1 encoder."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
 
-    from speechless.encoder import load_encoder
+    from speechless.speech.encoder import load_encoder
 
     text = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_") and k != "model_type"}
     text.update(vocab_size=vocab_size, vocab_size_per_layer_input=vocab_size, pad_token_id=special["pad"],
@@ -237,7 +237,7 @@ def load_base_model(cfg: BaseConfig, encoder_cfg: EncoderConfig | None = None, t
     """(model, tokenizer, source record). A config JSON needs the demo tokenizer (its vocab sizes the model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma4ForConditionalGeneration
 
-    from speechless.gguf_source import is_gguf_source, load_causal_lm
+    from speechless.core.gguf_source import is_gguf_source, load_causal_lm
 
     path = Path(cfg.source)
     record = {"source": cfg.source, "revision": cfg.revision}
@@ -430,7 +430,7 @@ class SpeechLM(torch.nn.Module):
         if self._encoder is None:
             from transformers import Gemma4AudioFeatureExtractor
 
-            from speechless.encoder import load_encoder
+            from speechless.speech.encoder import load_encoder
 
             if self.is_gemma4:
                 tower = self._inner().model.audio_tower

@@ -27,9 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from speechless import log
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.io import read_json, replace_dir, sha256_file, write_json
+from speechless.core import log
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.io import read_json, replace_dir, sha256_file, write_json
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import speechless
-from speechless.config import Section
+from speechless.core.config import Section
 
 
 class RunConfig(Section):
@@ -55,7 +55,7 @@ def save_checkpoint(work: Path, step: int, model_tensors: dict, optimizer, state
     """
     import torch
 
-    from speechless.io import save_tensors, sha256_file, write_json
+    from speechless.core.io import save_tensors, sha256_file, write_json
 
     tensors = {f"model.{k}": v for k, v in model_tensors.items()}
     if optimizer is not None:
@@ -75,8 +75,8 @@ def save_checkpoint(work: Path, step: int, model_tensors: dict, optimizer, state
 def load_checkpoint(work: Path, step: int, optimizer=None, device=None) -> dict:
     """Restore the optimizer slots of a resume checkpoint (when given) and return its model tensors. The file must
     match the sha256 that `work/state.json` records for it."""
-    from speechless.errors import RuntimeFailure
-    from speechless.io import load_tensors, read_json, sha256_file
+    from speechless.core.errors import RuntimeFailure
+    from speechless.core.io import load_tensors, read_json, sha256_file
 
     path = checkpoint_path(work, step)
     recorded = read_json(work / "state.json").get("checkpoint_sha256", {}).get(str(step)) if (work / "state.json").is_file() else None
@@ -101,8 +101,8 @@ def verify_weights(path: Path, variant: str) -> str:
     """sha256 of a checkpoint's weight file, checked against the digest its provenance.json records for `variant`
     (when it records one). safetensors only notices damage to its header: a flipped bit in the tensor bytes would
     load silently."""
-    from speechless.errors import RuntimeFailure
-    from speechless.io import read_json, sha256_file
+    from speechless.core.errors import RuntimeFailure
+    from speechless.core.io import read_json, sha256_file
 
     path = Path(path)
     digest = sha256_file(path) if path.is_file() else ""

@@ -1,6 +1,6 @@
 """Stage-2 evaluation: the semantic round trip on held-out sentences.
 
-A CTC probe trained on REAL stage-1 tokens (the judge, `speechless.probe`) reads the real tokens of held-out audio and
+A CTC probe trained on REAL stage-1 tokens (the judge, `speechless.t2s.probe`) reads the real tokens of held-out audio and
 the tokens a stage-2 model generates from the same sentences' text: probe CER real vs generated, durations, per-level
 code usage, and the DTW-aligned cosine of the decoded vectors. Used by the stage-2 recipe and `speechless stage2 eval`.
 """
@@ -16,13 +16,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from speechless.config import Section
-from speechless.generate import GenerateConfig, GenRequest, generate_rows, load_stage2
-from speechless.io import read_json
-from speechless.probe import CTCProbe, cer
-from speechless.store import StoreConfig
-from speechless.t2s import T2SModel
-from speechless.tokens import (
+from speechless.core.config import Section
+from speechless.core.io import read_json
+from speechless.core.metrics import cer
+from speechless.core.store import StoreConfig
+from speechless.speech.tokens import (
     Stage1,
     check_stage1_match,
     load_split,
@@ -31,6 +29,9 @@ from speechless.tokens import (
     speaker_map,
     stage1_codebooks,
 )
+from speechless.t2s.generate import GenerateConfig, GenRequest, generate_rows, load_stage2
+from speechless.t2s.model import T2SModel
+from speechless.t2s.probe import CTCProbe
 
 
 class EvalConfig(Section):
@@ -93,7 +94,7 @@ def dtw_cosine(generated: list[torch.Tensor], real: list[torch.Tensor], center: 
 
 
 def _usage(codes: list[torch.Tensor], codebook_size: int) -> dict:
-    from speechless.metrics import code_usage, usage_stats
+    from speechless.core.metrics import code_usage, usage_stats
 
     flat = torch.cat([c.T for c in codes if c.shape[1]]) if any(c.shape[1] for c in codes) else torch.zeros(0, codes[0].shape[0], dtype=torch.long)
     utilization, perplexity = usage_stats(code_usage(flat, codebook_size))
@@ -103,7 +104,7 @@ def _usage(codes: list[torch.Tensor], codebook_size: int) -> dict:
 def round_trip(model: T2SModel, probe: CTCProbe, rows: list[dict], speakers: dict[str, str], gen: GenerateConfig,
                ev: EvalConfig, stage1_folder: Path) -> tuple[dict, list[dict]]:
     """The semantic round trip on held-out rows: (eval metrics, generated token rows)."""
-    from speechless.rvq import SpeechRVQ
+    from speechless.speech.rvq import SpeechRVQ
 
     started = time.time()
     requests = [GenRequest(r["id"], r["text"], speakers.get(r["id"]) if ev.speakers == "each" and speakers.get(r["id"]) in model.speakers else None)

@@ -16,7 +16,7 @@ commitment loss) and adds what the stage needs around it:
 Training: call `loss(x)` in train mode. With EMA codebooks (the default) the EMA update and dead-code replacement
 happen INSIDE that forward pass; the returned total has no trainable parameters behind it and is for logging only.
 
-Several processes (torchrun): build the quantizer after `speechless.distributed.setup()`; then vqp synchronises the
+Several processes (torchrun): build the quantizer after `speechless.core.distributed.setup()`; then vqp synchronises the
 EMA update and dead-code replacement across ranks, and each rank passes its
 own slice of a global batch (with `global_batch` = the global size, which the dead-code threshold is scaled by).
 """
@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from vector_quantize_pytorch import ResidualVQ
 
-from speechless import distributed
-from speechless.config import Section
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.io import load_tensors, read_json, save_tensors, write_json
+from speechless.core import distributed
+from speechless.core.config import Section
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.io import load_tensors, read_json, save_tensors, write_json
 
 FORMAT = "speechless-rvq"
 FORMAT_VERSION = 1

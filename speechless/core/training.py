@@ -10,7 +10,7 @@ One implementation each, so that stages 1-3 and the probe behave alike:
   resumed run sees exactly the batches an uninterrupted one would.
 * `resume_state`: a run resumes from `work/state.json` only when it was made with the same config (its fingerprint)
   and its checkpoint is there; otherwise it says why and starts from step 0 (never silently). The checkpoint's
-  sha256 is verified when it is loaded (`speechless.runs.load_checkpoint`).
+  sha256 is verified when it is loaded (`speechless.core.runs.load_checkpoint`).
 * `finish_run`: provenance.json (with the code version, config fingerprint and time), the model card README.md, and
   the push to the store as the stage's next version.
 """
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from speechless import distributed, log
-from speechless.config import Section
-from speechless.errors import UsageError
-from speechless.io import read_json, write_json, write_text
-from speechless.runs import checkpoint_path, code_version, config_fingerprint, utc_now
-from speechless.store import StoreConfig, open_store
+from speechless.core import distributed, log
+from speechless.core.config import Section
+from speechless.core.errors import UsageError
+from speechless.core.io import read_json, write_json, write_text
+from speechless.core.runs import checkpoint_path, code_version, config_fingerprint, utc_now
+from speechless.core.store import StoreConfig, open_store
 
 
 def resolve_device(name: str, key: str = "device") -> torch.device:

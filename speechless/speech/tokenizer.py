@@ -14,16 +14,16 @@ from pathlib import Path
 
 import torch
 
-from speechless import distributed
+from speechless.core import distributed
+from speechless.core.errors import UsageError
+from speechless.core.io import read_json
+from speechless.core.runs import verify_weights
+from speechless.core.store import StoreConfig, is_store_ref, open_store
 from speechless.data.manifest import ManifestEntry
-from speechless.encoder import EncoderConfig, LoadedEncoder, load_encoder
-from speechless.errors import UsageError
-from speechless.features import UtteranceVectors, encode_entries
-from speechless.io import read_json
-from speechless.runs import verify_weights
-from speechless.rvq import SpeechRVQ
-from speechless.store import StoreConfig, is_store_ref, open_store
-from speechless.tokens import token_row
+from speechless.speech.encoder import EncoderConfig, LoadedEncoder, load_encoder
+from speechless.speech.features import UtteranceVectors, encode_entries
+from speechless.speech.rvq import SpeechRVQ
+from speechless.speech.tokens import token_row
 
 WEIGHT_FILES = {"final": "model.safetensors", "best": "model.best.safetensors", "averaged": "model.averaged.safetensors"}
 
@@ -72,7 +72,7 @@ def tokenize_audio(ref: str, files: Sequence[Path] | None = None, manifest: Path
     stage-1 tokenizer `ref`; with `output`, also written there as token JSONL (atomically, by rank 0 of a job).
     Under torchrun the utterances are shared among the processes; ranks > 0 return []."""
     from speechless.data.manifest import read_manifest
-    from speechless.tokens import write_token_jsonl
+    from speechless.speech.tokens import write_token_jsonl
 
     if bool(files) == bool(manifest):
         raise UsageError("give audio FILES or --manifest M (one of them)")
@@ -156,8 +156,8 @@ class SpeechTokenizer:
 
 def quantizer_eval(rvq: SpeechRVQ, vectors: torch.Tensor) -> dict:
     """Held-out quality of a quantizer on encoder vectors: MSE, NMSE, cosine, centred cosine, per-level utilization
-    and perplexity (`speechless.metrics.quantizer_metrics`)."""
-    from speechless.metrics import quantizer_metrics
+    and perplexity (`speechless.core.metrics.quantizer_metrics`)."""
+    from speechless.core.metrics import quantizer_metrics
 
     rvq.eval()
     codes = rvq.encode(vectors)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from speechless.errors import RuntimeFailure, UsageError
+from speechless.core.errors import RuntimeFailure, UsageError
 
 
 def _umask() -> int:

@@ -3,7 +3,7 @@
 * Data: corpus manifests, the stage-1 encoder record, stage-2 speech for every user turn (`synthetic_tokens`: cached,
   resumable, best of n draws by stage 2's CTC probe), speech tokens decoded to 1024-d vectors (`speech_examples`).
 * Training: `train_loop` (AdamW on the adapter, length-bucketed batches, warmup + cosine to `min_lr_ratio`; resumable
-  through `speechless.training.resume_state`, DDP over the adapter under torchrun).
+  through `speechless.core.training.resume_state`, DDP over the adapter under torchrun).
 * Demo base: `pretrain_base` teaches the tiny random-weight Gemma the demo tasks in text first (`PretrainConfig`).
 * Evaluation: per-task scores (WER/CER, BLEU/chrF, exact match) of greedy answers to requests in REAL speech through
   the model's own audio tower (`evaluate`), text perplexity, and the ratio of a model's scores to a topline's.
@@ -24,14 +24,23 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from speechless import distributed, log
-from speechless.config import Section
-from speechless.encoder import EncoderConfig
-from speechless.errors import UsageError
-from speechless.generate import GenerateConfig, generate_corpus, load_stage2
-from speechless.instructions import DEMO_TASKS, answer, as_text, demo_conversations, read_conversations, speech_parts
-from speechless.io import read_json, read_jsonl, replace_dir, write_json, write_jsonl
-from speechless.llm import (
+from speechless.core import distributed, log
+from speechless.core.config import Section
+from speechless.core.errors import UsageError
+from speechless.core.io import read_json, read_jsonl, replace_dir, write_json, write_jsonl
+from speechless.core.metrics import cer
+from speechless.core.runs import code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
+from speechless.core.store import StoreConfig, is_store_ref, open_store
+from speechless.core.training import length_batches, lr_factor, resolve_device, resume_state
+from speechless.llm.instructions import (
+    DEMO_TASKS,
+    answer,
+    as_text,
+    demo_conversations,
+    read_conversations,
+    speech_parts,
+)
+from speechless.llm.model import (
     AdapterConfig,
     BaseConfig,
     Example,
@@ -40,13 +49,12 @@ from speechless.llm import (
     load_adapter,
     load_speech_lm,
 )
-from speechless.probe import CTCProbe, cer
-from speechless.roundtrip import load_probe
-from speechless.runs import code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
-from speechless.rvq import SpeechRVQ
-from speechless.store import StoreConfig, is_store_ref, open_store
-from speechless.tokens import check_stage1_match, resolve_stage1
-from speechless.training import length_batches, lr_factor, resolve_device, resume_state
+from speechless.speech.encoder import EncoderConfig
+from speechless.speech.rvq import SpeechRVQ
+from speechless.speech.tokens import check_stage1_match, resolve_stage1
+from speechless.t2s.generate import GenerateConfig, generate_corpus, load_stage2
+from speechless.t2s.probe import CTCProbe
+from speechless.t2s.roundtrip import load_probe
 
 DEMO_MANIFEST = "runs/demo/corpus/all.jsonl"
 
@@ -353,7 +361,7 @@ def speech_examples(model: SpeechLM, rows: list[dict], tokens: dict[str, dict], 
 def real_vectors(model: SpeechLM, rows: list[dict], encoder_cfg: EncoderConfig) -> dict[str, list[torch.Tensor]]:
     """Real recordings through the model's own audio tower (input of output_proj), per window of <= 30 s."""
     from speechless.data.manifest import ManifestEntry
-    from speechless.features import encode_entries
+    from speechless.speech.features import encode_entries
 
     entries, seen = [], set()
     for row in rows:
@@ -483,7 +491,7 @@ def ratio_to_topline(scores: dict, topline: dict, name: str = "synthetic_speech"
 
 def adapter_checkpoint(ref: str, store_cfg: StoreConfig | None = None) -> Path:
     """A stage-3 adapter folder or `stage3@vN` -> its local folder, refused when it holds no adapter."""
-    from speechless.tokenizer import resolve_checkpoint
+    from speechless.speech.tokenizer import resolve_checkpoint
 
     folder = resolve_checkpoint(ref, store_cfg)
     if not (folder / "adapter_config.json").is_file():
@@ -519,7 +527,7 @@ def answer_requests(model: SpeechLM, requests: list[dict], max_new_tokens: int =
     into windows of at most 30 s, each its own audio block (as Gemma's processor would need). With `rvq`, the audio
     vectors go through stage 1 first (`through_stage1` at `levels`)."""
     from speechless.data.manifest import ManifestEntry
-    from speechless.features import encode_entries
+    from speechless.speech.features import encode_entries
 
     entries = [ManifestEntry(id=str(i), audio_filepath=Path(r["audio"]), duration=0.0, text="", split="") for i, r in enumerate(requests) if r.get("audio")]
     for entry in entries:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from speechless.errors import UsageError
-from speechless.io import read_jsonl
+from speechless.core.errors import UsageError
+from speechless.core.io import read_jsonl
 
 # The demo's tasks: (name, instruction, answer field of sentences.jsonl, closed answer)
 DEMO_TASKS = {

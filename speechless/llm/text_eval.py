@@ -7,7 +7,7 @@ positions predicts `chunk - 1` text tokens from the BOS and the text before them
 exp(summed negative log-likelihood / predicted tokens), over all chunks. Logits are computed for a slice of positions
 at a time, so a 262k-token vocabulary does not need a (chunk x vocab) matrix at once.
 
-The model is a causal LM, or a stage-3 `SpeechLM` with its adapter (`speechless.adapt.load_for_inference`): text goes
+The model is a causal LM, or a stage-3 `SpeechLM` with its adapter (`speechless.llm.adapt.load_for_inference`): text goes
 through it as any text-only request does (a speech-only adapter is then off, so its perplexity is the base's), which
 gives the text-skill table of base / adapters on the same real text.
 """
@@ -19,13 +19,13 @@ import time
 
 import torch
 
-from speechless.errors import RuntimeFailure, UsageError
+from speechless.core.errors import RuntimeFailure, UsageError
 
 
 def load_text_lm(source: str, revision: str | None = None, key: str = "--model"):
-    """(causal LM, tokenizer, source record) from a GGUF source (`speechless.gguf_source`), a local folder or a Hub id;
+    """(causal LM, tokenizer, source record) from a GGUF source (`speechless.core.gguf_source`), a local folder or a Hub id;
     safetensors only."""
-    from speechless.gguf_source import is_gguf_source, load_causal_lm
+    from speechless.core.gguf_source import is_gguf_source, load_causal_lm
 
     if is_gguf_source(source):
         return load_causal_lm(source, revision, key)
@@ -53,7 +53,7 @@ def _hidden_and_head(model):
 def chunk_nll(model, ids: torch.Tensor, slice_size: int = 128) -> tuple[float, int]:
     """Summed NLL of ids[1:] given the prefix, for one (1, T) sequence; logits `slice_size` positions at a time (a
     SpeechLM: its own text-only forward, adapter included)."""
-    from speechless.llm import SpeechLM
+    from speechless.llm.model import SpeechLM
 
     if isinstance(model, SpeechLM):
         batch = {"ids": ids, "attention": torch.ones_like(ids), "vectors": []}

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from speechless import log
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.io import read_json, read_jsonl, sha256_file, write_jsonl
-from speechless.store import StoreConfig, is_store_ref, open_store
+from speechless.core import log
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.io import read_json, read_jsonl, sha256_file, write_jsonl
+from speechless.core.store import StoreConfig, is_store_ref, open_store
 
 HEX_GROUP = re.compile(r"[0-9a-fA-F]+")
 
@@ -220,7 +220,7 @@ def speaker_map(stage1: Stage1, manifest: str | None = None, speaker_field: str 
 
 def stage1_codebooks(stage1: Stage1) -> torch.Tensor:
     """(Q, K, D) codebooks of the stage-1 version, in its standardised units (what a 'vectors' probe reads)."""
-    from speechless.rvq import SpeechRVQ
+    from speechless.speech.rvq import SpeechRVQ
 
     return SpeechRVQ.load(stage1.folder).codebooks()
 

@@ -16,7 +16,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from speechless.errors import UsageError
+from speechless.core.errors import UsageError
 
 SAMPLE_RATE = 16000
 """Sample rate of every waveform the project handles (Hz)."""

@@ -11,10 +11,10 @@ Pieces (the recipe `stages/stage0_encoder.py` puts them together):
 * `CTCEncoder`: the `Gemma4AudioModel` + the linear head; a forward hook takes `output_proj`'s input, as in stage 1;
 * `utterance_features` / `pad_features`: log-mel features per utterance (Gemma's own feature extractor) and batches of
   them zero-padded (the extractor pads with zeros too) to a multiple of `PAD_FRAMES` mel frames;
-* `ctc_loss`, `transcribe` (greedy), `evaluate` (dev loss and CER with `speechless.probe.cer`, or the unit error rate
+* `ctc_loss`, `transcribe` (greedy), `evaluate` (dev loss and CER with `speechless.core.metrics.cer`, or the unit error rate
   for phonemes);
 * `save_encoder_folder` / `load_ctc_encoder`: the output folder. It is a standalone `Gemma4AudioModel` folder in the
-  format `speechless.encoder.load_encoder` reads (`config.json` with `model_type: gemma4_audio`, `model.safetensors`,
+  format `speechless.speech.encoder.load_encoder` reads (`config.json` with `model_type: gemma4_audio`, `model.safetensors`,
   `preprocessor_config.json`), so stage 1 takes it as `encoder.source` like any Gemma 4 checkpoint folder; the head
   lives beside it in `ctc_head.safetensors` + `ctc_head.json` (units), which the encoder loader never reads.
 """
@@ -30,16 +30,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from speechless.audio import SAMPLE_RATE, load_audio
-from speechless.errors import RuntimeFailure, UsageError
-from speechless.io import load_tensors, read_json, save_tensors, write_json, write_text
-from speechless.probe import cer, probe_text
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.core.io import load_tensors, read_json, save_tensors, write_json, write_text
+from speechless.core.metrics import cer, probe_text
+from speechless.data.audio import SAMPLE_RATE, load_audio
 
 FORMAT = "speechless-encoder-ctc"
 FORMAT_VERSION = 1
 HEAD_FILE = "ctc_head.safetensors"
 HEAD_CONFIG = "ctc_head.json"
-#: One metadata key only (see speechless.probe): identical weights give identical bytes.
+#: One metadata key only (see speechless.t2s.probe): identical weights give identical bytes.
 WEIGHTS_METADATA = {"format": "pt"}
 PAD_FRAMES = 64
 """Batches are zero-padded to a multiple of this many 10 ms mel frames (few distinct shapes: faster CPU kernels)."""
@@ -89,7 +89,7 @@ def phonemize(texts: Sequence[str], voice: str) -> list[list[str]]:
 
 
 def unit_error_rate(units: Sequence[str], references: Sequence[str], hypotheses: Sequence[str]) -> float:
-    """CER for character units (`speechless.probe.cer`); for phonemes the phoneme error rate (edits / reference
+    """CER for character units (`speechless.core.metrics.cer`); for phonemes the phoneme error rate (edits / reference
     phonemes; references and hypotheses are phoneme strings joined by '_', words by ' ')."""
     if all(len(unit) == 1 for unit in units) and "_" not in "".join(references):
         return cer(list(references), list(hypotheses))
