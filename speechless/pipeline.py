@@ -234,6 +234,13 @@ def seed_config(stage3: Stage3Config, folder: Path, seed: int) -> Stage3Config:
         "data": stage3.data.model_copy(update={"generate": stage3.data.generate.model_copy(update={"seed": seed})})})
 
 
+def finished_with(out: Path, cfg: Section) -> bool:
+    """Whether the run folder `out` holds a finished run (metrics.json) of `cfg`, whatever its loggers."""
+    resolved = out / "resolved_config.yaml"
+    return (out / "metrics.json").is_file() and resolved.is_file() and \
+        _without_loggers(read_yaml(resolved)) == _without_loggers(yaml.safe_load(to_yaml(cfg)))
+
+
 def _seeds_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path) -> dict:
     """Stage 3 at every further seed (a repeat already finished with the same config is read, not run again), then
     the claim check of each seed and their summary in `stage3_seeds/metrics.json`."""
@@ -244,8 +251,7 @@ def _seeds_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path) 
     for seed in step_cfg.seeds:
         seed_cfg = seed_config(step_cfg.stage3, folder, seed)
         out = Path(seed_cfg.run.out_dir)
-        done = (out / "metrics.json").is_file() and (out / "resolved_config.yaml").is_file() \
-            and _without_loggers(read_yaml(out / "resolved_config.yaml")) == _without_loggers(yaml.safe_load(to_yaml(seed_cfg)))
+        done = finished_with(out, seed_cfg)
         if done:
             log.info(f"pipeline stage3_seeds: seed {seed} already finished with this config")
         per_seed[str(seed)] = read_json(out / "metrics.json")["eval"] if done else train(seed_cfg)["eval"]
