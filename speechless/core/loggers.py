@@ -15,7 +15,6 @@ files (steps logged before a kill, after the last checkpoint, are trained again)
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from speechless.core import distributed
@@ -30,7 +29,7 @@ NO_TENSORBOARD = "run.loggers: 'tensorboard' needs the tensorboard package (pip 
 def scalars(record: dict, prefix: str = "") -> dict[str, float]:
     """The numbers of a history record as TensorBoard tags: nested dicts joined with '/', lists of numbers indexed
     (`eval/level_loss/0`); strings, booleans, None and other lists left out. Top-level keys other than `eval` go
-    under `train/` (a `train_` prefix dropped: stage 1's `train_commit` is `train/commit`); `step` is the x axis."""
+    under `train/` (a `train_` prefix dropped: stage 1's `train_mse` is `train/mse`); `step` is the x axis."""
     out: dict[str, float] = {}
     for key, value in record.items():
         if not prefix and key == "step":
@@ -47,7 +46,7 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # NaN kept: a diverged loss shows
 
 
 class Loggers:
