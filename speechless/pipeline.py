@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+import yaml
+from pydantic import Field, field_validator
 
 from speechless.core import distributed, log
-from speechless.core.config import Section, to_yaml
+from speechless.core.config import Section, read_yaml, to_yaml
 from speechless.core.errors import UsageError
 from speechless.core.io import read_json, sha256_file, write_json, write_text
+from speechless.core.runs import NOT_FINGERPRINTED, RunConfig, logger_names
 from speechless.core.store import StoreConfig
 from speechless.data.hf_import import ImportConfig
 from speechless.data.synth import SynthConfig
@@ -47,6 +49,11 @@ class PipelineRunConfig(Section):
     push: bool = False
     """Push each stage's checkpoint to the store (`stageN@vK`) when it is (re)made; downstream steps then read that
     exact version. A skipped step is not pushed again."""
+    loggers: list[str] = ["json"]
+    """Extra training-curve sinks for EVERY step (added to each stage's own `run.loggers`): 'tensorboard' writes event
+    files into each step's `work/tensorboard/` (`tensorboard --logdir RUN_DIR`). Never makes a step run again."""
+
+    _check_loggers = field_validator("loggers", mode="before")(lambda value: logger_names(value))
 
 
 class PipelineDataConfig(Section):
@@ -102,6 +109,12 @@ class Step:
 # ------------------------------------------------------------------------------------------------------ the steps
 
 
+def _step_run(cfg: PipelineConfig, run: RunConfig, folder: Path) -> RunConfig:
+    """A stage's run section in the pipeline: its folder, the pipeline's push setting, its loggers and the pipeline's."""
+    loggers = list(dict.fromkeys([*run.loggers, *cfg.run.loggers]))
+    return run.model_copy(update={"out_dir": str(folder), "push": cfg.run.push, "loggers": loggers})
+
+
 def _data_configure(cfg: PipelineConfig, folder: Path, upstream: dict) -> Section:
     if cfg.data.source == "synth":
         return cfg.data.synth
@@ -138,7 +151,7 @@ def _data_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path) -
 
 def _encoder_configure(cfg: PipelineConfig, folder: Path, upstream: dict) -> Section:
     return cfg.encoder.model_copy(update={
-        "run": cfg.encoder.run.model_copy(update={"out_dir": str(folder), "push": cfg.run.push}),
+        "run": _step_run(cfg, cfg.encoder.run, folder),
         "data": cfg.encoder.data.model_copy(update={"manifest": upstream["data"]["summary"]["manifest"]}),
         "store": cfg.store})
 
@@ -156,7 +169,7 @@ def _stage1_configure(cfg: PipelineConfig, folder: Path, upstream: dict) -> Sect
     if "encoder" in upstream:
         encoder = encoder.model_copy(update={"source": upstream["encoder"]["folder"], "revision": None})
     return cfg.stage1.model_copy(update={
-        "run": cfg.stage1.run.model_copy(update={"out_dir": str(folder), "push": cfg.run.push}),
+        "run": _step_run(cfg, cfg.stage1.run, folder),
         "data": cfg.stage1.data.model_copy(update={"manifest": upstream["data"]["summary"]["manifest"]}),
         "encoder": encoder,
         "store": cfg.store})
@@ -171,7 +184,7 @@ def _stage1_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path)
 def _stage2_configure(cfg: PipelineConfig, folder: Path, upstream: dict) -> Section:
     stage1 = upstream["stage1"]
     return cfg.stage2.model_copy(update={
-        "run": cfg.stage2.run.model_copy(update={"out_dir": str(folder), "push": cfg.run.push}),
+        "run": _step_run(cfg, cfg.stage2.run, folder),
         "data": cfg.stage2.data.model_copy(update={"stage1": stage1.get("pushed") or stage1["folder"]}),
         "store": cfg.store})
 
@@ -187,7 +200,7 @@ def _stage3_configure(cfg: PipelineConfig, folder: Path, upstream: dict) -> Sect
     text-pretrained base lives beside it in the run folder."""
     stage1, stage2 = upstream["stage1"], upstream["stage2"]
     return cfg.stage3.model_copy(update={
-        "run": cfg.stage3.run.model_copy(update={"out_dir": str(folder), "push": cfg.run.push}),
+        "run": _step_run(cfg, cfg.stage3.run, folder),
         "data": cfg.stage3.data.model_copy(update={"stage1": stage1.get("pushed") or stage1["folder"],
                                                    "stage2": stage2.get("pushed") or stage2["folder"],
                                                    "manifest": upstream["data"]["summary"]["manifest"]}),
@@ -221,6 +234,13 @@ def seed_config(stage3: Stage3Config, folder: Path, seed: int) -> Stage3Config:
         "data": stage3.data.model_copy(update={"generate": stage3.data.generate.model_copy(update={"seed": seed})})})
 
 
+def finished_with(out: Path, cfg: Section) -> bool:
+    """Whether the run folder `out` holds a finished run (metrics.json) of `cfg`, whatever its loggers."""
+    resolved = out / "resolved_config.yaml"
+    return (out / "metrics.json").is_file() and resolved.is_file() and \
+        _without_loggers(read_yaml(resolved)) == _without_loggers(yaml.safe_load(to_yaml(cfg)))
+
+
 def _seeds_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path) -> dict:
     """Stage 3 at every further seed (a repeat already finished with the same config is read, not run again), then
     the claim check of each seed and their summary in `stage3_seeds/metrics.json`."""
@@ -231,8 +251,7 @@ def _seeds_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path) 
     for seed in step_cfg.seeds:
         seed_cfg = seed_config(step_cfg.stage3, folder, seed)
         out = Path(seed_cfg.run.out_dir)
-        done = (out / "metrics.json").is_file() and (out / "resolved_config.yaml").is_file() \
-            and (out / "resolved_config.yaml").read_text(encoding="utf-8") == to_yaml(seed_cfg)
+        done = finished_with(out, seed_cfg)
         if done:
             log.info(f"pipeline stage3_seeds: seed {seed} already finished with this config")
         per_seed[str(seed)] = read_json(out / "metrics.json")["eval"] if done else train(seed_cfg)["eval"]
@@ -267,12 +286,21 @@ def pipeline_steps(cfg: PipelineConfig) -> list[Step]:
 
 def step_stamp(step: Step, step_cfg: Section | None, upstream_revisions: dict[str, str]) -> str:
     """Content hash of what a step's output depends on: its resolved config (minus push/store settings, which do not
-    change the output) and the output revisions of every step before it (stage 3 reads stage 1 and the corpus too)."""
-    data = step_cfg.model_dump(mode="json", exclude={"run": {"push", "message"}, "store": True}) if step_cfg else {}
+    change the output), minus its loggers, and the output revisions of every step before it (stage 3 reads stage 1 and the corpus too)."""
+    data = step_cfg.model_dump(mode="json", exclude={"run": NOT_FINGERPRINTED, "store": True}) if step_cfg else {}
     if "run" in data:
         data["run"].pop("out_dir", None)
+    data = _without_loggers(data)  # also the stage-3 config inside the seeds step
     blob = json.dumps({"step": step.name, "config": data, "upstream": upstream_revisions}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _without_loggers(data):
+    """A dumped config without any `run.loggers` (at any depth): the loggers change no output."""
+    if not isinstance(data, dict):
+        return data
+    return {key: ({k: v for k, v in value.items() if k != "loggers"} if key == "run" and isinstance(value, dict)
+                  else _without_loggers(value)) for key, value in data.items()}
 
 
 @dataclass

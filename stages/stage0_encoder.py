@@ -26,6 +26,7 @@ from speechless.core import log
 from speechless.core.config import Section, to_yaml
 from speechless.core.errors import UsageError
 from speechless.core.io import sha256_file, write_json, write_text
+from speechless.core.loggers import open_loggers
 from speechless.core.runs import RunConfig, config_fingerprint, load_checkpoint, save_checkpoint
 from speechless.core.store import StoreConfig
 from speechless.core.training import (
@@ -161,7 +162,7 @@ def train_encoder(cfg: EncoderPretrainConfig, model: CTCEncoder, train_features:
     step = state["step"]
     log.info(f"training on {device}: {parameters / 1e6:.2f} M encoder parameters (width {cfg.model.hidden_size}, "
              f"{cfg.model.num_hidden_layers} layers), {cfg.train.steps} steps of {cfg.train.batch_size}")
-    with log.progress() as bar:
+    with log.progress() as bar, open_loggers(cfg.run, work.parent) as curves:
         task = bar.add_task("pretraining encoder", total=cfg.train.steps, completed=step)
         while step < cfg.train.steps:
             tick = time.time()
@@ -189,6 +190,7 @@ def train_encoder(cfg: EncoderPretrainConfig, model: CTCEncoder, train_features:
                 log.info(f"step {step}: train ctc {record['loss']:.3f}, eval ctc {ev['loss']:.3f}, "
                          f"eval {'CER' if cfg.data.units == 'chars' else 'PER'} {ev['error_rate']:.4f} ({state['train_seconds']:.0f} s)")
             state["history"].append(record)
+            curves.log(step, record)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_checkpoint(work, step, model.tensors(), optimizer, state, keep=2)
             bar.advance(task)

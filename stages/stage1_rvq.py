@@ -24,6 +24,7 @@ import torch
 from speechless.core import distributed, log
 from speechless.core.config import Section, to_yaml
 from speechless.core.io import read_json, sha256_file, write_json, write_text
+from speechless.core.loggers import open_loggers
 from speechless.core.runs import RunConfig, config_fingerprint, load_checkpoint, save_checkpoint
 from speechless.core.store import StoreConfig
 from speechless.core.training import finish_run, provenance, resume_state
@@ -138,13 +139,15 @@ def start_or_resume(cfg: Stage1Config, rvq: SpeechRVQ, train_vectors: torch.Tens
 
 
 def train_codebooks(cfg: Stage1Config, rvq: SpeechRVQ, state: dict | None, train_vectors: torch.Tensor,
-                    eval_vectors: torch.Tensor, out: Path, work: Path, job) -> None:
+                    eval_vectors: torch.Tensor, out: Path, work: Path, job, curves) -> None:
     """EMA codebook updates, deterministic per step; held-out evaluation (best weights kept) and resume checkpoints.
-    The initialised codebooks are evaluated too (step 0), so the history shows what fine-tuning changes."""
+    The initialised codebooks are evaluated too (step 0), so the history shows what fine-tuning changes. Every history
+    record also goes to `curves` (`run.loggers`)."""
     step = distributed.broadcast_json(state["step"] if job.is_main else None)
     if job.is_main and step == 0 and not state["history"]:
         metrics = quantizer_eval(rvq, eval_vectors)
         state["history"].append({"step": 0, "eval": metrics})
+        curves.log(0, state["history"][-1])
         state["best"] = {"step": 0, "mse": metrics["mse"]}
         rvq.save(out, weights=WEIGHT_FILES["best"])
         log.info(f"step 0 (initialised): eval mse {metrics['mse']:.4f} cosine {metrics['cosine']:.4f} "
@@ -173,6 +176,7 @@ def train_codebooks(cfg: Stage1Config, rvq: SpeechRVQ, state: dict | None, train
                 log.info(f"step {step}: eval mse {metrics['mse']:.4f} cosine {metrics['cosine']:.4f} "
                          f"utilization min {min(metrics['utilization']):.3f}")
             state["history"].append(record)
+            curves.log(step, record)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_checkpoint(work, step, rvq.tensors(), None, state, cfg.train.average_last)
             bar.advance(task)
@@ -197,7 +201,8 @@ def train(cfg: Stage1Config) -> dict:
     # Train.
     rvq = SpeechRVQ(cfg.rvq, dim=encoder.dim)
     state = start_or_resume(cfg, rvq, train_vectors, work, job)
-    train_codebooks(cfg, rvq, state, train_vectors, eval_vectors, out, work, job)
+    with open_loggers(cfg.run, out) as curves:
+        train_codebooks(cfg, rvq, state, train_vectors, eval_vectors, out, work, job, curves)
     if not job.is_main:
         distributed.barrier()  # until rank 0 has written the checkpoint folder
         return {"out_dir": str(out), "eval": None, "pushed": None, "revision": None, "rank": job.rank,

@@ -25,6 +25,7 @@ from speechless.core import distributed, log
 from speechless.core.config import Section, to_yaml
 from speechless.core.errors import UsageError
 from speechless.core.io import read_json, sha256_file, write_json, write_text
+from speechless.core.loggers import open_loggers
 from speechless.core.runs import RunConfig, config_fingerprint, load_checkpoint, save_checkpoint
 from speechless.core.store import StoreConfig
 from speechless.core.training import (
@@ -187,7 +188,7 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
     log.info(f"training on {device}{' (bf16 autocast)' if amp else ''}: {len(train_items)} utterances, "
              f"{count_parameters(model) / 1e6:.2f} M parameters, {cfg.train.steps} steps of {cfg.train.batch_size}")
     window: list[float] = []
-    with log.progress() as bar:
+    with log.progress() as bar, open_loggers(cfg.run, out) as curves:
         task = bar.add_task("training stage 2", total=cfg.train.steps, completed=step)
         while step < cfg.train.steps:
             tick = time.time()
@@ -226,6 +227,7 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
                 log.info(f"step {step}: train loss {sum(window) / len(window):.3f}, eval loss {ev['loss']:.3f} ({detail})")
                 window = []
             state["history"].append(record)
+            curves.log(step, record)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_checkpoint(work, step, model.tensors(), optimizer, state, keep=2)
             bar.advance(task)

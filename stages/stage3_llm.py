@@ -30,6 +30,7 @@ from speechless.core import distributed, log
 from speechless.core.config import Section, to_yaml
 from speechless.core.errors import UsageError
 from speechless.core.io import read_json, sha256_file, write_json, write_jsonl, write_text
+from speechless.core.loggers import open_loggers
 from speechless.core.runs import RunConfig, config_fingerprint, utc_now
 from speechless.core.store import StoreConfig
 from speechless.core.training import finish_run, provenance
@@ -220,15 +221,16 @@ def variant_adapter(adapter: AdapterConfig, variant: str) -> AdapterConfig:
 
 
 def train_variant(cfg: Stage3Config, s: Setup, base_cfg: BaseConfig, name: str, tokens: dict, variant: str,
-                  levels: int | None) -> tuple[SpeechLM, list[dict]]:
-    """Train one adapter variant on the conversations spoken with `tokens` (decoded at `levels`); resumable."""
+                  levels: int | None, curves=None) -> tuple[SpeechLM, list[dict]]:
+    """Train one adapter variant on the conversations spoken with `tokens` (decoded at `levels`); resumable. Its
+    curve also goes to `curves` (`run.loggers`)."""
     adapter = variant_adapter(cfg.adapter, variant)
     model = adapted_model(base_cfg, s.encoder_cfg, s.encoder_sha, adapter, cfg.run.seed)
     examples = model.embed_audio_once(speech_examples(model, s.train_rows, tokens, s.rvq, levels=levels))
     fingerprint = f"{config_fingerprint(cfg)} {name} {model.dus_after}"
     history = train_loop(model, examples, cfg.train.steps, cfg.train.batch_size, cfg.train.learning_rate, cfg.train.warmup_steps,
                          variant_folder(Path(cfg.run.out_dir), name), fingerprint, cfg.run.seed, cfg.train.checkpoint_every,
-                         name, cfg.train.gradient_checkpointing, cfg.train.min_lr_ratio)
+                         name, cfg.train.gradient_checkpointing, cfg.train.min_lr_ratio, curves)
     return model, history
 
 
@@ -257,6 +259,13 @@ def evaluate_variant(cfg: Stage3Config, s: Setup, model: SpeechLM, history: list
     if main_variant:
         result["speech_quantized"] = evaluate(model, s.eval_rows, quantized(s.rvq, clips, levels), cfg.eval)
     return result
+
+
+def _eval_scalars(result: dict) -> dict:
+    """A variant's held-out figures as TensorBoard reads them (`eval/speech/<task>/score`, `eval/text_perplexity/after`,
+    ...): its scores and perplexities, without the adapter settings and the history."""
+    return {key: result[key] for key in ("speech", "speech_quantized", "text", "text_perplexity", "udhr_perplexity")
+            if key in result}
 
 
 def summarize(variants: dict, base_text: dict, main_name: str, kinds: list[str], baselines: dict) -> dict:
@@ -302,7 +311,9 @@ def train(cfg: Stage3Config) -> dict:
     if not cfg.pretrain.enabled:
         check_text_lm_base(cfg.base)  # chat turns and audio slots of a pretrained text LM, before the slow steps
     if cfg.pretrain.enabled:
-        base_cfg = pretrain_base(cfg.base, cfg.pretrain, s.encoder_cfg, s.encoder_sha, s.train_rows, cfg.data.tasks, cfg.pretrain.seed)
+        with open_loggers(cfg.run, out, "pretrain") as curves:
+            base_cfg = pretrain_base(cfg.base, cfg.pretrain, s.encoder_cfg, s.encoder_sha, s.train_rows, cfg.data.tasks,
+                                     cfg.pretrain.seed, curves)
     sources, stage2_record = speech_sources(cfg, s, work)
     base = load_base(base_cfg, s.encoder_cfg, s.encoder_sha)
     clips = real_vectors(base, s.eval_rows, s.encoder_cfg)
@@ -320,10 +331,12 @@ def train(cfg: Stage3Config) -> dict:
         levels = cfg.data.synthetic_levels if source == SYNTHETIC else None
         for kind in kinds:
             name, t0 = f"{source}/{kind}", time.time()
-            model, history = train_variant(cfg, s, base_cfg, name, tokens, kind, levels)
-            trained = time.time()
-            variants[name] = evaluate_variant(cfg, s, model, history, clips, base_ppl, base_udhr, base_text, levels,
-                                              name == main_name, kind == main_variant)
+            with open_loggers(cfg.run, out, name) as curves:  # one TensorBoard run per variant: their curves overlay
+                model, history = train_variant(cfg, s, base_cfg, name, tokens, kind, levels, curves)
+                trained = time.time()
+                variants[name] = evaluate_variant(cfg, s, model, history, clips, base_ppl, base_udhr, base_text, levels,
+                                                  name == main_name, kind == main_variant)
+                curves.log(cfg.train.steps, {"eval": _eval_scalars(variants[name])}, purge=False)
             variants[name]["seconds_train"] = round(trained - t0, 1)
             variants[name]["seconds_eval"] = round(time.time() - trained, 1)
             if job.is_main:

@@ -8,6 +8,8 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydantic import field_validator
+
 import speechless
 from speechless.core.config import Section
 
@@ -21,11 +23,32 @@ class RunConfig(Section):
     """Push the finished checkpoint to the store as the stage's next version (`stageN@vK`)."""
     message: str = ""
     """Version message recorded with a push."""
+    loggers: list[str] = ["json"]
+    """Where the training curve goes: 'json' (the history in metrics.json, always written) and optionally 'tensorboard'
+    (event files in `<out_dir>/work/tensorboard/`, never pushed). Changes no output and no resume."""
+
+    _check_loggers = field_validator("loggers", mode="before")(lambda value: logger_names(value))
+
+
+def logger_names(value):
+    """`run.loggers` as given (a list, or one string 'json,tensorboard') checked against the known loggers."""
+    from speechless.core.loggers import LOGGERS
+
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = [name for name in value if name not in LOGGERS] if isinstance(value, list) else []
+    if unknown:
+        raise ValueError(f"unknown logger {unknown[0]!r}; known loggers: {', '.join(LOGGERS)}")
+    return value
+
+
+NOT_FINGERPRINTED = {"push", "message", "loggers"}
+"""Run keys that change no output: left out of a resume's fingerprint and of the pipeline's step stamp."""
 
 
 def config_fingerprint(config: Section) -> str:
-    """sha256 of what a resume must agree on: the whole resolved config except push settings and the store."""
-    relevant = config.model_dump(mode="json", exclude={"run": {"push", "message"}, "store": True})
+    """sha256 of what a resume must agree on: the whole resolved config except push settings, loggers and the store."""
+    relevant = config.model_dump(mode="json", exclude={"run": NOT_FINGERPRINTED, "store": True})
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 

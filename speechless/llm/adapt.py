@@ -130,9 +130,10 @@ def real_speech_conversations(path: str | Path) -> list[dict]:
 
 def train_loop(model: SpeechLM, examples: list[Example], steps: int, batch_size: int, lr: float, warmup: int, work: Path,
                fingerprint: str, seed: int, checkpoint_every: int, what: str, gradient_checkpointing: bool = False,
-               min_lr_ratio: float = 0.1) -> list[dict]:
+               min_lr_ratio: float = 0.1, curves=None) -> list[dict]:
     """AdamW on the trainable parameters, length-bucketed batches, warmup + cosine to `min_lr_ratio` x `lr`; resumable
-    from `work/` when the fingerprint matches (otherwise a warning says why it starts again).
+    from `work/` when the fingerprint matches (otherwise a warning says why it starts again). Every history record
+    (every 50 steps and the last) also goes to `curves` (`speechless.core.loggers`), with the learning rate.
 
     Several processes (torchrun): DDP over the trainable parameters only; every rank takes its share of each global
     batch (`batch_size` conversations in all) and divides its summed loss by the target tokens of the whole global
@@ -175,6 +176,8 @@ def train_loop(model: SpeechLM, examples: list[Example], steps: int, batch_size:
             mean_loss = distributed.all_reduce_mean(loss.item())  # the global batch's mean loss
             state["history"].append({"step": step + 1, "loss": round(mean_loss, 4), "seconds": round(time.time() - began, 1),
                                      "tokens": fed})  # seconds and tokens (non-pad, the global batch's) since this process began
+            if curves is not None:
+                curves.log(step + 1, {**state["history"][-1], "lr": optimizer.param_groups[0]["lr"]})
             log.info(f"{what}: step {step + 1}/{steps} loss {mean_loss:.4f}")
         if job.is_main and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(work, step + 1, {n: p.detach() for n, p in params.items()}, optimizer, state, keep=1)
@@ -210,10 +213,10 @@ def demo_tokenizer_texts(rows: list[dict]) -> list[str]:
 
 
 def pretrain_base(base: BaseConfig, pretrain: PretrainConfig, encoder_cfg: EncoderConfig, encoder_sha: str,
-                  train_rows: list[dict], tasks: list[str], seed: int) -> BaseConfig:
+                  train_rows: list[dict], tasks: list[str], seed: int, curves=None) -> BaseConfig:
     """Demo: teach the tiny random-weight Gemma the training conversations in text; save it (save_pretrained) and
     reuse it while its settings are unchanged. Returns the config of the saved base. Several processes: every rank
-    trains (DDP), rank 0 decides on reuse and saves."""
+    trains (DDP), rank 0 decides on reuse and saves. `curves`: where the training curve also goes (`train_loop`)."""
     job = distributed.group()
     out = Path(pretrain.out_dir)
     fingerprint = json.dumps({"base": base.model_dump(mode="json"), "pretrain": pretrain.model_dump(mode="json", exclude={"out_dir"}),
@@ -230,7 +233,8 @@ def pretrain_base(base: BaseConfig, pretrain: PretrainConfig, encoder_cfg: Encod
         p.requires_grad_(not name.startswith(("model.audio_tower", "model.embed_audio")))
     examples = [model.encode(as_text(r)["messages"], []) for r in train_rows]
     history = train_loop(model, examples, pretrain.steps, pretrain.batch_size, pretrain.learning_rate, 50,
-                         out.with_name(out.name + ".work"), fingerprint, seed, pretrain.steps, "text pretraining")
+                         out.with_name(out.name + ".work"), fingerprint, seed, pretrain.steps, "text pretraining",
+                         curves=curves)
     if not job.is_main:
         distributed.barrier()  # until rank 0 has saved the base
         return based
