@@ -577,14 +577,9 @@ def part_stage3(args, S, rep: Report) -> None:
     from speechless.core.io import load_tensors
     from speechless.core.training import length_batches as epoch_batches
     from speechless.llm.adapt import train_loop
-    from speechless.llm.model import (
-        AdapterConfig,
-        BaseConfig,
-        SpeechLM,
-        build_demo_tokenizer,
-        decoder_layers,
-        remove_dus,
-    )
+    from speechless.llm.adapters import AdapterConfig, decoder_layers, remove_dus
+    from speechless.llm.base import BaseConfig, build_demo_tokenizer
+    from speechless.llm.model import SpeechLM
     from speechless.speech.encoder import EncoderConfig
 
     device = torch.device(args.device)

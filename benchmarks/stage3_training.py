@@ -43,8 +43,10 @@ from speechless.llm.adapt import (
     stage1_encoder,
     train_loop,
 )
+from speechless.llm.adapters import AdapterConfig
+from speechless.llm.base import BaseConfig, build_demo_tokenizer
 from speechless.llm.instructions import DEMO_TASKS, demo_conversations
-from speechless.llm.model import AdapterConfig, BaseConfig, build_demo_tokenizer, load_speech_lm
+from speechless.llm.model import load_speech_lm
 from speechless.speech.rvq import SpeechRVQ
 from speechless.speech.tokens import load_split, resolve_stage1
 

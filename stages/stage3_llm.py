@@ -9,8 +9,9 @@ adapter kinds -> evaluate each on held-out REAL speech through the model's own a
 perplexity before/after, the same requests as text; ratios to the topline) -> save the adapter only (+ lineage),
 metrics, provenance and model card -> push `stage3@vN` (`finish_run`).
 
-The library parts live in `speechless.llm.adapt` (data, training loop, evaluation, inference) and `speechless.llm.model` (the
-model and its adapters). `work/` (caches, resume state, compared variants) is never pushed.
+The library parts live in `speechless.llm.adapt` (data, training loop, evaluation, inference), `speechless.llm.model` (the
+model), `speechless.llm.adapters` (its adapters) and `speechless.llm.base` (the base LLM). `work/` (caches, resume state,
+compared variants) is never pushed.
 
 Several processes (`torchrun --nproc_per_node N -m speechless stage3 train ...`): DDP over the adapter only, every rank
 on its share of each global batch; speech synthesis and evaluation sharded by rank; rank 0 writes.
@@ -54,8 +55,10 @@ from speechless.llm.adapt import (
     synthetic_tokens,
     train_loop,
 )
+from speechless.llm.adapters import AdapterConfig
+from speechless.llm.base import BaseConfig, check_text_lm_base
 from speechless.llm.instructions import DEMO_TASKS, demo_conversations, demo_labels, read_conversations
-from speechless.llm.model import AdapterConfig, BaseConfig, SpeechLM, check_text_lm_base
+from speechless.llm.model import SpeechLM
 from speechless.llm.text_eval import udhr_perplexity
 from speechless.speech.encoder import EncoderConfig
 from speechless.speech.rvq import SpeechRVQ

@@ -37,7 +37,9 @@ LOOP = dict(steps=6, batch_size=3, lr=1e-4, warmup=1, fingerprint="f", seed=0, c
 
 def stage3_loop_model(root: Path):
     """A tiny Gemma 4 with LoRA (test_llm's model) and the conversations the loop trains on."""
-    from speechless.llm.model import AdapterConfig, BaseConfig, build_demo_tokenizer, load_speech_lm
+    from speechless.llm.adapters import AdapterConfig
+    from speechless.llm.base import BaseConfig, build_demo_tokenizer
+    from speechless.llm.model import load_speech_lm
     from speechless.speech.encoder import EncoderConfig, load_encoder
 
     root.mkdir(parents=True, exist_ok=True)

@@ -11,15 +11,9 @@ import pytest
 import torch
 
 from speechless.core.errors import UsageError
-from speechless.llm.model import (
-    AdapterConfig,
-    BaseConfig,
-    SpeechLM,
-    build_demo_tokenizer,
-    load_adapter,
-    load_speech_lm,
-    remove_dus,
-)
+from speechless.llm.adapters import AdapterConfig, remove_dus
+from speechless.llm.base import BaseConfig, build_demo_tokenizer
+from speechless.llm.model import SpeechLM, load_adapter, load_speech_lm
 from speechless.speech.encoder import EncoderConfig, load_encoder
 
 ROOT = Path(__file__).resolve().parent.parent

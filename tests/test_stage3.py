@@ -158,7 +158,8 @@ def test_synthetic_levels_decode_the_coarse_prefix_and_are_checked_against_stage
 def test_every_variant_starts_from_the_same_adapter_whatever_ran_before(setup, kind):  # noqa: F811
     from test_llm import ROOT
 
-    from speechless.llm.model import AdapterConfig, BaseConfig
+    from speechless.llm.adapters import AdapterConfig
+    from speechless.llm.base import BaseConfig
 
     base = BaseConfig(kind="gemma4_audio", source=str(ROOT / "configs/llm/tiny_gemma4.json"), device="cpu")
     make_one = lambda seed: adapted_model(base, setup[1], setup[2], AdapterConfig(kind=kind, dus_blocks=1), seed, setup[3])
@@ -171,7 +172,8 @@ def test_every_variant_starts_from_the_same_adapter_whatever_ran_before(setup, k
 
 
 def test_training_resumes_after_a_kill_to_the_same_weights(setup, tmp_path, monkeypatch):  # noqa: F811
-    from speechless.llm.model import AdapterConfig, SpeechLM
+    from speechless.llm.adapters import AdapterConfig
+    from speechless.llm.model import SpeechLM
 
     def fresh():
         model = make(setup)
@@ -311,7 +313,9 @@ def test_pushed_adapter_answers_through_chat_and_infer(setup, tmp_path, monkeypa
     """Save a base like the demo does, train-free adapter on it, push stage3@v1 (adapter files only), then `chat`
     (text and audio) and batched `stage3 infer` load it from the store."""
     from speechless.core.store import open_store
-    from speechless.llm.model import AdapterConfig, BaseConfig, load_speech_lm
+    from speechless.llm.adapters import AdapterConfig
+    from speechless.llm.base import BaseConfig
+    from speechless.llm.model import load_speech_lm
 
     _, encoder_cfg, sha, _ = setup
     first = make(setup)
@@ -336,7 +340,7 @@ def test_pushed_adapter_answers_through_chat_and_infer(setup, tmp_path, monkeypa
 
 
 def test_training_resume_with_another_config_warns_and_starts_again(setup, tmp_path, capsys):  # noqa: F811
-    from speechless.llm.model import AdapterConfig
+    from speechless.llm.adapters import AdapterConfig
 
     model = make(setup)
     model.attach(AdapterConfig(kind="dus", dus_blocks=1))
@@ -354,7 +358,9 @@ def test_training_resume_with_another_config_warns_and_starts_again(setup, tmp_p
 
 def saved_adapter(setup, folder: Path) -> Path:  # noqa: F811
     """A train-free stage-3 adapter on a saved copy of the tiny base, as `stage3 train` would save it."""
-    from speechless.llm.model import AdapterConfig, BaseConfig, load_speech_lm
+    from speechless.llm.adapters import AdapterConfig
+    from speechless.llm.base import BaseConfig
+    from speechless.llm.model import load_speech_lm
 
     _, encoder_cfg, sha, _ = setup
     first = make(setup)
@@ -411,7 +417,7 @@ def test_no_listening_baselines_guess_the_commonest_answer_overall_and_per_label
 
 
 def test_compared_variants_name_speech_only_or_all_positions():
-    from speechless.llm.model import AdapterConfig
+    from speechless.llm.adapters import AdapterConfig
     from stages.stage3_llm import variant_adapter, variant_name
 
     product = AdapterConfig(kind="lora", lora_rank=8, speech_only=True)

@@ -252,7 +252,6 @@ def import_hf_dataset(cfg: ImportConfig, out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     audio_root = out_dir / "audio"
     local = _local_folder(cfg)
-    source = cfg.source or cfg.dataset
     entries: list[ManifestEntry] = []
     used_ids: set[str] = set()
     report: dict[str, Any] = {"dataset": cfg.dataset, "config": cfg.config, "revision": cfg.revision, "splits": {}}
@@ -262,70 +261,7 @@ def import_hf_dataset(cfg: ImportConfig, out_dir: str | os.PathLike) -> Path:
     for hf_split, split in cfg.splits.items():
         where = f"{cfg.dataset}:{hf_split}"
         ds = _prepare(_load_split(cfg, hf_split, local, cache), cfg, where)
-        split_dir = audio_root / split
-        split_dir.mkdir(parents=True, exist_ok=True)
-        counts: Counter[str] = Counter()
-        try:
-            total = len(ds)
-        except TypeError:
-            total = None
-        if total is not None and cfg.max_items is not None:
-            total = min(total, cfg.max_items)
-        with log.progress() as bar:
-            task = bar.add_task(f"importing {escape(where)} -> {split}", total=total)
-            for row_index, row in enumerate(ds):
-                if cfg.max_items is not None and counts["written"] + counts["resumed"] >= cfg.max_items:
-                    break
-                bar.advance(task)
-                text = row.get(cfg.text_column)
-                if not isinstance(text, str) or not text.strip():
-                    counts["skipped: no transcription"] += 1
-                    continue
-                if cfg.normalize_text:
-                    text = normalize_text(text)
-                raw_id = row.get(cfg.id_column) if cfg.id_column else None
-                raw_id = f"{hf_split}-{row_index:07d}" if raw_id is None or str(raw_id) == "" else str(raw_id)
-                uid = safe_name(raw_id)
-                if uid in used_ids:
-                    uid = safe_name(f"{raw_id}-{hf_split}-{row_index}")
-                used_ids.add(uid)
-                target = split_dir / f"{uid}.wav"
-                if not _inside(target, split_dir):  # cannot happen after safe_name; belt and braces
-                    raise RuntimeFailure(f"{where} row {row_index}: id {raw_id!r} maps outside {split_dir}; refusing to write")
-                duration = written_duration(target)
-                if duration is not None:
-                    counts["resumed"] += 1
-                else:
-                    try:
-                        audio = _decode_value(row.get(cfg.audio_column), f"{where} row {row_index} (id {raw_id!r})", local)
-                    except UsageError as exc:
-                        counts[f"skipped: {_reason(str(exc))}"] += 1
-                        if warned < 5:
-                            log.warn(f"skipping {escape(str(exc))}")
-                            warned += 1
-                        continue
-                    np.clip(audio, -1.0, 1.0, out=audio)
-                    with atomic_path(target) as tmp:
-                        sf.write(str(tmp), audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
-                    duration = audio.shape[0] / SAMPLE_RATE
-                    counts["written"] += 1
-                extra: dict[str, Any] = {}
-                if cfg.id_column and uid != raw_id:
-                    extra["orig_id"] = raw_id
-                speaker = row.get(cfg.speaker_column) if cfg.speaker_column else None
-                entries.append(
-                    ManifestEntry(
-                        id=uid,
-                        audio_filepath=target.absolute(),
-                        duration=round(duration, 4),
-                        text=text,
-                        split=split,
-                        language=cfg.language,
-                        speaker_id="" if speaker is None else str(speaker),
-                        source=source,
-                        extra=extra,
-                    )
-                )
+        counts, warned = _import_split(ds, cfg, hf_split, split, audio_root / split, local, entries, used_ids, warned)
         report["splits"][hf_split] = {"target": split, **dict(counts)}
         log.info(f"{escape(where)} -> {split}: " + ", ".join(f"{key} {value}" for key, value in counts.items()))
 
@@ -343,6 +279,91 @@ def import_hf_dataset(cfg: ImportConfig, out_dir: str | os.PathLike) -> Path:
     log.info(f"wrote {stats['utterances']} utterances ({stats['hours']:.2f} h) to {escape(str(manifest))}")
     return manifest
 
+
+def _import_split(ds: Any, cfg: ImportConfig, hf_split: str, split: str, split_dir: Path, local: Path | None,
+                  entries: list[ManifestEntry], used_ids: set[str], warned: int) -> tuple[Counter[str], int]:
+    """Import one source split's rows into `split_dir`, appending their manifest entries to `entries` (ids unique over
+    `used_ids`); return the row counts and the number of skip warnings shown so far (at most 5 per import)."""
+    where = f"{cfg.dataset}:{hf_split}"
+    split_dir.mkdir(parents=True, exist_ok=True)
+    counts: Counter[str] = Counter()
+    try:
+        total = len(ds)
+    except TypeError:
+        total = None
+    if total is not None and cfg.max_items is not None:
+        total = min(total, cfg.max_items)
+    with log.progress() as bar:
+        task = bar.add_task(f"importing {escape(where)} -> {split}", total=total)
+        for row_index, row in enumerate(ds):
+            if cfg.max_items is not None and counts["written"] + counts["resumed"] >= cfg.max_items:
+                break
+            bar.advance(task)
+            text = row.get(cfg.text_column)
+            if not isinstance(text, str) or not text.strip():
+                counts["skipped: no transcription"] += 1
+                continue
+            if cfg.normalize_text:
+                text = normalize_text(text)
+            raw_id, uid = _row_id(row, cfg, hf_split, row_index, used_ids)
+            target = split_dir / f"{uid}.wav"
+            if not _inside(target, split_dir):  # cannot happen after safe_name; belt and braces
+                raise RuntimeFailure(f"{where} row {row_index}: id {raw_id!r} maps outside {split_dir}; refusing to write")
+            duration = written_duration(target)
+            if duration is not None:
+                counts["resumed"] += 1
+            else:
+                try:
+                    audio = _decode_value(row.get(cfg.audio_column), f"{where} row {row_index} (id {raw_id!r})", local)
+                except UsageError as exc:
+                    counts[f"skipped: {_reason(str(exc))}"] += 1
+                    if warned < 5:
+                        log.warn(f"skipping {escape(str(exc))}")
+                        warned += 1
+                    continue
+                duration = _write_wav(audio, target)
+                counts["written"] += 1
+            entries.append(_entry(row, cfg, uid, raw_id, target, duration, text, split))
+    return counts, warned
+
+
+def _row_id(row: dict, cfg: ImportConfig, hf_split: str, row_index: int, used_ids: set[str]) -> tuple[str, str]:
+    """(raw id, file-safe id unique among `used_ids`, which it joins) of a row: its id column, else split + index."""
+    raw_id = row.get(cfg.id_column) if cfg.id_column else None
+    raw_id = f"{hf_split}-{row_index:07d}" if raw_id is None or str(raw_id) == "" else str(raw_id)
+    uid = safe_name(raw_id)
+    if uid in used_ids:
+        uid = safe_name(f"{raw_id}-{hf_split}-{row_index}")
+    used_ids.add(uid)
+    return raw_id, uid
+
+
+def _write_wav(audio: np.ndarray, target: Path) -> float:
+    """Write decoded 16 kHz audio (clipped to [-1, 1] in place) as PCM-16 wav, atomically; return its duration."""
+    np.clip(audio, -1.0, 1.0, out=audio)
+    with atomic_path(target) as tmp:
+        sf.write(str(tmp), audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return audio.shape[0] / SAMPLE_RATE
+
+
+def _entry(row: dict, cfg: ImportConfig, uid: str, raw_id: str, target: Path, duration: float, text: str,
+           split: str) -> ManifestEntry:
+    """The manifest entry of an imported row."""
+    extra: dict[str, Any] = {}
+    if cfg.id_column and uid != raw_id:
+        extra["orig_id"] = raw_id
+    speaker = row.get(cfg.speaker_column) if cfg.speaker_column else None
+    return ManifestEntry(
+        id=uid,
+        audio_filepath=target.absolute(),
+        duration=round(duration, 4),
+        text=text,
+        split=split,
+        language=cfg.language,
+        speaker_id="" if speaker is None else str(speaker),
+        source=cfg.source or cfg.dataset,
+        extra=extra,
+    )
 
 
 def _reason(message: str) -> str:

@@ -448,13 +448,7 @@ def synthesize_corpus(
 def synthesize_from_config(cfg: SynthConfig, out_dir: str | os.PathLike) -> Path:
     """`synthesize_corpus` driven by a validated SynthConfig (what `speechless data synth` calls)."""
     binary = find_espeak()
-    known = _espeak_variants(binary)
-    for voice in cfg.voices:
-        if known and voice.variant not in known:
-            raise UsageError(
-                f"voice variant {voice.variant!r} is not an espeak-ng variant; list them with `espeak-ng --voices=variant` "
-                "(e.g. m1, m3, f2, f4)"
-            )
+    _check_variants(binary, cfg.voices)
     out_dir = Path(out_dir)
     sentences = generate_sentences(cfg.num_sentences, cfg.seed, cfg.language)
     counts = split_counts(len(sentences), cfg.split_ratios)
@@ -469,7 +463,42 @@ def synthesize_from_config(cfg: SynthConfig, out_dir: str | os.PathLike) -> Path
             jobs.append((index, voice, path))
     for voice in cfg.voices:
         (out_dir / "audio" / voice.label).mkdir(parents=True, exist_ok=True)
+    durations = _synthesize_jobs(binary, cfg, sentences, jobs, out_dir)
 
+    entries = []
+    for index, voice, path in jobs:
+        sentence = sentences[index]
+        entries.append(
+            ManifestEntry(
+                id=f"{sentence_ids[index]}-{voice.label}",
+                audio_filepath=path.absolute(),
+                duration=round(durations[path], 4),
+                text=sentence.text,
+                split=split_of[index],
+                language=cfg.language,
+                speaker_id=voice.label,
+                source=SOURCE,
+                extra={"translation": sentence.translation, "sentence_id": sentence_ids[index]},
+            )
+        )
+    return _write_corpus(out_dir, cfg, entries, sentences, sentence_ids, split_of)
+
+
+def _check_variants(binary: str, voices: list[VoiceConfig]) -> None:
+    """Refuse a voice whose variant espeak-ng does not know (when it can list its variants)."""
+    known = _espeak_variants(binary)
+    for voice in voices:
+        if known and voice.variant not in known:
+            raise UsageError(
+                f"voice variant {voice.variant!r} is not an espeak-ng variant; list them with `espeak-ng --voices=variant` "
+                "(e.g. m1, m3, f2, f4)"
+            )
+
+
+def _synthesize_jobs(binary: str, cfg: SynthConfig, sentences: list[Sentence], jobs: list[tuple[int, VoiceConfig, Path]],
+                     out_dir: Path) -> dict[Path, float]:
+    """Durations of every job's audio: those already written are read back, the rest synthesized on `cfg.workers`
+    threads."""
     durations: dict[Path, float] = {}
     todo = []
     for index, voice, path in jobs:
@@ -494,23 +523,12 @@ def synthesize_from_config(cfg: SynthConfig, out_dir: str | os.PathLike) -> Path
                 bar.advance(task)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+    return durations
 
-    entries = []
-    for index, voice, path in jobs:
-        sentence = sentences[index]
-        entries.append(
-            ManifestEntry(
-                id=f"{sentence_ids[index]}-{voice.label}",
-                audio_filepath=path.absolute(),
-                duration=round(durations[path], 4),
-                text=sentence.text,
-                split=split_of[index],
-                language=cfg.language,
-                speaker_id=voice.label,
-                source=SOURCE,
-                extra={"translation": sentence.translation, "sentence_id": sentence_ids[index]},
-            )
-        )
+
+def _write_corpus(out_dir: Path, cfg: SynthConfig, entries: list[ManifestEntry], sentences: list[Sentence],
+                  sentence_ids: list[str], split_of: list[str]) -> Path:
+    """Write the split manifests, sentences.jsonl, the resolved config and all.jsonl; return all.jsonl."""
     for split in SPLITS:
         subset = [entry for entry in entries if entry.split == split]
         if subset:

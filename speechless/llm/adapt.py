@@ -32,6 +32,8 @@ from speechless.core.metrics import cer
 from speechless.core.runs import code_version, config_fingerprint, load_checkpoint, save_checkpoint, utc_now
 from speechless.core.store import StoreConfig, is_store_ref, open_store
 from speechless.core.training import length_batches, lr_factor, resolve_device, resume_state
+from speechless.llm.adapters import AdapterConfig
+from speechless.llm.base import BaseConfig, build_demo_tokenizer
 from speechless.llm.instructions import (
     DEMO_TASKS,
     answer,
@@ -40,15 +42,7 @@ from speechless.llm.instructions import (
     read_conversations,
     speech_parts,
 )
-from speechless.llm.model import (
-    AdapterConfig,
-    BaseConfig,
-    Example,
-    SpeechLM,
-    build_demo_tokenizer,
-    load_adapter,
-    load_speech_lm,
-)
+from speechless.llm.model import Example, SpeechLM, load_adapter, load_speech_lm
 from speechless.speech.encoder import EncoderConfig
 from speechless.speech.rvq import SpeechRVQ
 from speechless.speech.tokens import check_stage1_match, resolve_stage1

