@@ -160,7 +160,7 @@ def sync(device: torch.device) -> None:
 
 
 def count(module: torch.nn.Module) -> int:
-    from speechless.t2s.model import count_parameters
+    from speechless.t2s.backbone import count_parameters
 
     return count_parameters(module)
 
@@ -426,7 +426,10 @@ def part_rvq_train(args, S, rep: Report) -> None:
 def part_stage2(args, S, rep: Report) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from speechless.t2s.model import T2SConfig, T2SModel, TextEncoder, collate, normalize_text, train_text_tokenizer
+    from speechless.t2s.autoregressive import AutoregressiveT2S
+    from speechless.t2s.frames import collate
+    from speechless.t2s.model import T2SConfig
+    from speechless.t2s.text import TextEncoder, normalize_text, train_text_tokenizer
 
     device = torch.device(args.device)
     amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None  # stage 2's precision: auto
@@ -440,7 +443,7 @@ def part_stage2(args, S, rep: Report) -> None:
     q, k = S["t2s_levels"]
     cfg = T2SConfig(backbone="hand-written Qwen2.5-0.5B shape" if S["t2s"] is QWEN25_05B else "smoke backbone", head_rank=None,
                     frame_mode="delay", speaker_embedding=True, dropout=0.1, max_text_tokens=256)
-    model = T2SModel(cfg, backbone, text, q, k, ["speaker0", "speaker1"], {"revision": "random", "ref": "none"}).to(device)
+    model = AutoregressiveT2S(cfg, backbone, text, q, k, ["speaker0", "speaker1"], {"revision": "random", "ref": "none"}).to(device)
     backbone_params, total_params = count(model.lm), count(model)
     g = torch.Generator().manual_seed(0)
     batch_size, frames = S["t2s_batch"], S["t2s_frames"]

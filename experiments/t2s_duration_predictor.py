@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speechless.core.metrics import cer  # noqa: E402
 from speechless.speech.tokens import load_split, resolve_stage1, row_codes, speaker_map  # noqa: E402
+from speechless.t2s.duration import DurationPredictor, frames_from_log  # noqa: E402
 from speechless.t2s.generate import load_stage2  # noqa: E402
-from speechless.t2s.model import DurationPredictor, frames_from_log  # noqa: E402
 from speechless.t2s.roundtrip import load_probe  # noqa: E402
 from stages.stage2_t2s import align_text  # noqa: E402
 

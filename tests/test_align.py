@@ -10,15 +10,10 @@ from test_t2s import TEXTS, TINY_BACKBONE, one_thread  # noqa: F401  (fixture)
 from speechless.core.errors import UsageError
 from speechless.core.metrics import probe_text
 from speechless.t2s.align import ctc_viterbi, probe_char_map, proportional_durations, token_durations
-from speechless.t2s.model import (
-    T2SConfig,
-    T2SModel,
-    build_model,
-    collate,
-    frame_token_index,
-    frames_from_log,
-    scale_durations,
-)
+from speechless.t2s.duration import frames_from_log
+from speechless.t2s.frames import collate, frame_token_index, scale_durations
+from speechless.t2s.model import T2SConfig, T2SModel, build_model
+from speechless.t2s.parallel import ParallelT2S
 
 
 def collapse(path: tuple[int, ...]) -> list[int]:
@@ -196,7 +191,8 @@ def test_parallel_decoder_needs_aligned_parallel_frames_and_the_stage1_codebooks
     with pytest.raises(UsageError, match="codebooks"):
         build_model(cfg, TEXTS, 4, 16, ["a", "b"], {"revision": "r" * 64, "ref": "fake"})
     model = parallel_model(tmp_path)
-    assert model.level_embed is None and model.head_out is None  # it reads no codes and has no per-level heads
+    assert isinstance(model, ParallelT2S)
+    assert not hasattr(model, "level_embed") and not hasattr(model, "head_out")  # it reads no codes and has no per-level heads
 
 
 def test_parallel_decoder_regresses_the_stage1_vectors_and_speaks_stage1_codes(tmp_path):

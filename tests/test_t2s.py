@@ -1,4 +1,4 @@
-"""The stage-2 model (speechless.t2s.model): layout, loss, generation (cache, batching, sampling, caps), text handling, save/load."""
+"""The stage-2 model (speechless.t2s.model and its autoregressive decoder): layout, loss, generation (cache, batching, sampling, caps), text handling, save/load."""
 
 from __future__ import annotations
 
@@ -63,16 +63,9 @@ import pytest
 import torch
 
 from speechless.core.errors import UsageError
-from speechless.t2s.model import (
-    T2SConfig,
-    T2SModel,
-    build_model,
-    collate,
-    constant_rate_index,
-    delayed_tokens,
-    delays_for,
-    guided_logits,
-)
+from speechless.t2s.autoregressive import guided_logits
+from speechless.t2s.frames import collate, constant_rate_index, delayed_tokens, delays_for
+from speechless.t2s.model import T2SConfig, T2SModel, build_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -215,7 +208,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_duration_model_fits_per_speaker_and_falls_back_to_everyone():
-    from speechless.t2s.model import DurationModel, text_features
+    from speechless.t2s.duration import DurationModel, text_features
 
     texts = [" ".join("ab" * (1 + (i * j) % 3) for j in range(1 + i % 4)) for i in range(40)]
     speakers = ["slow" if i % 2 else "fast" for i in range(40)]
@@ -232,7 +225,7 @@ def test_duration_model_fits_per_speaker_and_falls_back_to_everyone():
 
 
 def test_progress_buckets_reach_the_last_exactly_at_the_end():
-    from speechless.t2s.model import progress_buckets
+    from speechless.t2s.frames import progress_buckets
 
     steps = torch.arange(12).expand(2, -1)
     buckets = progress_buckets(steps, torch.tensor([10, 4]), 8)
@@ -356,7 +349,8 @@ def test_backbone_layers_keeps_the_first_decoder_layers_of_a_pretrained_backbone
     layers are the original ones; more layers than it has, or a config backbone, are refused."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from speechless.t2s.model import T2SConfig, load_backbone
+    from speechless.t2s.backbone import load_backbone
+    from speechless.t2s.model import T2SConfig
 
     data = json.loads(open("configs/llm/tiny_gemma3.json").read())
     data.pop("_comment")
