@@ -427,8 +427,8 @@ def part_stage2(args, S, rep: Report) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from speechless.t2s.autoregressive import AutoregressiveT2S
+    from speechless.t2s.config import T2SConfig
     from speechless.t2s.frames import collate
-    from speechless.t2s.model import T2SConfig
     from speechless.t2s.text import TextEncoder, normalize_text, train_text_tokenizer
 
     device = torch.device(args.device)

@@ -41,9 +41,10 @@ from speechless.core.training import (
 from speechless.speech.tokens import Stage1, load_split, resolve_stage1, row_codes, speaker_map, stage1_codebooks
 from speechless.t2s.align import align_durations, proportional_durations
 from speechless.t2s.backbone import count_parameters
+from speechless.t2s.config import T2SConfig
 from speechless.t2s.frames import collate
 from speechless.t2s.generate import WEIGHT_FILES, GenerateConfig
-from speechless.t2s.model import T2SConfig, T2SModel, build_model
+from speechless.t2s.model import T2SModel, build_model
 from speechless.t2s.probe import CTCProbe, ProbeConfig, train_probe
 from speechless.t2s.roundtrip import EvalConfig, round_trip
 

@@ -10,9 +10,10 @@ from test_t2s import TEXTS, TINY_BACKBONE, one_thread  # noqa: F401  (fixture)
 from speechless.core.errors import UsageError
 from speechless.core.metrics import probe_text
 from speechless.t2s.align import ctc_viterbi, probe_char_map, proportional_durations, token_durations
+from speechless.t2s.config import T2SConfig
 from speechless.t2s.duration import frames_from_log
 from speechless.t2s.frames import collate, frame_token_index, scale_durations
-from speechless.t2s.model import T2SConfig, T2SModel, build_model
+from speechless.t2s.model import T2SModel, build_model
 from speechless.t2s.parallel import ParallelT2S
 
 

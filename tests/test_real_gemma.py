@@ -148,7 +148,7 @@ def test_gguf_as_stage2_backbone_and_stage3_base(gemma, cache):
 
     from speechless.llm.base import BaseConfig, load_base_model
     from speechless.t2s.backbone import load_backbone, pretrained_tokenizer_file
-    from speechless.t2s.model import T2SConfig
+    from speechless.t2s.config import T2SConfig
 
     cfg = T2SConfig(backbone=SOURCE)
     assert pretrained_tokenizer_file(cfg) == cache / "gguf" / EXPECTED_SHA256 / "tokenizer.json"

