@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from speechless.core import distributed, log
 from speechless.core.config import Section, read_yaml, to_yaml
 from speechless.core.errors import UsageError
 from speechless.core.io import read_json, sha256_file, write_json, write_text
-from speechless.core.runs import NOT_FINGERPRINTED, RunConfig, logger_names
+from speechless.core.runs import NOT_FINGERPRINTED, LoggerNames, RunConfig
 from speechless.core.store import StoreConfig
 from speechless.data.hf_import import ImportConfig
 from speechless.data.synth import SynthConfig
@@ -49,11 +49,9 @@ class PipelineRunConfig(Section):
     push: bool = False
     """Push each stage's checkpoint to the store (`stageN@vK`) when it is (re)made; downstream steps then read that
     exact version. A skipped step is not pushed again."""
-    loggers: list[str] = ["json"]
+    loggers: LoggerNames = ["json"]
     """Extra training-curve sinks for EVERY step (added to each stage's own `run.loggers`): 'tensorboard' writes event
     files into each step's `work/tensorboard/` (`tensorboard --logdir RUN_DIR`). Never makes a step run again."""
-
-    _check_loggers = field_validator("loggers", mode="before")(lambda value: logger_names(value))
 
 
 class PipelineDataConfig(Section):

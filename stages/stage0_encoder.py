@@ -162,7 +162,7 @@ def train_encoder(cfg: EncoderPretrainConfig, model: CTCEncoder, train_features:
     step = state["step"]
     log.info(f"training on {device}: {parameters / 1e6:.2f} M encoder parameters (width {cfg.model.hidden_size}, "
              f"{cfg.model.num_hidden_layers} layers), {cfg.train.steps} steps of {cfg.train.batch_size}")
-    with log.progress() as bar, open_loggers(cfg.run, work.parent) as curves:
+    with log.progress() as bar, open_loggers(cfg.run) as curves:
         task = bar.add_task("pretraining encoder", total=cfg.train.steps, completed=step)
         while step < cfg.train.steps:
             tick = time.time()

@@ -201,7 +201,7 @@ def train(cfg: Stage1Config) -> dict:
     # Train.
     rvq = SpeechRVQ(cfg.rvq, dim=encoder.dim)
     state = start_or_resume(cfg, rvq, train_vectors, work, job)
-    with open_loggers(cfg.run, out) as curves:
+    with open_loggers(cfg.run) as curves:
         train_codebooks(cfg, rvq, state, train_vectors, eval_vectors, out, work, job, curves)
     if not job.is_main:
         distributed.barrier()  # until rank 0 has written the checkpoint folder

@@ -191,7 +191,7 @@ def train_model(cfg: Stage2Config, model: T2SModel, train_items: list, eval_item
     log.info(f"training on {device}{' (bf16 autocast)' if amp else ''}: {len(train_items)} utterances, "
              f"{count_parameters(model) / 1e6:.2f} M parameters, {cfg.train.steps} steps of {cfg.train.batch_size}")
     window: list[float] = []
-    with log.progress() as bar, open_loggers(cfg.run, out) as curves:
+    with log.progress() as bar, open_loggers(cfg.run) as curves:
         task = bar.add_task("training stage 2", total=cfg.train.steps, completed=step)
         while step < cfg.train.steps:
             tick = time.time()

@@ -314,7 +314,7 @@ def train(cfg: Stage3Config) -> dict:
     if not cfg.pretrain.enabled:
         check_text_lm_base(cfg.base)  # chat turns and audio slots of a pretrained text LM, before the slow steps
     if cfg.pretrain.enabled:
-        with open_loggers(cfg.run, out, "pretrain") as curves:
+        with open_loggers(cfg.run, "pretrain") as curves:
             base_cfg = pretrain_base(cfg.base, cfg.pretrain, s.encoder_cfg, s.encoder_sha, s.train_rows, cfg.data.tasks,
                                      cfg.pretrain.seed, curves)
     sources, stage2_record = speech_sources(cfg, s, work)
@@ -334,7 +334,7 @@ def train(cfg: Stage3Config) -> dict:
         levels = cfg.data.synthetic_levels if source == SYNTHETIC else None
         for kind in kinds:
             name, t0 = f"{source}/{kind}", time.time()
-            with open_loggers(cfg.run, out, name) as curves:  # one TensorBoard run per variant: their curves overlay
+            with open_loggers(cfg.run, name) as curves:  # one TensorBoard run per variant: their curves overlay
                 model, history = train_variant(cfg, s, base_cfg, name, tokens, kind, levels, curves)
                 trained = time.time()
                 variants[name] = evaluate_variant(cfg, s, model, history, clips, base_ppl, base_udhr, base_text, levels,

@@ -38,7 +38,7 @@ def test_scalars_flatten_nested_eval_figures_and_skip_what_is_not_a_number():
 
 
 def test_tensorboard_logger_writes_the_history_as_scalars(tmp_path):
-    with open_loggers(RunConfig(loggers=["json", "tensorboard"]), tmp_path) as curves:
+    with open_loggers(RunConfig(out_dir=str(tmp_path), loggers=["json", "tensorboard"])) as curves:
         for record in HISTORY:
             curves.log(record["step"], record)
     got = read_scalars(tmp_path / TENSORBOARD_DIR)
@@ -50,11 +50,11 @@ def test_tensorboard_logger_writes_the_history_as_scalars(tmp_path):
 
 def test_a_resumed_run_shows_each_step_once(tmp_path):
     """Steps 1-3 logged, killed after the checkpoint of step 2: the resumed run logs 3-4 again in a new event file."""
-    cfg = RunConfig(loggers=["tensorboard"])
-    with open_loggers(cfg, tmp_path) as curves:
+    cfg = RunConfig(out_dir=str(tmp_path), loggers=["tensorboard"])
+    with open_loggers(cfg) as curves:
         for step in (1, 2, 3):
             curves.log(step, {"loss": 10.0 + step})
-    with open_loggers(cfg, tmp_path) as curves:
+    with open_loggers(cfg) as curves:
         for step in (3, 4):
             curves.log(step, {"loss": 20.0 + step})
     assert read_scalars(tmp_path / TENSORBOARD_DIR)["train/loss"] == [(1, 11.0), (2, 12.0), (3, 23.0), (4, 24.0)]
@@ -62,7 +62,7 @@ def test_a_resumed_run_shows_each_step_once(tmp_path):
 
 def test_default_writes_no_event_files_and_unknown_logger_is_refused(tmp_path):
     assert RunConfig().loggers == ["json"]
-    with open_loggers(RunConfig(), tmp_path) as curves:
+    with open_loggers(RunConfig(out_dir=str(tmp_path))) as curves:
         curves.log(1, HISTORY[0])
     assert not (tmp_path / "work").exists()
     with pytest.raises(UsageError, match=r"run\.loggers.*unknown logger 'tb'.*json, tensorboard"):

@@ -5,7 +5,7 @@ it. `run.loggers` names extra sinks; today `tensorboard`, which writes TensorBoa
 `<run.out_dir>/work/tensorboard/` (inside `work/`, so never pushed with the checkpoint). A logger only reads the
 numbers it is given: weights and token files are the same with or without it.
 
-    with open_loggers(cfg.run, out) as logger:
+    with open_loggers(cfg.run) as logger:
         logger.log(step, {"loss": 1.2, "lr": 3e-4, "eval": {"level_loss": [2.1, 3.0]}})
 
 writes `train/loss`, `train/lr`, `eval/level_loss/0` and `eval/level_loss/1` at `step`. Only rank 0 of a torchrun
@@ -89,8 +89,8 @@ def _summary_writer(folder: Path, purge_step: int | None):
     return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
 
-def open_loggers(run_cfg, out_dir: str | Path, name: str | None = None) -> Loggers:
-    """The loggers `run_cfg.loggers` asks for, writing under the run folder `out_dir` (`name`: a sub-run, e.g. one
+def open_loggers(run_cfg, name: str | None = None) -> Loggers:
+    """The loggers `run_cfg.loggers` asks for, writing under the run folder `run_cfg.out_dir` (`name`: a sub-run, e.g. one
     stage-3 variant, in its own TensorBoard folder so that TensorBoard overlays the variants). Ranks > 0 of a
     torchrun job get loggers that write nothing."""
     wanted = "tensorboard" in run_cfg.loggers and distributed.env().is_main
@@ -99,7 +99,7 @@ def open_loggers(run_cfg, out_dir: str | Path, name: str | None = None) -> Logge
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it; say so now, not at the first step)
         except ImportError as exc:
             raise UsageError(NO_TENSORBOARD) from exc
-    folder = Path(out_dir) / TENSORBOARD_DIR
+    folder = Path(run_cfg.out_dir) / TENSORBOARD_DIR
     if name:
         folder = folder / name.replace("/", "_")
     return Loggers(folder if wanted else None)

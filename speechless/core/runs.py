@@ -7,11 +7,27 @@ import json
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import field_validator
+from pydantic import BeforeValidator
 
 import speechless
 from speechless.core.config import Section
+from speechless.core.loggers import LOGGERS
+
+
+def logger_names(value):
+    """`run.loggers` as given (a list, or one string 'json,tensorboard') checked against the known loggers."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = [name for name in value if name not in LOGGERS] if isinstance(value, list) else []
+    if unknown:
+        raise ValueError(f"unknown logger {unknown[0]!r}; known loggers: {', '.join(LOGGERS)}")
+    return value
+
+
+LoggerNames = Annotated[list[str], BeforeValidator(logger_names)]
+"""A `loggers` list (`run.loggers`, the pipeline's `run.loggers`): names checked by `logger_names`."""
 
 
 class RunConfig(Section):
@@ -23,23 +39,9 @@ class RunConfig(Section):
     """Push the finished checkpoint to the store as the stage's next version (`stageN@vK`)."""
     message: str = ""
     """Version message recorded with a push."""
-    loggers: list[str] = ["json"]
+    loggers: LoggerNames = ["json"]
     """Where the training curve goes: 'json' (the history in metrics.json, always written) and optionally 'tensorboard'
     (event files in `<out_dir>/work/tensorboard/`, never pushed). Changes no output and no resume."""
-
-    _check_loggers = field_validator("loggers", mode="before")(lambda value: logger_names(value))
-
-
-def logger_names(value):
-    """`run.loggers` as given (a list, or one string 'json,tensorboard') checked against the known loggers."""
-    from speechless.core.loggers import LOGGERS
-
-    if isinstance(value, str):
-        value = [part.strip() for part in value.split(",") if part.strip()]
-    unknown = [name for name in value if name not in LOGGERS] if isinstance(value, list) else []
-    if unknown:
-        raise ValueError(f"unknown logger {unknown[0]!r}; known loggers: {', '.join(LOGGERS)}")
-    return value
 
 
 NOT_FINGERPRINTED = {"push", "message", "loggers"}
