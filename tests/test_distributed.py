@@ -40,7 +40,7 @@ def stage3_loop_model(root: Path):
     from speechless.llm.adapters import AdapterConfig
     from speechless.llm.base import BaseConfig, build_demo_tokenizer
     from speechless.llm.model import load_speech_lm
-    from speechless.speech.encoder import EncoderConfig, load_encoder
+    from speechless.speech.encoders import EncoderConfig, load_encoder
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "audio.json").write_text(json.dumps(TINY_AUDIO))
@@ -152,7 +152,7 @@ def test_stage1_codebooks_identical_on_both_ranks(job):
     assert reports[0]["stage1"]["eval"] is not None and reports[1]["stage1"]["eval"] is None  # rank 0 alone evaluates
     assert (base / "stage1" / "model.safetensors").is_file()
     # the checkpoint rank 0 wrote holds the codebooks both ranks trained
-    from speechless.speech.encoder import weights_sha256
+    from speechless.speech.encoders import weights_sha256
     from speechless.speech.rvq import SpeechRVQ
 
     assert weights_sha256(SpeechRVQ.load(base / "stage1")) == hashes[0]

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from speechless.core.errors import UsageError
-from speechless.speech.encoder import AudioWindow, EncoderConfig, encode_windows, load_encoder, weights_sha256
+from speechless.speech.encoders import AudioWindow, EncoderConfig, encode_windows, load_encoder, weights_sha256
 
 AUDIO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, subsampling_conv_channels=[128, 8], output_proj_dims=48)
 

@@ -32,8 +32,8 @@ def pretrained(corpus, tmp_path_factory) -> Path:
 
 
 def test_outputs_load_through_encoder_source(pretrained):
-    from speechless.speech.encoder import EncoderConfig, load_encoder
     from speechless.speech.encoder_ctc import load_ctc_encoder
+    from speechless.speech.encoders import EncoderConfig, load_encoder
 
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "ctc_head.safetensors", "ctc_head.json",
                  "metrics.json", "provenance.json", "resolved_config.yaml", "README.md"):

@@ -14,7 +14,7 @@ from speechless.core.errors import UsageError
 from speechless.llm.adapters import AdapterConfig, remove_dus
 from speechless.llm.base import BaseConfig, build_demo_tokenizer
 from speechless.llm.model import SpeechLM, load_adapter, load_speech_lm
-from speechless.speech.encoder import EncoderConfig, load_encoder
+from speechless.speech.encoders import EncoderConfig, load_encoder
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["Watoto walichora picha darasani juzi.", "The children drew a picture in the classroom.", "Transcribe the audio.",
@@ -52,7 +52,7 @@ def test_audio_slots_match_gemma4_processor(setup):
     """Our prompt ids for an audio clip == the ids Gemma4Processor's audio expansion + the same tokenizer give."""
     from transformers import Gemma4AudioFeatureExtractor, Gemma4Processor
 
-    from speechless.speech.encoder import AudioWindow, encode_windows
+    from speechless.speech.encoders import AudioWindow, encode_windows
 
     model = make(setup)
     audio = clip(2.37)
@@ -80,7 +80,7 @@ def test_our_audio_path_is_gemmas_native_path(setup):
     model = make(setup)
     audio = clip(1.5, seed=1)
     features = model.encoder().feature_extractor([audio], return_tensors="pt")
-    from speechless.speech.encoder import AudioWindow, encode_windows
+    from speechless.speech.encoders import AudioWindow, encode_windows
 
     vectors = dict(encode_windows(model.encoder(), [AudioWindow((0, 0), audio)], setup[1].model_copy(update={"batch_size": 1,
                                                                                                           "length_bucket_s": 1.5})))[(0, 0)]

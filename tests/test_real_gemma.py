@@ -229,7 +229,7 @@ TINY_AUDIO = {"model_type": "gemma4_audio", "hidden_size": 32, "num_hidden_layer
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    from speechless.speech.encoder import EncoderConfig, load_encoder
+    from speechless.speech.encoders import EncoderConfig, load_encoder
 
     path = tmp_path_factory.mktemp("encoder") / "audio.json"
     path.write_text(json.dumps(TINY_AUDIO))

@@ -224,7 +224,7 @@ def test_checkpoint_of_another_dimension_is_refused(trained, corpus, tmp_path, c
     wide = dict(TINY_ENCODER, hidden_size=64)
     (tmp_path / "wide.json").write_text(json.dumps(wide))
     config["encoder"]["source"] = str(tmp_path / "wide.json")
-    from speechless.speech.encoder import EncoderConfig, load_encoder
+    from speechless.speech.encoders import EncoderConfig, load_encoder
 
     config["encoder"]["weights_sha256"] = load_encoder(EncoderConfig(source=str(tmp_path / "wide.json"))).revision
     (other / "config.json").write_text(json.dumps(config))

@@ -43,7 +43,7 @@ from speechless.llm.instructions import (
     speech_parts,
 )
 from speechless.llm.model import Example, SpeechLM, load_adapter, load_speech_lm
-from speechless.speech.encoder import EncoderConfig
+from speechless.speech.encoders import EncoderConfig
 from speechless.speech.rvq import SpeechRVQ
 from speechless.speech.tokens import check_stage1_match, resolve_stage1
 from speechless.t2s.generate import GenerateConfig, generate_corpus, load_stage2

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from speechless.core.config import Section
 from speechless.core.errors import RuntimeFailure, UsageError
-from speechless.speech.encoder import EncoderConfig, weights_sha256
+from speechless.speech.encoders import EncoderConfig, weights_sha256
 
 TURN_START, TURN_END = "<|turn>", "<turn|>"  # Gemma 4's chat turn markers
 GEMMA3_TURNS = ("<start_of_turn>", "<end_of_turn>")  # Gemma 3's (and 2's)
@@ -142,7 +142,7 @@ def _random_gemma4(config_file: Path, encoder_cfg: EncoderConfig, vocab_size: in
     """Gemma4ForConditionalGeneration from a text-config JSON, whose audio tower is the stage-1 encoder."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
 
-    from speechless.speech.encoder import load_encoder
+    from speechless.speech.encoders import load_encoder
 
     text = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_") and k != "model_type"}
     text.update(vocab_size=vocab_size, vocab_size_per_layer_input=vocab_size, pad_token_id=special["pad"],

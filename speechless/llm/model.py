@@ -28,7 +28,7 @@ from speechless.core.io import load_tensors, read_json
 from speechless.core.training import resolve_device
 from speechless.llm.adapters import ADAPTER_FORMAT, AdapterConfig, AudioPositions, SpeechLMAdapters
 from speechless.llm.base import BaseConfig, audio_tokens, base_weights_sha256, chat_turns, load_base_model, pick_dtype
-from speechless.speech.encoder import EncoderConfig, LoadedEncoder, weights_sha256
+from speechless.speech.encoders import EncoderConfig, Gemma4Encoder, LoadedEncoder, weights_sha256
 
 
 def stack_frames(vectors: torch.Tensor, k: int) -> torch.Tensor:
@@ -106,12 +106,12 @@ class SpeechLM(SpeechLMAdapters, torch.nn.Module):
         if self._encoder is None:
             from transformers import Gemma4AudioFeatureExtractor
 
-            from speechless.speech.encoder import load_encoder
+            from speechless.speech.encoders import load_encoder
 
             if self.is_gemma4:
                 tower = self._inner().model.audio_tower
                 param = next(tower.parameters())
-                self._encoder = LoadedEncoder(tower, Gemma4AudioFeatureExtractor(), weights_sha256(tower), None,
+                self._encoder = Gemma4Encoder(tower, Gemma4AudioFeatureExtractor(), weights_sha256(tower), None,
                                               tower.output_proj.in_features, param.device, param.dtype)
             else:
                 self._encoder = load_encoder(self.encoder_cfg)
@@ -307,6 +307,9 @@ class SpeechLM(SpeechLMAdapters, torch.nn.Module):
 
 def load_speech_lm(base_cfg: BaseConfig, encoder_cfg: EncoderConfig, expected_encoder_sha256: str | None, tokenizer=None) -> SpeechLM:
     """Load the base, check its audio tower is the stage-1 encoder (refuse a mismatch), wrap it."""
+    if base_cfg.kind == "gemma4_audio" and encoder_cfg.kind != "gemma4":
+        raise UsageError(f"base.kind gemma4_audio hears through Gemma 4's own audio tower, but stage 1 sits on a {encoder_cfg.kind} "
+                         "encoder; use a text LM base (base.kind text_lm: the projector reads that encoder's vectors)")
     model, tokenizer, record = load_base_model(base_cfg, encoder_cfg, tokenizer)
     device = resolve_device(base_cfg.device, "base.device")
     model = model.to(device=device, dtype=pick_dtype(base_cfg.dtype, device))

@@ -14,7 +14,7 @@ Pieces (the recipe `stages/stage0_encoder.py` puts them together):
 * `ctc_loss`, `transcribe` (greedy), `evaluate` (dev loss and CER with `speechless.core.metrics.cer`, or the unit error rate
   for phonemes);
 * `save_encoder_folder` / `load_ctc_encoder`: the output folder. It is a standalone `Gemma4AudioModel` folder in the
-  format `speechless.speech.encoder.load_encoder` reads (`config.json` with `model_type: gemma4_audio`, `model.safetensors`,
+  format `speechless.speech.encoders.load_encoder` reads (`config.json` with `model_type: gemma4_audio`, `model.safetensors`,
   `preprocessor_config.json`), so stage 1 takes it as `encoder.source` like any Gemma 4 checkpoint folder; the head
   lives beside it in `ctc_head.safetensors` + `ctc_head.json` (units), which the encoder loader never reads.
 """

@@ -22,7 +22,7 @@ from speechless.core.errors import RuntimeFailure
 from speechless.core.io import save_tensors
 from speechless.data.audio import SAMPLE_RATE, load_audio, window_bounds
 from speechless.data.manifest import ManifestEntry
-from speechless.speech.encoder import AudioWindow, EncoderConfig, LoadedEncoder, encode_windows
+from speechless.speech.encoders import AudioWindow, EncoderConfig, LoadedEncoder, encode_windows
 
 
 @dataclass

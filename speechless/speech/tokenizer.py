@@ -20,7 +20,7 @@ from speechless.core.io import read_json
 from speechless.core.runs import verify_weights
 from speechless.core.store import StoreConfig, is_store_ref, open_store
 from speechless.data.manifest import ManifestEntry
-from speechless.speech.encoder import EncoderConfig, LoadedEncoder, load_encoder
+from speechless.speech.encoders import EncoderConfig, LoadedEncoder, load_encoder
 from speechless.speech.features import UtteranceVectors, encode_entries
 from speechless.speech.rvq import SpeechRVQ
 from speechless.speech.tokens import token_row

@@ -1,4 +1,4 @@
-"""The Gemma 4 audio encoder and the forward hook that captures the vectors stage 1 quantizes.
+"""The Gemma 4 audio encoder (`kind: gemma4`) and the forward hook that captures the vectors stage 1 quantizes.
 
 Stage 1 quantizes the INPUT of the audio tower's `output_proj` (1024-d at full size): the conformer's last hidden
 states, before the projection into the LLM's multimodal space. A forward hook captures it; padded frames are dropped
@@ -18,60 +18,50 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
-from speechless.core.config import Section
 from speechless.core.errors import RuntimeFailure, UsageError
 from speechless.core.training import resolve_device
-from speechless.data.audio import MAX_WINDOW_S, SAMPLE_RATE
+from speechless.data.audio import SAMPLE_RATE
+from speechless.speech.encoders.base import EncoderConfig, LoadedEncoder, bucketed
 
 AUDIO_TOWER_PREFIX = "model.audio_tower."
-FRAMES_PER_SECOND = 25  # 40 ms per encoder frame after 4x subsampling of 10 ms mel hops
-
-
-class EncoderConfig(Section):
-    source: str = "configs/encoder/tiny_gemma4_audio.json"
-    """Where the Gemma 4 audio tower comes from: a Hub id or local folder of a full Gemma 4 checkpoint (only the audio
-    tower is read), of a standalone `Gemma4AudioModel`, or a JSON file with a `Gemma4AudioConfig` for a random-weight
-    model (the demo's)."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit sha) for a Hub source; the resolved commit sha is recorded."""
-    random_seed: int = 0
-    """Seed for the random weights of a config-file source (same seed, same torch: same weights)."""
-    hook_module: str = "output_proj"
-    """Module whose INPUT is captured (dotted path inside the audio tower)."""
-    batch_size: int = 8
-    """Rows per encoder forward. Every batch is padded to exactly this many rows and to its length bucket, so a
-    window's vectors depend only on its own audio, never on which windows share its batch: kernels pick their
-    algorithm by shape, and a fixed shape keeps codes bitwise reproducible (`tokenize` == stage 1's JSONL)."""
-    length_bucket_s: float = 2.0
-    """Windows are padded up to a multiple of this many seconds and batched only with windows of the same bucket."""
-    max_window_s: float = MAX_WINDOW_S
-    """Audio longer than this is split into equal windows of at most this length (Gemma's feature extractor would
-    silently truncate at 30 s); each window is encoded on its own and the split is recorded in the output."""
-    device: str = "auto"
-    """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Encoder compute dtype; captured vectors are always returned as float32."""
 
 
 @dataclass(frozen=True)
-class LoadedEncoder:
+class Gemma4Encoder(LoadedEncoder):
+    """A Gemma 4 audio tower in eval mode, with the feature extractor its checkpoint names."""
+
     model: torch.nn.Module
     feature_extractor: object
     revision: str
-    """sha256 over the audio tower's weights (names, shapes, bytes): identical weights, identical revision."""
     source_commit: str | None
-    """Hub commit sha of the source, when it came from the Hub."""
     dim: int
     device: torch.device
     dtype: torch.dtype
+    kind: str = "gemma4"
+
+    def padded_samples(self, samples: int, cfg: EncoderConfig) -> int:
+        return bucketed(samples, cfg.length_bucket_s, 128)  # the extractor pads to multiples of 128 samples
+
+    def encode_batch(self, audio: list[np.ndarray], padded: int, lengths: list[int], cfg: EncoderConfig) -> list[torch.Tensor]:
+        """The hooked module's input for each row, its padded frames dropped with the tower's own frame mask."""
+        captured: list[torch.Tensor] = []
+        handle = _hooked_module(self.model, cfg.hook_module).register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
+        try:
+            features = self.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length",
+                                              max_length=padded, truncation=False, pad_to_multiple_of=128)
+            with torch.inference_mode():
+                output = self.model(features["input_features"].to(self.device, self.dtype),
+                                    attention_mask=features["input_features_mask"].to(self.device))
+        finally:
+            handle.remove()
+        vectors, frame_mask = captured[0].float().cpu(), output.attention_mask.cpu()
+        return [vectors[row][frame_mask[row]].clone() for row in range(len(audio))]
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -141,7 +131,7 @@ def _build(audio_config, tensors: dict[str, torch.Tensor] | None, seed: int, whe
     return model.eval()
 
 
-def load_encoder(cfg: EncoderConfig) -> LoadedEncoder:
+def load_gemma4(cfg: EncoderConfig) -> Gemma4Encoder:
     """Load the audio tower described by `cfg` (see the module docstring for the sources)."""
     from transformers import Gemma4AudioFeatureExtractor
 
@@ -172,7 +162,7 @@ def load_encoder(cfg: EncoderConfig) -> LoadedEncoder:
     _hooked_module(model, cfg.hook_module)  # fail early on a wrong hook path
     model = model.to(device=device, dtype=dtype)
     dim = _hooked_module(model, cfg.hook_module).in_features
-    return LoadedEncoder(model, feature_extractor, revision, commit, dim, device, dtype)
+    return Gemma4Encoder(model, feature_extractor, revision, commit, dim, device, dtype)
 
 
 def _load_from_hub(repo_id: str, cfg: EncoderConfig):
@@ -208,50 +198,3 @@ def _hooked_module(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
     if not hasattr(module, "in_features"):
         raise UsageError(f"encoder.hook_module: {dotted!r} is not a Linear layer; stage 1 captures the input of a projection like output_proj")
     return module
-
-
-@dataclass(frozen=True)
-class AudioWindow:
-    """One encoder input: a window of one utterance's audio."""
-
-    key: tuple[int, int]  # (utterance position, window index)
-    samples: np.ndarray
-
-
-def encode_windows(encoder: LoadedEncoder, windows: Sequence[AudioWindow], cfg: EncoderConfig) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
-    """Yield (key, float32 vectors [frames, dim]) for every window, in fixed-shape batches.
-
-    Windows are grouped by length bucket (little padding) and each batch is padded to exactly `cfg.batch_size` rows
-    of the bucket's length with silent filler rows: every forward a window takes part in has the same shape, which
-    keeps its output bitwise independent of its batch companions.
-    """
-    captured: list[torch.Tensor] = []
-    handle = _hooked_module(encoder.model, cfg.hook_module).register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
-    bucket = max(128, int(round(cfg.length_bucket_s * SAMPLE_RATE / 128)) * 128)  # the extractor pads to 128 samples
-    filler = np.zeros(SAMPLE_RATE // 10, dtype=np.float32)
-    by_bucket: dict[int, list[AudioWindow]] = {}
-    for window in windows:
-        by_bucket.setdefault(-(-max(len(window.samples), 1) // bucket) * bucket, []).append(window)
-    try:
-        for padded_length in sorted(by_bucket):
-            group = by_bucket[padded_length]
-            for start in range(0, len(group), cfg.batch_size):
-                batch = group[start:start + cfg.batch_size]
-                audio = [w.samples for w in batch] + [filler] * (cfg.batch_size - len(batch))
-                features = encoder.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length",
-                                                     max_length=padded_length, truncation=False, pad_to_multiple_of=128)
-                captured.clear()
-                with torch.inference_mode():
-                    output = encoder.model(
-                        features["input_features"].to(encoder.device, encoder.dtype),
-                        attention_mask=features["input_features_mask"].to(encoder.device),
-                    )
-                vectors = captured[0].float().cpu()
-                frame_mask = output.attention_mask.cpu()
-                for row, window in enumerate(batch):
-                    valid = vectors[row][frame_mask[row]]
-                    if not torch.isfinite(valid).all():
-                        raise RuntimeFailure(f"encoder produced non-finite vectors for utterance #{window.key[0]}; check the audio and encoder weights")
-                    yield window.key, valid.clone()
-    finally:
-        handle.remove()
