@@ -29,7 +29,7 @@ from speechless.core.runs import RunConfig, config_fingerprint, load_checkpoint,
 from speechless.core.store import StoreConfig
 from speechless.core.training import finish_run, provenance, resume_state
 from speechless.data.manifest import joined, manifest_sha256, manifest_splits
-from speechless.speech.encoders import EncoderConfig, load_encoder, weights_sha256
+from speechless.speech.encoders import FRAMES_PER_SECOND, EncoderConfig, load_encoder, weights_sha256
 from speechless.speech.features import extract_to_cache, read_cache
 from speechless.speech.rvq import RVQConfig, SpeechRVQ, average_checkpoints
 from speechless.speech.tokenizer import WEIGHT_FILES, quantizer_eval, tokens_from_vectors
@@ -221,7 +221,7 @@ def train(cfg: Stage1Config) -> dict:
     # Save: config (RVQ + encoder), tokens, metrics, provenance, model card; push.
     config = read_json(out / "config.json")
     config["encoder"] = {**cfg.encoder.model_dump(mode="json"), "weights_sha256": encoder.revision, "source_commit": encoder.source_commit}
-    config["frames_per_second"] = 25
+    config["frames_per_second"] = FRAMES_PER_SECOND
     write_json(out / "config.json", config)
     revision = sha256_file(out / WEIGHT_FILES["final"])
     for split, split_utterances in utterances.items():
@@ -253,6 +253,13 @@ def train(cfg: Stage1Config) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- model card
 
+def _encoder_words(encoder: EncoderConfig) -> str:
+    if encoder.kind == "whisper":
+        return (f"output states of the Whisper encoder `{encoder.source}` (CTranslate2, compute type {encoder.dtype}; 50 states/s "
+                f"averaged in pairs; {encoder.whisper_pad_s:g} s of silence after the speech in each input)")
+    return f"input of `{encoder.hook_module}` of the Gemma 4 audio encoder `{encoder.source}`"
+
+
 def model_card(cfg: Stage1Config, metrics: dict, provenance: dict) -> str:
     ev = metrics["eval"]
     levels = "\n".join(f"| {i} | {u:.3f} | {p:.1f} |" for i, (u, p) in enumerate(zip(ev["utilization"], ev["perplexity"])))
@@ -260,11 +267,11 @@ def model_card(cfg: Stage1Config, metrics: dict, provenance: dict) -> str:
                          for name, m in metrics["eval_variants"].items())
     return f"""---
 library_name: speechless
-tags: [speech-tokenizer, residual-vector-quantization, gemma4]
+tags: [speech-tokenizer, residual-vector-quantization, {cfg.encoder.kind}]
 ---
 # speechless stage 1: speech tokenizer
 
-Residual vector quantizer ({cfg.rvq.num_quantizers} codebooks x {cfg.rvq.codebook_size} codes) on the {metrics['dim']}-d input of `{cfg.encoder.hook_module}` of the Gemma 4 audio encoder `{cfg.encoder.source}`
+Residual vector quantizer ({cfg.rvq.num_quantizers} codebooks x {cfg.rvq.codebook_size} codes) on the {metrics['dim']}-d {_encoder_words(cfg.encoder)}
 (weights sha256 `{provenance['encoder']['weights_sha256'][:16]}`), 25 frames (tokens) per second.
 
 Trained on split `{cfg.data.train_split}` of `{cfg.data.manifest}` (sha256 `{provenance['manifest']['sha256'][:16]}`),

@@ -38,7 +38,15 @@ from speechless.core.training import (
     resolve_device,
     resume_state,
 )
-from speechless.speech.tokens import Stage1, load_split, resolve_stage1, row_codes, speaker_map, stage1_codebooks
+from speechless.speech.tokens import (
+    Stage1,
+    load_split,
+    resolve_stage1,
+    row_codes,
+    speaker_map,
+    stage1_codebooks,
+    stage1_manifest,
+)
 from speechless.t2s.align import align_durations, proportional_durations
 from speechless.t2s.backbone import count_parameters
 from speechless.t2s.config import T2SConfig
@@ -324,7 +332,8 @@ def train(cfg: Stage2Config) -> dict:
     eval_model = model if cfg.eval.weights == "final" else T2SModel.load(out, WEIGHT_FILES["best"])
     eval_model.to("cpu")
     log.info(f"round trip on {len(rows['test'])} held-out utterances of split '{cfg.eval.split}'")
-    metrics_eval, generated = round_trip(eval_model, probe, rows["test"], speakers, cfg.generate, cfg.eval, stage1.folder)
+    metrics_eval, generated = round_trip(eval_model, probe, rows["test"], speakers, cfg.generate, cfg.eval, stage1.folder,
+                                         stage1_manifest(stage1, cfg.data.manifest))
     model_revision = sha256_file(out / WEIGHT_FILES["final"])
     for row in generated:
         row["stage2_revision"] = model_revision
@@ -362,6 +371,30 @@ def train(cfg: Stage2Config) -> dict:
     return {"out_dir": str(out), "eval": metrics_eval, "pushed": pushed, "revision": model_revision, "stage1": stage1.record()}
 
 # ----------------------------------------------------------------------------------------------------- model card
+
+def _ci(interval: dict | None) -> str:
+    """'0.0123 [0.0100, 0.0150]' for an interval record, '' for none."""
+    return f"{interval['value']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}]" if interval else ""
+
+
+def _whisper_section(judge: dict | None) -> str:
+    if not judge:
+        return ""
+    rows = "\n".join(f"| {label} | {_ci(judge['wer_' + name])} | {_ci(judge['cer_' + name])} |" for name, label in (
+        ("continuous", "continuous states (no quantization: the ceiling)"), ("real", "real tokens (dequantized)"),
+        ("generated", "stage-2 tokens (dequantized)")))
+    q, g = judge["wer_quantizer_cost"], judge["wer_stage2_cost"]
+    return f"""
+### Whisper's own decoder as the judge ({judge['utterances']} utterances, {', '.join(judge['languages'])})
+
+| reading | WER [95 % interval] | CER [95 % interval] |
+|---|---|---|
+{rows}
+
+What the quantizer costs (real tokens - continuous, WER): {q['difference']['value']:+.4f} [{q['difference']['low']:+.4f}, {q['difference']['high']:+.4f}];
+what stage 2 costs (generated / real tokens, WER): {g['ratio']['value']:.3f} [{g['ratio']['low']:.3f}, {g['ratio']['high']:.3f}] (paired bootstrap).
+"""
+
 
 def model_card(cfg: Stage2Config, metrics: dict, provenance: dict) -> str:
     ev = metrics["eval"]
@@ -413,9 +446,11 @@ model generated from the same sentences' text ({'each utterance in its own speak
 
 | metric | real tokens | generated tokens |
 |---|---|---|
-| probe CER | {ev['probe_cer_real']:.4f} | {ev['probe_cer_generated']:.4f} |
+| probe CER | {_ci(ev.get('probe_cer_real_interval')) or f"{ev['probe_cer_real']:.4f}"} | {_ci(ev.get('probe_cer_generated_interval')) or f"{ev['probe_cer_generated']:.4f}"} |
 | frames (mean) | {d['real_frames_mean']:.1f} | {d['generated_frames_mean']:.1f} |
 
+Generated / real probe CER: {_ci(ev.get('probe_cer_ratio_interval')) or ev['probe_cer_ratio']} (95 % intervals: bootstrap over utterances, paired for the ratio).
+{_whisper_section(ev.get('whisper'))}
 Generated / real duration ratio {d['ratio_mean']:.3f} (mean absolute relative error {d['abs_relative_error_mean']:.3f},
 correlation {d['correlation']}); {d['capped']} generation(s) hit the length cap.
 DTW-aligned cosine of the decoded 1024-d vectors, generated vs real: {ev['dtw_cosine']} (mean-centred: {ev['dtw_centered_cosine']};

@@ -61,8 +61,11 @@ def _fingerprint(base: str, entries: Sequence[ManifestEntry]) -> str:
 
 
 def encoder_fingerprint(encoder: LoadedEncoder, cfg: EncoderConfig) -> str:
-    return json.dumps({"encoder": encoder.revision, "hook": cfg.hook_module, "window_s": cfg.max_window_s,
-                       "batch_size": cfg.batch_size, "bucket_s": cfg.length_bucket_s, "dtype": cfg.dtype}, sort_keys=True)
+    settings = {"encoder": encoder.revision, "hook": cfg.hook_module, "window_s": cfg.max_window_s,
+                "batch_size": cfg.batch_size, "bucket_s": cfg.length_bucket_s, "dtype": cfg.dtype}
+    if cfg.kind != "gemma4":  # the Gemma 4 key stays as it was: its cached shards stay valid
+        settings.update(kind=cfg.kind, pad_s=cfg.whisper_pad_s)
+    return json.dumps(settings, sort_keys=True)
 
 
 def plan_shards(entries: Sequence[ManifestEntry], shard_size: int) -> list[list[ManifestEntry]]:

@@ -187,25 +187,33 @@ def load_split(stage1: Stage1, split: str, max_frames: int | None = None) -> lis
     return kept
 
 
+def stage1_manifest(stage1: Stage1, manifest: str | None = None) -> str | None:
+    """The manifest to read utterance fields from: `manifest` when given ('' = none), else the one recorded in the
+    stage-1 provenance when it exists and is unchanged (else None, with a warning)."""
+    if manifest is not None:
+        if manifest and not Path(manifest).is_file():
+            raise UsageError(f"data.manifest {manifest}: file not found")
+        return manifest or None
+    prov = stage1.folder / "provenance.json"
+    recorded = read_json(prov).get("manifest", {}) if prov.is_file() else {}
+    manifest = recorded.get("path")
+    if manifest and not Path(manifest).is_file():
+        log.warn(f"stage-1 manifest {manifest} not found: no speaker ids (set data.manifest)")
+        return None
+    # a relative path is read from the working folder, where another manifest may stand under the same name
+    if manifest and recorded.get("sha256") and sha256_file(manifest) != recorded["sha256"]:
+        log.warn(f"{manifest} is not the manifest stage 1 read (sha256 differs; a relative path is read from the "
+                 "working folder): no speaker ids (set data.manifest)")
+        return None
+    return manifest or None
+
+
 def speaker_map(stage1: Stage1, manifest: str | None = None, speaker_field: str = "speaker_id") -> dict[str, str]:
     """Utterance id -> speaker, from the manifest (lenient: only `id` and the speaker field are read). `manifest` None =
     the manifest recorded in the stage-1 provenance (when it exists and is unchanged); '' = no speakers."""
-    if manifest is None:
-        prov = stage1.folder / "provenance.json"
-        recorded = read_json(prov).get("manifest", {}) if prov.is_file() else {}
-        manifest = recorded.get("path")
-        if manifest and not Path(manifest).is_file():
-            log.warn(f"stage-1 manifest {manifest} not found: no speaker ids (set data.manifest)")
-            return {}
-        # a relative path is read from the working folder, where another manifest may stand under the same name
-        if manifest and recorded.get("sha256") and sha256_file(manifest) != recorded["sha256"]:
-            log.warn(f"{manifest} is not the manifest stage 1 read (sha256 differs; a relative path is read from the "
-                     "working folder): no speaker ids (set data.manifest)")
-            return {}
+    manifest = stage1_manifest(stage1, manifest)
     if not manifest:
         return {}
-    if not Path(manifest).is_file():
-        raise UsageError(f"data.manifest {manifest}: file not found")
     out = {}
     for line in Path(manifest).read_text(encoding="utf-8").split("\n"):  # not splitlines(): U+2028 in a text is no line end
         if line.strip():

@@ -16,7 +16,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from speechless.core import log
 from speechless.core.config import Section
+from speechless.core.intervals import edit_counts, paired_rate_comparison, rate_interval
 from speechless.core.io import read_json
 from speechless.core.metrics import cer
 from speechless.core.store import StoreConfig
@@ -28,6 +30,7 @@ from speechless.speech.tokens import (
     row_codes,
     speaker_map,
     stage1_codebooks,
+    stage1_manifest,
 )
 from speechless.t2s.generate import GenerateConfig, GenRequest, generate_rows, load_stage2
 from speechless.t2s.model import T2SModel
@@ -44,6 +47,11 @@ class EvalConfig(Section):
     speakers: Literal["each", "default"] = "each"
     """'each': generate every held-out utterance's text in that utterance's speaker (like-for-like with the real
     tokens); 'default': all in `generate.speaker`."""
+    judge: Literal["probe", "both"] = "probe"
+    """'probe': the CTC probe reads the tokens back (every encoder). 'both': Whisper's own decoder also reads the
+    continuous states, real tokens and generated tokens (WER/CER with intervals; stage 1 must sit on a Whisper encoder)."""
+    judge_language: str | None = None
+    """Whisper language code the judge decodes in (en, fr, sw, ...); None = each utterance's manifest `language`."""
 
 
 def load_probe(probe_dir: Path, stage1: Stage1) -> CTCProbe:
@@ -102,8 +110,9 @@ def _usage(codes: list[torch.Tensor], codebook_size: int) -> dict:
 
 
 def round_trip(model: T2SModel, probe: CTCProbe, rows: list[dict], speakers: dict[str, str], gen: GenerateConfig,
-               ev: EvalConfig, stage1_folder: Path) -> tuple[dict, list[dict]]:
-    """The semantic round trip on held-out rows: (eval metrics, generated token rows)."""
+               ev: EvalConfig, stage1_folder: Path, manifest: str | None = None) -> tuple[dict, list[dict]]:
+    """The semantic round trip on held-out rows: (eval metrics, generated token rows). With `ev.judge` 'both', also
+    Whisper's decoder on the same rows (`speechless.t2s.judge`; their recordings are found in `manifest`)."""
     from speechless.speech.rvq import SpeechRVQ
 
     started = time.time()
@@ -172,7 +181,18 @@ def round_trip(model: T2SModel, probe: CTCProbe, rows: list[dict], speakers: dic
                        "seconds": round(gen_seconds, 2), "frames_per_second": round(float(gen_frames.sum()) / max(gen_seconds, 1e-9), 1)},
         "examples": [{"id": rows[i]["id"], "text": texts[i], "probe_real": hyp_real[i], "probe_generated": hyp_gen[i],
                       "frames_real": int(real_frames[i]), "frames_generated": int(gen_frames[i])} for i in range(min(5, len(rows)))],
+        "judge": ev.judge,
     }
+    errors, lengths = edit_counts(texts, hyp_real, "char")
+    metrics["probe_cer_real_interval"] = rate_interval(errors, lengths)
+    gen_errors, _ = edit_counts(texts, hyp_gen, "char")
+    metrics["probe_cer_generated_interval"] = rate_interval(gen_errors, lengths)
+    metrics["probe_cer_ratio_interval"] = paired_rate_comparison(errors, gen_errors, lengths)["ratio"]
+    if ev.judge == "both":
+        from speechless.t2s.judge import whisper_judge
+
+        log.info(f"Whisper judge: decoding {len(rows)} held-out utterances three ways (continuous, real, generated)")
+        metrics["whisper"] = whisper_judge(stage1_folder, rows, gen_codes, manifest, ev.judge_language)
     return metrics, generated
 
 
@@ -188,5 +208,6 @@ def evaluate_checkpoint(ref: str, stage1_ref: str | None, split: str, gen: Gener
         rows = rows[: ev.max_utterances]
     probe = load_probe(folder / "probe", stage1)
     speakers = speaker_map(stage1, manifest)
-    metrics, _ = round_trip(model, probe, rows, speakers, gen, ev.model_copy(update={"split": split}), stage1.folder)
+    metrics, _ = round_trip(model, probe, rows, speakers, gen, ev.model_copy(update={"split": split}), stage1.folder,
+                            stage1_manifest(stage1, manifest))
     return metrics
