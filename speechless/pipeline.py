@@ -379,8 +379,9 @@ def _check_force(force: set[str] | None, cfg: PipelineConfig) -> set[str]:
 # ------------------------------------------------------------------------------------------------------ running
 
 
-def run_pipeline(cfg: PipelineConfig, force: set[str] | None = None, report: bool = True) -> dict:
-    """Run every step in order (skipping up-to-date ones), gather metrics, write the report; returns the state."""
+def run_pipeline(cfg: PipelineConfig, force: set[str] | None = None, report: bool = True, until: str | None = None) -> dict:
+    """Run every step in order (skipping up-to-date ones), gather metrics, write the report; returns the state.
+    With `until`, the steps after that one are left out (e.g. 'stage2': corpus, stage 1 and stage 2 only)."""
     if distributed.env().world_size > 1:
         raise UsageError("speechless run is one process (its data step and pipeline.json would be written by every rank); "
                          "launch it without torchrun, or the stage commands under torchrun one after the other "
@@ -389,10 +390,16 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] | None = None, report: boo
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "resolved_config.yaml", to_yaml(cfg))
     force = _check_force(force, cfg)
+    steps = pipeline_steps(cfg)
+    if until is not None:
+        names = [step.name for step in steps]
+        if until not in names:
+            raise UsageError(f"--until {until}: no such step; steps are {', '.join(names)}")
+        steps = steps[: names.index(until) + 1]
     state = read_state(out)
     results: dict = {}
     started = time.time()
-    for step in pipeline_steps(cfg):
+    for step in steps:
         item = plan_step(step, cfg, out, results, state, force)
         record = state["steps"].get(step.name)
         if item.action == "skip":

@@ -152,3 +152,28 @@ def test_stage1_refuses_another_encoder(whisper_stage1, stage1_trained, corpus, 
     (gemma / "config.json").write_text(json.dumps(config))
     result = cli("tokenize", "audio", "--tokenizer", gemma, "--manifest", corpus, "--split", "dev")
     assert result.exit_code == 2 and "weights differ" in result.stderr, result.stderr
+
+
+def test_stage2_round_trip_with_the_whisper_judge(whisper_stage1, tmp_path):
+    from test_stage2 import overrides
+
+    from speechless.core.config import load_config
+    from stages.stage2_t2s import Stage2Config, train
+
+    out = tmp_path / "stage2"
+    cfg = load_config(Stage2Config, None, overrides(tmp_path, out, f"data.stage1={whisper_stage1}", "eval.judge=both",
+                                                    "model.backbone=" + str(Path(__file__).parent.parent / "configs/t2s/tiny_backbone.json")))
+    train(cfg)
+    judge = json.loads((out / "metrics.json").read_text())["eval"]["whisper"]
+    assert judge["utterances"] == 4 and judge["languages"] == ["sw"]
+    for key in ("wer_continuous", "wer_real", "wer_generated", "cer_continuous", "cer_real", "cer_generated"):
+        assert judge[key]["low"] <= judge[key]["value"] <= judge[key]["high"] and judge[key]["n"] == 4, key
+    assert set(judge["wer_stage2_cost"]) == {"n", "difference", "ratio"}
+    assert "Whisper's own decoder as the judge" in (out / "README.md").read_text()
+
+
+def test_whisper_judge_refuses_a_gemma4_stage1(stage1_trained, corpus):
+    from speechless.t2s.judge import whisper_judge
+
+    with pytest.raises(UsageError, match="gemma4 encoder"):
+        whisper_judge(stage1_trained, [], [], str(corpus))

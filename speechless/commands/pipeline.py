@@ -18,6 +18,7 @@ def run(
     force: Annotated[Optional[list[str]], typer.Option("--force", help="Re-run this step even if it is up to date (repeatable): data, stage1, stage2, ...")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (steps, inputs, outputs, what would be skipped) and run nothing.")] = False,
     no_report: Annotated[bool, typer.Option("--no-report", help="Do not write the HTML report at the end.")] = False,
+    until: Annotated[Optional[str], typer.Option("--until", help="Stop after this step (e.g. stage2: corpus, stage 1 and stage 2 only).")] = None,
     fmt: FormatOption = "text",
 ) -> None:
     """Run the whole pipeline: data -> stage 1 -> stage 2 -> stage 3 -> report, in one run folder.
@@ -39,7 +40,7 @@ def run(
             emit("\n".join(f"{r['step']:<7} {r['action']:<13} {r['reason']}\n        in:  {r['input']}\n        out: {r['output']}"
                            for r in rows))
         return
-    state = run_pipeline(cfg, set(force or ()), report=not no_report)
+    state = run_pipeline(cfg, set(force or ()), report=not no_report, until=until)
     if fmt == "json":
         emit(state, "json")
     else:
