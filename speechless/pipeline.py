@@ -351,14 +351,25 @@ def _result(record: dict, folder: Path) -> dict:
     return {"revision": record["revision"], "folder": str(folder), "pushed": record.get("pushed"), "summary": record.get("summary", {})}
 
 
-def plan(cfg: PipelineConfig, force: set[str] | None = None) -> list[PlannedStep]:
+def steps_until(cfg: PipelineConfig, until: str | None) -> list[Step]:
+    """The pipeline's steps, up to and including `until` (None = all)."""
+    steps = pipeline_steps(cfg)
+    if until is None:
+        return steps
+    names = [step.name for step in steps]
+    if until not in names:
+        raise UsageError(f"--until {until}: no such step; steps are {', '.join(names)}")
+    return steps[: names.index(until) + 1]
+
+
+def plan(cfg: PipelineConfig, force: set[str] | None = None, until: str | None = None) -> list[PlannedStep]:
     """The dry-run plan: every step with its action, without running anything."""
     out = Path(cfg.run.out_dir)
     state = read_state(out)
     force = _check_force(force, cfg)
     results: dict = {}
     planned = []
-    for step in pipeline_steps(cfg):
+    for step in steps_until(cfg, until):
         item = plan_step(step, cfg, out, results, state, force)
         planned.append(item)
         if item.action == "skip":
@@ -390,12 +401,7 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] | None = None, report: boo
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "resolved_config.yaml", to_yaml(cfg))
     force = _check_force(force, cfg)
-    steps = pipeline_steps(cfg)
-    if until is not None:
-        names = [step.name for step in steps]
-        if until not in names:
-            raise UsageError(f"--until {until}: no such step; steps are {', '.join(names)}")
-        steps = steps[: names.index(until) + 1]
+    steps = steps_until(cfg, until)
     state = read_state(out)
     results: dict = {}
     started = time.time()

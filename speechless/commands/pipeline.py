@@ -31,7 +31,7 @@ def run(
     fmt = check_format(fmt)
     cfg = load_run_config(PipelineConfig, config, set_, out)
     if dry_run:
-        steps = plan(cfg, set(force or ()))
+        steps = plan(cfg, set(force or ()), until)
         rows = [{"step": p.step.name, "action": p.action, "reason": p.reason, "output": str(p.folder / p.step.output),
                  "input": _input_of(p)} for p in steps]
         if fmt == "json":
