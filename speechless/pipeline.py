@@ -397,11 +397,11 @@ def run_pipeline(cfg: PipelineConfig, force: set[str] | None = None, report: boo
         raise UsageError("speechless run is one process (its data step and pipeline.json would be written by every rank); "
                          "launch it without torchrun, or the stage commands under torchrun one after the other "
                          "(README: Several processes)")
+    force = _check_force(force, cfg)
+    steps = steps_until(cfg, until)
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "resolved_config.yaml", to_yaml(cfg))
-    force = _check_force(force, cfg)
-    steps = steps_until(cfg, until)
     state = read_state(out)
     results: dict = {}
     started = time.time()

@@ -67,6 +67,15 @@ def test_dry_run_plans_without_running(cli, pipeline_config, tmp_path):
     assert not out.exists()
 
 
+def test_until_stops_after_the_named_step(cli, pipeline_config, tmp_path):
+    result = cli("run", "-c", pipeline_config, "--out", tmp_path / "p", "--dry-run", "--format", "json", "--until", "stage1")
+    assert result.exit_code == 0, result.stderr
+    assert [s["step"] for s in json.loads(result.stdout)["steps"]] == ["data", "stage1"]
+    result = cli("run", "-c", pipeline_config, "--out", tmp_path / "p", "--until", "stage9")
+    assert result.exit_code == 2 and "--until stage9" in result.stderr and "stage3" in result.stderr
+    assert not (tmp_path / "p").exists()
+
+
 def test_full_run_outputs_and_metrics(finished):
     state = json.loads((finished / "pipeline.json").read_text())
     assert set(state["steps"]) == {"data", "stage1", "stage2", "stage3"}
