@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from speechless.core import distributed, log
 from speechless.core.config import Section, read_yaml, to_yaml
@@ -86,6 +86,13 @@ class PipelineConfig(Section):
     seeds the claim holds. [] = stage 3 once."""
     store: StoreConfig = StoreConfig()
     """The store every stage pushes to and reads from (each stage's own `store` section is set to this one)."""
+
+    @model_validator(mode="after")
+    def _encoder_step_fits(self) -> PipelineConfig:
+        if self.encoder is not None and self.stage1.encoder.kind != "gemma4":
+            raise ValueError(f"the encoder step trains a Gemma 4 stand-in, but stage1.encoder.kind is {self.stage1.encoder.kind}; "
+                             "set encoder=null to put stage 1 on that encoder")
+        return self
 
 
 @dataclass

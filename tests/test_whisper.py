@@ -176,3 +176,10 @@ def test_whisper_judge_refuses_a_gemma4_stage1(stage1_trained, corpus):
 
     with pytest.raises(UsageError, match="gemma4 encoder"):
         whisper_judge(stage1_trained, [], [], str(corpus))
+
+
+def test_pipeline_refuses_an_encoder_step_with_stage1_on_whisper(cli):
+    result = cli("run", "-c", "configs/pipeline/demo.yaml", "--set", "stage1.encoder.kind=whisper", "--dry-run")
+    assert result.exit_code == 2 and "encoder=null" in result.stderr and "got {" not in result.stderr, result.stderr
+    result = cli("stage1", "train", "-c", "configs/stage1/demo.yaml", "--set", "encoder.dtype=int8")
+    assert result.exit_code == 2 and "key 'encoder'" in result.stderr and "int8" in result.stderr, result.stderr

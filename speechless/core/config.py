@@ -130,6 +130,8 @@ def validate(schema: type[Schema], data: dict, where: str) -> Schema:
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"])
         got = first.get("input")
+        if isinstance(got, dict):  # a check across keys (a model validator): the section itself is no help to print
+            raise UsageError(f"{where}: {'key ' + repr(key) + ': ' if key else ''}{first['msg']}") from exc
         raise UsageError(f"{where}: key '{key}': {first['msg']} (got {got!r})") from exc
 
 
