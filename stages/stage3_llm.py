@@ -35,7 +35,7 @@ from speechless.core.loggers import open_loggers
 from speechless.core.runs import RunConfig, config_fingerprint, utc_now
 from speechless.core.store import StoreConfig
 from speechless.core.training import finish_run, provenance
-from speechless.data.udhr import read_udhr
+from speechless.data.udhr import read_udhr, udhr_parallel
 from speechless.llm.adapt import (
     EvalConfig,
     PretrainConfig,
@@ -57,7 +57,14 @@ from speechless.llm.adapt import (
 )
 from speechless.llm.adapters import AdapterConfig
 from speechless.llm.base import BaseConfig, check_text_lm_base
-from speechless.llm.instructions import DEMO_TASKS, demo_conversations, demo_labels, read_conversations
+from speechless.llm.instructions import (
+    DEMO_TASKS,
+    demo_conversations,
+    demo_labels,
+    read_conversations,
+    speech_parts,
+    text_conversations,
+)
 from speechless.llm.model import SpeechLM
 from speechless.llm.text_eval import udhr_perplexity
 from speechless.speech.encoders import EncoderConfig
@@ -65,9 +72,9 @@ from speechless.speech.rvq import SpeechRVQ
 from speechless.speech.tokens import Stage1, load_split, resolve_stage1
 from speechless.t2s.generate import GenerateConfig
 
-SYNTHETIC, TOPLINE = "synthetic_speech", "real_speech_topline"
-"""The two speech sources a stage-3 model can learn from: stage-2 speech of the text (the product) and real speech
-tokens of the same recordings (the topline of a comparison)."""
+SYNTHETIC, TOPLINE, EXTRA = "synthetic_speech", "real_speech_topline", "synthetic_speech+text"
+"""The speech sources a stage-3 model can learn from: stage-2 speech of the text (the product), real speech tokens of
+the same recordings (the topline of a comparison), and stage-2 speech of the text plus extra text with no recording."""
 
 
 class DataConfig(Section):
@@ -99,6 +106,16 @@ class DataConfig(Section):
     synthetic_draws: int = Field(1, ge=1)
     """Stage 2 speaks each user turn n times and the draw its CTC probe (trained on real stage-1 tokens) reads closest
     to the text is kept: n x the generation, no real speech. 1 = one draw, no probe needed."""
+    extra_text_udhr: str | None = None
+    """Extra training text with no recording, for the `synthetic_speech+text` variant (`compare.extra_text`): the
+    Universal Declaration of Human Rights in this language (a UDHR file code: fra, spa, swh, ...), as transcribe and
+    translate requests spoken by stage 2. None = no extra text."""
+    extra_text_translation: str = "eng"
+    """UDHR language of the extra text's translations (the ast answers), aligned by article."""
+    extra_text_translation_language: str = "en"
+    """The language code those translations are in, as the ast instruction names it (en, fr, ...)."""
+    extra_text_max_words: int = Field(40, ge=1)
+    """Extra-text passages longer than this many words are left out."""
     synthetic_levels: int | None = Field(None, ge=1)
     """Decode stage-2 speech from only its first L codebook levels (the coarse ones); None = all. Real speech (the
     topline, evaluation) always uses every level."""
@@ -127,6 +144,9 @@ class CompareConfig(Section):
     real_speech_topline: bool = False
     """Also train the same adapter(s) on REAL speech tokens of the same training recordings (the topline), and report
     each task's `ratio_to_topline`. Needs the training recordings' stage-1 tokens (split `data.train_split`)."""
+    extra_text: bool = False
+    """Also train the configured adapter on stage-2 speech of the training conversations PLUS the extra text
+    (`data.extra_text_udhr`): whether text without recordings, spoken by stage 2, adds to what the recordings teach."""
     adapters: list[Literal["lora", "dus", "lora_all_positions", "dus_all_positions"]] = []
     """Adapter variants also trained and evaluated, with `adapter`'s other settings (the configured one is always
     trained; it is the product): lora, dus (speech-only as `adapter.speech_only` says), or either on every position
@@ -189,14 +209,32 @@ def setup(cfg: Stage3Config, work: Path) -> Setup:
     return Setup(stage1, rvq, encoder_cfg, encoder_sha, train_rows, eval_rows, baselines)
 
 
-def speech_sources(cfg: Stage3Config, s: Setup, work: Path) -> tuple[dict[str, dict], dict]:
-    """{source: {part: tokens}}: stage-2 speech of every user turn, and (compare.real_speech_topline) the real stage-1
-    tokens of the same recordings; with the stage-2 lineage record."""
+def extra_text_rows(cfg: Stage3Config, s: Setup) -> list[dict]:
+    """The extra-text conversations (`data.extra_text_udhr`), spoken in the training conversations' speakers."""
+    if not cfg.data.extra_text_udhr:
+        raise UsageError("compare.extra_text: set data.extra_text_udhr to the UDHR language of the extra text (e.g. fra)")
+    pairs = [(a, b) for a, b in udhr_parallel(cfg.data.extra_text_udhr, cfg.data.extra_text_translation)
+             if len(a.split()) <= cfg.data.extra_text_max_words]
+    speakers = sorted({p.get("speaker") for r in s.train_rows for p in speech_parts(r) if p.get("speaker")})
+    return text_conversations(pairs, cfg.data.tasks, speakers, f"udhr-{cfg.data.extra_text_udhr}", cfg.data.extra_text_translation_language)
+
+
+def speech_sources(cfg: Stage3Config, s: Setup, work: Path) -> tuple[dict[str, tuple[list[dict], dict]], dict]:
+    """{source: (training conversations, {part: tokens})}: stage-2 speech of every user turn; (compare.real_speech_topline)
+    the real stage-1 tokens of the same recordings; (compare.extra_text) stage-2 speech of those turns and of the extra
+    text; with the stage-2 lineage record."""
     synthetic, stage2_record = synthetic_tokens(cfg.data.stage2, cfg.data.stage1, cfg.data.generate, cfg.data.synthetic_draws,
                                                 s.train_rows, work, cfg.store, cfg.base.device)
-    sources = {SYNTHETIC: synthetic}
+    sources = {SYNTHETIC: (s.train_rows, synthetic)}
     if cfg.compare.real_speech_topline:
-        sources[TOPLINE] = {r["id"]: r for r in load_split(s.stage1, cfg.data.train_split)}
+        sources[TOPLINE] = (s.train_rows, {r["id"]: r for r in load_split(s.stage1, cfg.data.train_split)})
+    if cfg.compare.extra_text:
+        extra = extra_text_rows(cfg, s)
+        log.info(f"extra text: {len(extra)} conversations from the UDHR ({cfg.data.extra_text_udhr}), spoken by stage 2")
+        # its own cache: the training turns keep exactly the speech the synthetic_speech variant learns from
+        spoken, _ = synthetic_tokens(cfg.data.stage2, cfg.data.stage1, cfg.data.generate, cfg.data.synthetic_draws,
+                                     extra, work / "extra_text", cfg.store, cfg.base.device)
+        sources[EXTRA] = (s.train_rows + extra, {**synthetic, **spoken})
     return sources, stage2_record
 
 
@@ -223,13 +261,13 @@ def variant_adapter(adapter: AdapterConfig, variant: str) -> AdapterConfig:
     return adapter.model_copy(update={"kind": kind, "speech_only": adapter.speech_only and rest != "all_positions"})
 
 
-def train_variant(cfg: Stage3Config, s: Setup, base_cfg: BaseConfig, name: str, tokens: dict, variant: str,
+def train_variant(cfg: Stage3Config, s: Setup, base_cfg: BaseConfig, name: str, rows: list[dict], tokens: dict, variant: str,
                   levels: int | None, curves=None) -> tuple[SpeechLM, list[dict]]:
-    """Train one adapter variant on the conversations spoken with `tokens` (decoded at `levels`); resumable. Its
-    curve also goes to `curves` (`run.loggers`)."""
+    """Train one adapter variant on the conversations `rows` spoken with `tokens` (decoded at `levels`); resumable.
+    Its curve also goes to `curves` (`run.loggers`)."""
     adapter = variant_adapter(cfg.adapter, variant)
     model = adapted_model(base_cfg, s.encoder_cfg, s.encoder_sha, adapter, cfg.run.seed)
-    examples = model.embed_audio_once(speech_examples(model, s.train_rows, tokens, s.rvq, levels=levels))
+    examples = model.embed_audio_once(speech_examples(model, rows, tokens, s.rvq, levels=levels))
     fingerprint = f"{config_fingerprint(cfg)} {name} {model.dus_after}"
     history = train_loop(model, examples, cfg.train.steps, cfg.train.batch_size, cfg.train.learning_rate, cfg.train.warmup_steps,
                          variant_folder(Path(cfg.run.out_dir), name), fingerprint, cfg.run.seed, cfg.train.checkpoint_every,
@@ -275,10 +313,13 @@ def summarize(variants: dict, base_text: dict, main_name: str, kinds: list[str],
     """The figures of the closing note: per adapter kind the ratio of synthetic-speech scores to the real-speech
     topline's (when compared), the closed tasks' no-listening baselines, and the table of every variant."""
     summary: dict = {"main": main_name, "no_listening_baselines": baselines}
+    main_kind = main_name.split("/")[1]
+    if f"{EXTRA}/{main_kind}" in variants and f"{TOPLINE}/{main_kind}" in variants:
+        summary["extra_text_comparison"] = {main_kind: ratio_to_topline(variants[f"{EXTRA}/{main_kind}"]["speech"],
+                                                                        variants[f"{TOPLINE}/{main_kind}"]["speech"], name=EXTRA)}
     if any(name.startswith(TOPLINE + "/") for name in variants):
         summary["topline_comparison"] = {kind: ratio_to_topline(variants[f"{SYNTHETIC}/{kind}"]["speech"], variants[f"{TOPLINE}/{kind}"]["speech"])
                                          for kind in kinds}
-        main_kind = main_name.split("/")[1]
         # Both models with real input put through stage 1 as their training speech was (synthetic at data.synthetic_levels).
         summary["topline_comparison_quantized"] = {main_kind: ratio_to_topline(variants[main_name]["speech_quantized"],
                                                                                variants[f"{TOPLINE}/{main_kind}"]["speech_quantized"])}
@@ -330,12 +371,12 @@ def train(cfg: Stage3Config) -> dict:
     main_name = f"{SYNTHETIC}/{main_variant}"
     kinds = list(dict.fromkeys([main_variant] + cfg.compare.adapters))
     variants = {}
-    for source, tokens in sources.items():
-        levels = cfg.data.synthetic_levels if source == SYNTHETIC else None
-        for kind in kinds:
+    for source, (rows, tokens) in sources.items():
+        levels = None if source == TOPLINE else cfg.data.synthetic_levels
+        for kind in (kinds if source != EXTRA else [main_variant]):
             name, t0 = f"{source}/{kind}", time.time()
             with open_loggers(cfg.run, name) as curves:  # one TensorBoard run per variant: their curves overlay
-                model, history = train_variant(cfg, s, base_cfg, name, tokens, kind, levels, curves)
+                model, history = train_variant(cfg, s, base_cfg, name, rows, tokens, kind, levels, curves)
                 trained = time.time()
                 variants[name] = evaluate_variant(cfg, s, model, history, clips, base_ppl, base_udhr, base_text, levels,
                                                   name == main_name, kind == main_variant)

@@ -76,6 +76,20 @@ def test_until_stops_after_the_named_step(cli, pipeline_config, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+def test_stage3_with_extra_text_trains_the_third_variant(finished, pipeline_config):
+    from speechless.cli import run
+
+    assert run(["run", "-c", str(pipeline_config), "--no-report", "--set", "stage3.compare.extra_text=true",
+                "--set", "stage3.data.extra_text_udhr=swh", "--set", "stage3.compare.real_speech_topline=true"]) == 0
+    ev = json.loads((finished / "stage3" / "metrics.json").read_text())["eval"]
+    assert set(ev["variants"]) == {"synthetic_speech/lora", "real_speech_topline/lora", "synthetic_speech+text/lora"}
+    assert set(ev["extra_text_comparison"]["lora"]) == set(ev["topline_comparison"]["lora"])
+    spoken = list((finished / "stage3" / "work" / "extra_text" / "speech").glob("stage2_*.jsonl"))
+    texts = [json.loads(line)["text"] for line in spoken[0].read_text().splitlines()]
+    assert len(texts) > 20 and any("haki" in t.lower() for t in texts)  # the Swahili declaration, spoken by stage 2
+    assert run(["run", "-c", str(pipeline_config), "--no-report"]) == 0  # back to the plain config for the other tests
+
+
 def test_full_run_outputs_and_metrics(finished):
     state = json.loads((finished / "pipeline.json").read_text())
     assert set(state["steps"]) == {"data", "stage1", "stage2", "stage3"}

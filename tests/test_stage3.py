@@ -284,6 +284,24 @@ def test_topline_summary_names_what_was_compared_and_reports_ratios_per_task():
     assert "topline_comparison" not in alone and list(alone["adapters"]) == ["synthetic_speech/lora"]
 
 
+def test_udhr_is_aligned_by_article_and_becomes_text_only_conversations():
+    from speechless.data.udhr import udhr_parallel
+    from speechless.llm.instructions import text_conversations
+
+    pairs = udhr_parallel("fra", "eng")
+    assert len(pairs) > 40
+    first = next(p for p in pairs if p[0].startswith("Tous les êtres humains"))
+    assert first[1].startswith("All human beings are born free")
+    rows = text_conversations(pairs[:3], ["asr", "ast"], ["June", "Carl"], "udhr-fra")
+    assert [r["task"] for r in rows] == ["asr", "ast"] * 3
+    speech = rows[1]["messages"][0]["content"][1]
+    assert speech["text"] == pairs[0][0] and speech["speaker"] == "June" and "audio" not in speech
+    assert rows[1]["messages"][1]["content"] == pairs[0][1]
+    assert rows[2]["messages"][0]["content"][1]["speaker"] == "Carl"
+    english = text_conversations(pairs[:1], ["ast"], [], "udhr-eng", "fr")
+    assert english[0]["messages"][0]["content"][0]["text"].startswith("Translate the audio into French.")
+
+
 def test_scores():
     asr = score_task("asr", False, ["watoto walichora picha", ""], ["Watoto walichora picha.", "Mtoto anakula."])  # 2 errors / 5 words
     assert asr["wer"] == 0.4 and 0 < asr["cer"] < 1 and asr["score"] == round(1 - asr["cer"], 4)

@@ -73,13 +73,17 @@ class _Text(html.parser.HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.blocks: list[str] = []
+        self.tags: list[str] = []
+        """The outermost tag of each block (h2 = an article's heading)."""
         self._depth = 0
         self._parts: list[str] = []
+        self._tag = ""
 
     def handle_starttag(self, tag, attrs):
         if tag in _BLOCKS:
             if self._depth == 0:
                 self._parts = []
+                self._tag = tag
             self._depth += 1
 
     def handle_endtag(self, tag):
@@ -89,6 +93,7 @@ class _Text(html.parser.HTMLParser):
                 text = " ".join("".join(self._parts).split())
                 if text:
                     self.blocks.append(text)
+                    self.tags.append(self._tag)
 
     def handle_data(self, data):
         if self._depth:
@@ -107,9 +112,41 @@ def udhr_file(lang: str, root: Path | None = None) -> Path:
     return path
 
 
-def read_udhr(lang: str, root: Path | None = None) -> str:
-    """The declaration in `lang` (a key of LANGUAGES or a package file code): its blocks, one per line."""
+def _parse(lang: str, root: Path | None) -> _Text:
     parser = _Text()
     parser.feed(udhr_file(lang, root).read_text(encoding="utf-8"))
     parser.close()
-    return "\n".join(parser.blocks)
+    return parser
+
+
+def read_udhr(lang: str, root: Path | None = None) -> str:
+    """The declaration in `lang` (a key of LANGUAGES or a package file code): its blocks, one per line."""
+    return "\n".join(_parse(lang, root).blocks)
+
+
+def udhr_sections(lang: str, root: Path | None = None) -> list[list[str]]:
+    """The declaration's sections (the preamble, then each article): the paragraphs after each h2 heading."""
+    parser = _parse(lang, root)
+    sections: list[list[str]] = []
+    for tag, block in zip(parser.tags, parser.blocks):
+        if tag == "h2":
+            sections.append([])
+        elif sections and tag != "h1":
+            sections[-1].append(block)
+    return sections
+
+
+def udhr_parallel(lang: str, other: str, root: Path | None = None) -> list[tuple[str, str]]:
+    """(text in `lang`, its translation in `other`) pairs, aligned by article: paragraph by paragraph where both
+    languages split an article into as many paragraphs, else the whole article. Refused when the two declarations
+    do not have the same number of sections (then they cannot be aligned by position)."""
+    a, b = udhr_sections(lang, root), udhr_sections(other, root)
+    if len(a) != len(b) or not a:
+        raise UsageError(f"UDHR {lang} has {len(a)} sections, {other} {len(b)}: they cannot be aligned by article")
+    pairs = []
+    for x, y in zip(a, b):
+        if len(x) == len(y):
+            pairs.extend(zip(x, y))
+        elif x and y:
+            pairs.append((" ".join(x), " ".join(y)))
+    return pairs

@@ -29,6 +29,32 @@ DEMO_TASKS = {
 }
 
 
+LANGUAGE_NAMES = {"en": "English", "fr": "French", "es": "Spanish", "it": "Italian", "sw": "Swahili"}
+"""Names of translation targets in the ast instruction (a sentence's `translation_language`; English by default)."""
+
+
+def task_instruction(task: str, translation_language: str | None = None) -> str:
+    """The instruction of a demo task; ast names its target language when that is not English."""
+    if task == "ast" and translation_language and translation_language != "en":
+        return f"Translate the audio into {LANGUAGE_NAMES.get(translation_language, translation_language)}."
+    return DEMO_TASKS[task][0]
+
+
+def text_conversations(pairs: list[tuple[str, str]], tasks: list[str], speakers: list[str], prefix: str,
+                       translation_language: str = "en") -> list[dict]:
+    """Training conversations from text alone (no recording): for each (text, translation) pair, asr (transcribe the
+    text) and ast (translate it), its speech spoken by stage 2 in the speakers taken in turn."""
+    rows = []
+    for number, (text, translation) in enumerate(pairs):
+        speech = {"type": "speech", "text": text, "speaker": speakers[number % len(speakers)] if speakers else None}
+        for task, reply in (("asr", text), ("ast", translation)):
+            if task in tasks and reply:
+                rows.append({"id": f"{prefix}-{number:04d}/{task}", "task": task, "closed": False, "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": task_instruction(task, translation_language) + "\n"}, speech]},
+                    {"role": "assistant", "content": reply}]})
+    return rows
+
+
 def check_conversation(row: object, where: str, require_answer: bool = True, audio_root: Path | None = None) -> dict:
     """Validate one conversation; a problem is a UsageError naming `where` (file:line) and the field. With
     `audio_root`, every speech part must carry a real recording (`audio`, relative paths resolved against
@@ -137,7 +163,8 @@ def demo_conversations(sentences_path: Path, manifest_rows: list[dict], split: s
             speech = {"type": "speech", "text": sentence["text"], "speaker": utt.get("speaker_id"), "utterance": utt["id"],
                       "audio": utt["audio_filepath"]}
             for task in tasks:
-                instruction, field, closed = DEMO_TASKS[task]
+                _, field, closed = DEMO_TASKS[task]
+                instruction = task_instruction(task, sentence.get("translation_language"))
                 reply = sentence.get(field) or ""
                 if not reply:
                     continue
