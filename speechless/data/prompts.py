@@ -57,7 +57,8 @@ says "pound", "star", "at". Such prompts are as hard for every system scored; no
 Resumable: a wav already written whose length matches its G.722 source is not decoded again. Every audio file to
 (re)write is read and checked before anything is written: a corrupt one (empty, a container or text rather than raw
 G.722, nothing decoded) is a UsageError naming it, and the output folder stays as it was. A missing package is a
-UsageError naming what to `apt-get install`.
+UsageError naming what to `apt-get install` (a missing translation language only a warning: those rows get no
+`translation`, counted as `without_translation`).
 """
 
 from __future__ import annotations
@@ -382,8 +383,8 @@ class _Language:
 
 
 def _check_installed(cfg: PromptsConfig) -> tuple[dict[str, Path], dict[str, Path]]:
-    """(transcript of every installed language, sound folder of every configured one); a configured language or a
-    needed translation language that is not installed is a UsageError naming the packages."""
+    """(transcript of every installed language, sound folder of every configured one); a configured language that is
+    not installed is a UsageError naming the packages; a translation language that is not, a warning (no translations)."""
     transcripts = {lang: transcript_path(cfg.doc_root, lang) for lang in VOICES}
     transcripts = {lang: path for lang, path in transcripts.items() if path.is_file()}
     folders = {}
@@ -400,8 +401,8 @@ def _check_installed(cfg: PromptsConfig) -> tuple[dict[str, Path], dict[str, Pat
         other = cfg.translation_of(lang)
         if other not in transcripts:
             key = "english_translation_language" if lang == cfg.translation_language else "translation_language"
-            raise UsageError(f"{key} '{other}' (the translation of the '{lang}' rows): {transcript_path(cfg.doc_root, other)} "
-                             f"not found; apt-get install asterisk-core-sounds-{other}, or choose another {key}")
+            log.warn(f"{key} '{other}': {escape(str(transcript_path(cfg.doc_root, other)))} not found, so the '{lang}' rows get "
+                     f"no translation; apt-get install asterisk-core-sounds-{other}, or choose another {key}")
     return transcripts, folders
 
 
@@ -588,6 +589,8 @@ def build_report(cfg: PromptsConfig, items: dict[str, _Language], entries: list[
             "speakers": len({entry.speaker_id for entry in mine}),
             "written": counts[lang]["written"], "resumed": counts[lang]["resumed"],
             "splits": {split: sum(entry.split == split for entry in mine) for split in SPLITS},
+            "translation_language": cfg.translation_of(lang),
+            "without_translation": sum(not entry.extra["translation"] for entry in mine),
             "dropped": {reason: item.dropped[reason] for reason in DROP_REASONS if item.dropped[reason]},
         }
     prompts = {entry.extra["prompt"] for entry in entries}
