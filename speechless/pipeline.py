@@ -36,6 +36,7 @@ from speechless.core.io import read_json, sha256_file, write_json, write_text
 from speechless.core.runs import NOT_FINGERPRINTED, LoggerNames, RunConfig
 from speechless.core.store import StoreConfig
 from speechless.data.hf_import import ImportConfig
+from speechless.data.prompts import PromptsConfig
 from speechless.data.synth import SynthConfig
 from stages.stage0_encoder import EncoderPretrainConfig
 from stages.stage1_rvq import Stage1Config
@@ -55,11 +56,14 @@ class PipelineRunConfig(Section):
 
 
 class PipelineDataConfig(Section):
-    source: Literal["synth", "import", "manifest"] = "synth"
-    """'synth': speak template sentences with espeak-ng (the offline demo); 'import': Hugging Face datasets (`imports`),
-    merged into one manifest; 'manifest': an existing manifest (`manifest`)."""
+    source: Literal["synth", "prompts", "import", "manifest"] = "synth"
+    """'synth': speak template sentences with espeak-ng (the offline demo); 'prompts': Debian's Asterisk prompt
+    recordings (real speech, `prompts`); 'import': Hugging Face datasets (`imports`), merged into one manifest;
+    'manifest': an existing manifest (`manifest`)."""
     synth: SynthConfig = SynthConfig()
     """With source 'synth': the corpus to synthesize."""
+    prompts: PromptsConfig = PromptsConfig()
+    """With source 'prompts': the languages and filters of the Asterisk prompts import (`speechless data prompts`)."""
     imports: list[ImportConfig] = Field(default_factory=list)
     """With source 'import': the datasets to import (each into `corpus/<n>/`) and merge into `corpus/all.jsonl`."""
     manifest: str | None = None
@@ -123,6 +127,8 @@ def _step_run(cfg: PipelineConfig, run: RunConfig, folder: Path) -> RunConfig:
 def _data_configure(cfg: PipelineConfig, folder: Path, upstream: dict) -> Section:
     if cfg.data.source == "synth":
         return cfg.data.synth
+    if cfg.data.source == "prompts":
+        return cfg.data.prompts
     if cfg.data.source == "import":
         if not cfg.data.imports:
             raise UsageError("data.imports: empty; list at least one dataset to import (data_manifests/twi/*.yaml show the fields)")
@@ -139,6 +145,10 @@ def _data_execute(cfg: PipelineConfig, step_cfg: Section | None, folder: Path) -
         from speechless.data.synth import synthesize_from_config
 
         synthesize_from_config(cfg.data.synth, folder)
+    elif cfg.data.source == "prompts":  # like synth: sentences.jsonl lands beside all.jsonl, for stage 3's tasks
+        from speechless.data.prompts import import_prompts
+
+        import_prompts(cfg.data.prompts, folder)
     else:
         if cfg.data.source == "import":
             from speechless.data.hf_import import import_hf_dataset

@@ -8,6 +8,7 @@ import pytest
 
 from speechless.core.config import load_config
 from speechless.data.hf_import import ImportConfig
+from speechless.data.prompts import PromptsConfig
 from speechless.data.synth import SynthConfig
 from speechless.pipeline import PipelineConfig
 from stages.stage0_encoder import EncoderPretrainConfig
@@ -18,6 +19,8 @@ from stages.stage3_llm import Stage3Config
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = {"configs/encoder": EncoderPretrainConfig, "configs/stage1": Stage1Config, "configs/stage2": Stage2Config, "configs/stage3": Stage3Config, "configs/data": SynthConfig,
            "data_manifests/twi": ImportConfig, "configs/pipeline": PipelineConfig}
+FILE_SCHEMAS = {"configs/data/prompts.yaml": PromptsConfig}
+"""Files whose schema is not their folder's."""
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +30,7 @@ def _in_repo_root(monkeypatch):
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT) for folder in SCHEMAS for p in (ROOT / folder).glob("*.yaml")), ids=str)
 def test_config_validates(path):
-    schema = SCHEMAS[str(path.parent)]
+    schema = FILE_SCHEMAS.get(str(path), SCHEMAS[str(path.parent)])
     assert isinstance(load_config(schema, ROOT / path), schema)
 
 

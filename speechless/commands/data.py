@@ -1,4 +1,5 @@
-"""`speechless data ...`: build a synthetic corpus, import a Hugging Face dataset, validate a manifest."""
+"""`speechless data ...`: build a synthetic corpus, import a Hugging Face dataset or the Asterisk prompts, validate a
+manifest."""
 
 from __future__ import annotations
 
@@ -79,6 +80,37 @@ def import_(
     if fmt == "json":
         report = read_json(manifest.parent / "import_report.json")
         emit({"manifest": str(manifest), **summarize(read_manifest(manifest)), "report": report["splits"]}, "json")
+    else:
+        emit(str(manifest))
+
+
+@app.command()
+def prompts(
+    out: Annotated[Path, typer.Option("--out", help="Output folder for audio/ and the manifests (resumable).")],
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    fmt: FormatOption = "text",
+) -> None:
+    """Import Debian's Asterisk prompt recordings (real speech: en, es, fr, it; one speaker each) as 16 kHz wav.
+
+    Needs asterisk-core-sounds-XX and asterisk-core-sounds-XX-g722 (scripts/install.sh installs them).
+
+    Split by prompt, the same in every language; each row carries the prompt's text in the other languages.
+
+    Writes OUT/all.jsonl, OUT/{train,dev,test}.jsonl, OUT/sentences.jsonl, OUT/audio/<lang>/, OUT/resolved_config.yaml.
+
+    OUT/import_report.json counts utterances, minutes and dropped entries (with reasons) per language.
+
+    Prints the manifest path (--format json: counts and durations per split, and the report).
+    """
+    from speechless.data.prompts import PromptsConfig, import_prompts
+
+    fmt = check_format(fmt)
+    cfg = load_config(PromptsConfig, config, overrides or [])
+    manifest = import_prompts(cfg, out)
+    if fmt == "json":
+        report = read_json(manifest.parent / "import_report.json")
+        emit({"manifest": str(manifest), **summarize(read_manifest(manifest)), "report": report}, "json")
     else:
         emit(str(manifest))
 

@@ -58,6 +58,8 @@ def _input_of(planned) -> str:
         if hasattr(cfg, "voices"):
             spoken_by = f"{cfg.voices_per_sentence} of {len(cfg.voices)}" if cfg.voices_per_sentence else str(len(cfg.voices))
             return f"espeak-ng synthesis: {cfg.num_sentences} sentences x {spoken_by} voices ({cfg.language})"
+        if hasattr(cfg, "min_words"):
+            return f"Asterisk prompts (real speech): {', '.join(cfg.languages)}"
         return f"manifest {cfg.manifest}" if cfg.source == "manifest" else "import: " + ", ".join(i.dataset for i in cfg.imports)
     if cfg is None:
         return f"the output of {planned.step.upstream}"
