@@ -319,6 +319,9 @@ def test_pipeline_data_step_writes_the_corpus_with_its_sentences(tree, tmp_path)
     by_id = {c["id"]: c for c in conversations}
     assert by_id["fr-agent-pass/ast"]["messages"][-1]["content"] == "Please enter your password followed by the pound key."
     assert by_id["en-agent-pass/asr"]["messages"][-1]["content"] == "Please enter your password followed by the pound key."
+    assert by_id["fr-agent-pass/ast"]["messages"][0]["content"][0]["text"].startswith("Translate the audio into English.")
+    # English rows translate into French, and the instruction says so
+    assert by_id["en-agent-pass/ast"]["messages"][0]["content"][0]["text"].startswith("Translate the audio into French.")
 
 
 # ---------------------------------------------------------------------------------------------------------- real files

@@ -547,7 +547,8 @@ def _write_audio(cfg: PromptsConfig, items: dict[str, _Language], todo: dict[tup
                 extra={"licence": voice.licence, "prompt": name, "sentence_id": sentence_id, "translation": translation,
                        "translations": translations}))
             sentences.append({"sentence_id": sentence_id, "split": split, "text": text, "translation": translation,
-                              "translations": translations, "language": lang, "prompt": name})
+                              "translation_language": cfg.translation_of(lang), "translations": translations,
+                              "language": lang, "prompt": name})
     return entries, sentences, counts
 
 
