@@ -169,6 +169,10 @@ def test_stage2_round_trip_with_the_whisper_judge(whisper_stage1, tmp_path):
         assert judge[key]["low"] <= judge[key]["value"] <= judge[key]["high"] and judge[key]["n"] == 4, key
     assert set(judge["wer_stage2_cost"]) == {"n", "difference", "ratio"}
     assert "Whisper's own decoder as the judge" in (out / "README.md").read_text()
+    from speechless.core.report import summary_rows
+
+    rows = {row[0]: row[1] for row in summary_rows(tmp_path)}  # the run folder's report reads stage2/metrics.json
+    assert "continuous states" in rows["stage 2, Whisper's decoder"] and "95 % interval" in rows["stage 2 round trip"]
 
 
 def test_whisper_judge_refuses_a_gemma4_stage1(stage1_trained, corpus):

@@ -215,8 +215,16 @@ def summary_rows(run_dir: Path) -> list[tuple[str, str, str, str]]:
         real, generated = ev2["probe_cer_real"], ev2["probe_cer_generated"]
         rows.append(("stage 2 judge", f"CER on real held-out tokens {real:.3f}", f"<= {JUDGE_CER_BAR}", _bar(real, real <= JUDGE_CER_BAR)))
         ratio = ev2.get("probe_cer_ratio", generated / real if real else None)  # the recipe's, from unrounded CERs
-        rows.append(("stage 2 round trip", f"CER on stage-2 tokens {generated:.3f} ({_fmt(ratio)} x real)",
+        interval = ev2.get("probe_cer_ratio_interval")
+        spread = f", 95 % interval {interval['low']:.2f}-{interval['high']:.2f}" if interval else ""
+        rows.append(("stage 2 round trip", f"CER on stage-2 tokens {generated:.3f} ({_fmt(ratio)} x real{spread})",
                      f"<= {ROUND_TRIP_RATIO_BAR} x real", _bar(ratio, ratio is not None and ratio <= ROUND_TRIP_RATIO_BAR)))
+    if "whisper" in ev2:
+        judge = ev2["whisper"]
+        rows.append(("stage 2, Whisper's decoder", "WER " + ", ".join(
+            f"{label} {judge['wer_' + name]['value']:.3f} [{judge['wer_' + name]['low']:.3f}, {judge['wer_' + name]['high']:.3f}]"
+            for name, label in (("continuous", "continuous states"), ("real", "real tokens"), ("generated", "stage-2 tokens"))),
+            "-", "-"))
     ev3 = _metrics(run_dir / "stage3").get("eval", {})
     main = ev3.get("main", "")
     scores = ((ev3.get("comparison") or {}).get(main) or {}).get("scores", {})
@@ -308,6 +316,10 @@ def write_report(run_dir: str | Path) -> Path:
                                     "dtw_centered_cosine") if k in ev2}
     if "duration" in ev2:
         numbers2["duration ratio (generated / real)"] = ev2["duration"].get("ratio_mean")
+    for key in ("wer_continuous", "wer_real", "wer_generated", "cer_continuous", "cer_real", "cer_generated"):
+        if key in ev2.get("whisper", {}):
+            v = ev2["whisper"][key]
+            numbers2[f"Whisper decoder {key.replace('_', ' ')}"] = f"{v['value']} [{v['low']}, {v['high']}] (n {v['n']})"
     numbers3 = {k: v for k, v in ev3.items() if not isinstance(v, (dict, list))}
     for run, entry in (ev3.get("comparison") or {}).items():
         scores = entry.get("scores", {})
