@@ -28,7 +28,7 @@ from speechless.core.loggers import open_loggers
 from speechless.core.runs import RunConfig, config_fingerprint, load_checkpoint, save_checkpoint
 from speechless.core.store import StoreConfig
 from speechless.core.training import finish_run, provenance, resume_state
-from speechless.data.manifest import joined, manifest_sha256, manifest_splits
+from speechless.data.manifest import corpus_line, corpus_record, joined, manifest_sha256, manifest_splits
 from speechless.speech.encoders import FRAMES_PER_SECOND, EncoderConfig, load_encoder, weights_sha256
 from speechless.speech.features import extract_to_cache, read_cache
 from speechless.speech.rvq import RVQConfig, SpeechRVQ, average_checkpoints
@@ -244,6 +244,7 @@ def train(cfg: Stage1Config) -> dict:
                  "weights_sha256": encoder.revision},
         manifest={"path": str(cfg.data.manifest), "sha256": manifest_sha256(cfg.data.manifest),
                   "train_split": cfg.data.train_split, "eval_split": cfg.data.eval_split},
+        corpus=corpus_record(cfg.data.manifest),
         weights_sha256={name: sha256_file(out / file) for name, file in WEIGHT_FILES.items()},
         upstream=None)
     pushed = finish_run(out, "stage1", record, model_card(cfg, metrics, record), cfg.run.push, cfg.store, cfg.run.message)
@@ -274,6 +275,7 @@ tags: [speech-tokenizer, residual-vector-quantization, {cfg.encoder.kind}]
 Residual vector quantizer ({cfg.rvq.num_quantizers} codebooks x {cfg.rvq.codebook_size} codes) on the {metrics['dim']}-d {_encoder_words(cfg.encoder)}
 (weights sha256 `{provenance['encoder']['weights_sha256'][:16]}`), 25 frames (tokens) per second.
 
+{corpus_line(provenance.get('corpus'))}
 Trained on split `{cfg.data.train_split}` of `{cfg.data.manifest}` (sha256 `{provenance['manifest']['sha256'][:16]}`),
 {metrics['train']['frames']} frames, {metrics['train']['steps']} steps of {metrics['train']['batch_size']} vectors
 ({metrics['train']['vectors_per_second']} vectors/s). Evaluated on held-out split `{ev['split']}` ({ev['frames']} frames).

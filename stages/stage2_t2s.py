@@ -38,6 +38,7 @@ from speechless.core.training import (
     resolve_device,
     resume_state,
 )
+from speechless.data.manifest import corpus_line
 from speechless.speech.tokens import (
     Stage1,
     load_split,
@@ -366,7 +367,8 @@ def train(cfg: Stage2Config) -> dict:
         backbone=model.backbone_source,
         tokenizer_sha256=sha256_file(out / "tokenizer.json"),
         weights_sha256={name: sha256_file(out / file) for name, file in WEIGHT_FILES.items()},
-        probe_sha256=sha256_file(out / "probe" / "model.safetensors"))
+        probe_sha256=sha256_file(out / "probe" / "model.safetensors"),
+        corpus=read_json(stage1.folder / "provenance.json").get("corpus") if (stage1.folder / "provenance.json").is_file() else None)
     pushed = finish_run(out, "stage2", record, model_card(cfg, metrics, record), cfg.run.push, cfg.store, cfg.run.message)
     return {"out_dir": str(out), "eval": metrics_eval, "pushed": pushed, "revision": model_revision, "stage1": stage1.record()}
 
@@ -430,6 +432,7 @@ Turns text into the stage-1 semantic tokens ({s1['num_levels']} codebooks x {s1[
 same words would have produced as speech: no audio, no TTS. Trained on stage 1 `{s1['version'] or s1['ref']}`
 (weights sha256 `{s1['revision'][:16]}`); its codes are meaningful only with those codebooks, and generating or
 consuming them with another stage-1 version is refused.
+{corpus_line(provenance.get('corpus'))}
 
 Model: decoder-only `{metrics['model']['backbone'].get('source')}` backbone ({metrics['model']['parameters'] / 1e6:.2f} M parameters
 in all) fed through `inputs_embeds`: {design};

@@ -35,6 +35,7 @@ from speechless.core.loggers import open_loggers
 from speechless.core.runs import RunConfig, config_fingerprint, utc_now
 from speechless.core.store import StoreConfig
 from speechless.core.training import finish_run, provenance
+from speechless.data.manifest import corpus_line, corpus_record
 from speechless.data.udhr import read_udhr, udhr_parallel
 from speechless.llm.adapt import (
     EvalConfig,
@@ -403,7 +404,8 @@ def train(cfg: Stage3Config) -> dict:
     write_json(out / "metrics.json", metrics)
     data_files = {key: sha256_file(path) for key, path in (("manifest", cfg.data.manifest), ("instructions", cfg.data.instructions),
                                                            ("eval_instructions", cfg.data.eval_instructions)) if path and Path(path).is_file()}
-    record = provenance("stage3", cfg, **lineage, encoder_sha256=s.encoder_sha, data_sha256=data_files,
+    corpus = corpus_record(cfg.data.manifest) if Path(cfg.data.manifest).is_file() else None
+    record = provenance("stage3", cfg, **lineage, encoder_sha256=s.encoder_sha, data_sha256=data_files, corpus=corpus,
                         base={"source": base_cfg.source, **{k: v for k, v in read_json(out / "adapter_config.json")["base"].items()
                                                             if k in ("weights_sha256", "gguf_sha256")}})
     pushed = finish_run(out, "stage3", record, model_card(cfg, metrics, record), cfg.run.push, cfg.store, cfg.run.message)
@@ -421,7 +423,7 @@ def model_card(cfg: Stage3Config, metrics: dict, provenance: dict) -> str:
              f"trained on stage-2 synthetic speech only (stage 1 {provenance['stage1'].get('version') or provenance['stage1']['ref']}, "
              f"stage 2 {provenance['stage2'].get('version') or provenance['stage2']['ref']}).", "",
              f"Evaluated on held-out REAL speech ({ev['held_out']['source']}: {ev['held_out']['conversations']} requests, "
-             f"{ev['held_out']['recordings']} recordings).", "",
+             f"{ev['held_out']['recordings']} recordings).", "", *([corpus_line(provenance["corpus"]), ""] if provenance.get("corpus") else []),
              "| variant | " + " | ".join(tasks) + " | text ppl change | trainable params |", "|---" * (len(tasks) + 3) + "|"]
     for name, row in ev["adapters"].items():
         lines.append(f"| {name} | " + " | ".join(str(row["tasks"].get(t, "")) for t in tasks)

@@ -354,3 +354,14 @@ def test_real_english_prompts(tmp_path):
         fr = prompts.read_transcript(prompts.transcript_path(prompts.DEFAULT_DOC_ROOT, "fr"), "fr").entries
         assert len(set(en) & set(fr)) > 400  # a parallel corpus: the same prompt names
         assert sum(bool(row["translation"]) and row["translations"].get("fr") == row["translation"] for row in rows) >= 10
+
+
+def test_model_cards_can_name_the_corpus_licences_and_packages(imported):
+    from speechless.data.manifest import corpus_line, corpus_record
+
+    record = corpus_record(imported)
+    assert set(record["licences"]) <= {"CC-BY-SA-3.0", "CC-BY-3.0"} and record["licences"]
+    assert all(source.startswith("asterisk-core-sounds-") for source in record["sources"])
+    assert sum(record["sources"].values()) == len(rows_of(imported))
+    line = corpus_line(record)
+    assert "CC-BY-SA-3.0" in line and "asterisk-core-sounds-" in line and "\n" not in line

@@ -310,3 +310,27 @@ def summarize(entries: Iterable[ManifestEntry]) -> dict[str, Any]:
         "hours": round(total_seconds / 3600, 4),
         "splits": per_split,
     }
+
+
+def corpus_record(path: str | os.PathLike) -> dict[str, Any]:
+    """What a model card says about its corpus: the manifest's distinct `source` values (e.g. the Debian packages and
+    versions) and `licence` values (an extra key importers write; '' where a row has none), with their utterances."""
+    sources: dict[str, int] = {}
+    licences: dict[str, int] = {}
+    for entry in read_manifest(path):
+        sources[entry.source] = sources.get(entry.source, 0) + 1
+        licence = str(entry.extra.get("licence", ""))
+        licences[licence] = licences.get(licence, 0) + 1
+    return {"sources": dict(sorted(sources.items())), "licences": dict(sorted(licences.items()))}
+
+
+def corpus_line(record: dict[str, Any] | None) -> str:
+    """One line for a model card: sources and licences, with the utterances of each."""
+    if not record:
+        return ""
+
+    def named(counts: dict[str, int], missing: str) -> str:
+        return "; ".join(f"{name or missing} ({n})" for name, n in counts.items())
+
+    return (f"Corpus sources: {named(record['sources'], 'unnamed')}. Licences: {named(record['licences'], 'not recorded')} "
+            "(utterances in brackets; share-alike licences carry over to what is made from the recordings).")
