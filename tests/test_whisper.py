@@ -189,3 +189,23 @@ def test_pipeline_refuses_an_encoder_step_with_stage1_on_whisper(cli):
     assert result.exit_code == 2 and "encoder=null" in result.stderr and "got {" not in result.stderr, result.stderr
     result = cli("stage1", "train", "-c", "configs/stage1/demo.yaml", "--set", "encoder.dtype=int8")
     assert result.exit_code == 2 and "key 'encoder'" in result.stderr and "int8" in result.stderr, result.stderr
+
+
+def test_hub_source_downloads_only_the_model_files_and_records_the_commit(whisper, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snapshot.mkdir(parents=True)
+    for name in ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt"):
+        (snapshot / name).symlink_to(whisper.folder / name)
+    asked = {}
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        asked.update(repo_id=repo_id, revision=revision, patterns=allow_patterns)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    encoder = load_encoder(EncoderConfig(kind="whisper", source="Systran/faster-whisper-base", revision="main"))
+    assert encoder.source_commit == snapshot.name and encoder.revision == whisper.revision
+    assert asked["repo_id"] == "Systran/faster-whisper-base" and asked["revision"] == "main"
+    assert "model.bin" in asked["patterns"] and not any("safetensors" in p for p in asked["patterns"])
