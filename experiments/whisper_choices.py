@@ -92,7 +92,13 @@ def main() -> None:
     record = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "utterances": len(entries), "audio_hours": round(hours, 4),
               "manifest": args.manifest, "language": args.language, "variants": {}}
     reference_errors = default_vectors = None
+    import ctranslate2
+
     for name, (fps, pad, dtype) in VARIANTS.items():
+        if dtype not in ctranslate2.get_supported_compute_types("cpu"):
+            record["variants"][name] = {"not_supported": f"CTranslate2 {ctranslate2.__version__} computes no {dtype} on this CPU"}
+            print(f"{name}: not supported here", flush=True)
+            continue
         hyps, vectors, seconds = run_variant(fps, pad, dtype, audio, args.language)
         errors, lengths = edit_counts(texts, hyps, "word")
         row = {"wer": rate_interval(errors, lengths), "encoder_seconds_per_audio_hour": round(seconds / hours, 1),

@@ -209,3 +209,14 @@ def test_hub_source_downloads_only_the_model_files_and_records_the_commit(whispe
     assert encoder.source_commit == snapshot.name and encoder.revision == whisper.revision
     assert asked["repo_id"] == "Systran/faster-whisper-base" and asked["revision"] == "main"
     assert "model.bin" in asked["patterns"] and not any("safetensors" in p for p in asked["patterns"])
+
+
+def test_a_compute_type_ctranslate2_lacks_here_is_a_usage_error():
+    import ctranslate2
+
+    missing = [t for t in ("bfloat16", "int8", "float32") if t not in ctranslate2.get_supported_compute_types("cpu")]
+    if not missing:  # every type is computed on this CPU: nothing to refuse; the check is then the supported list itself
+        assert {"float32", "int8"} <= ctranslate2.get_supported_compute_types("cpu")
+        return
+    with pytest.raises(UsageError, match=f"encoder.dtype {missing[0]}"):
+        load_encoder(EncoderConfig(kind="whisper", source=SOURCE, dtype=missing[0], device="cpu"))

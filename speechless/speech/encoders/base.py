@@ -53,7 +53,8 @@ class EncoderConfig(Section):
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."""
     dtype: Literal["float32", "bfloat16", "int8"] = "float32"
-    """Encoder compute type ('int8': whisper only, CTranslate2's int8 weights); vectors are always returned as float32."""
+    """Encoder compute type; vectors are always returned as float32. whisper: CTranslate2's compute type ('int8':
+    int8 weights; bfloat16 only where CTranslate2 computes it, which its CPU wheel does not: refused in one line)."""
 
     @model_validator(mode="after")
     def _kind_fits(self) -> EncoderConfig:

@@ -234,6 +234,10 @@ def load_whisper(cfg: EncoderConfig) -> WhisperEncoder:
         raise RuntimeFailure(f"{model_file}: sha256 {revision[:12]} is not the package's; delete {folder} and run again")
     device, index = _device(cfg.device)
     ctranslate2.set_log_level(40)  # errors only: no "compute type inferred" warnings in the middle of a progress bar
+    supported = ctranslate2.get_supported_compute_types(device, index)
+    if cfg.dtype not in supported:
+        raise UsageError(f"encoder.dtype {cfg.dtype}: CTranslate2 cannot compute in it on this {device} "
+                         f"(supported: {', '.join(sorted(supported))}); choose one of those")
     try:
         model = ctranslate2.models.Whisper(str(folder), device=device, device_index=index, compute_type=cfg.dtype,
                                            intra_threads=torch.get_num_threads() if device == "cpu" else 0)
