@@ -45,6 +45,12 @@ def main() -> None:
     for spec in args.encoder:
         kind, _, source = spec.partition(":")
         for dtype in (args.dtype or ["float32"]) if kind == "whisper" else ["float32"]:
+            if kind == "whisper":
+                import ctranslate2
+
+                if dtype not in ctranslate2.get_supported_compute_types("cpu"):
+                    print(f"| {kind} {source} {dtype} | not computed by CTranslate2 on this CPU |", flush=True)
+                    continue
             cfg = EncoderConfig(kind=kind, source=source, dtype=dtype, batch_size=1 if kind == "whisper" else 8)
             encoder = load_encoder(cfg)
             encode_entries(entries[:1], encoder, cfg)  # warm-up
