@@ -239,3 +239,14 @@ def test_further_seeds_repeat_stage3_each_in_its_own_folder(cli, finished, pipel
     again = cli("run", "-c", pipeline_config, "--set", "seeds=[0,7]")
     assert again.exit_code == 0 and again.stderr.count("skipped") == 5
     assert "Stage 3 over 2 seeds" in (run_dir / "report" / "index.html").read_text()
+
+
+def test_a_section_set_to_a_config_file_on_the_command_line_is_that_file(cli):
+    result = cli("config", "resolve", "pipeline", "-c", "configs/pipeline/real_speech.yaml", "--set", "encoder=configs/encoder/demo.yaml",
+                 "--set", "stage1.encoder.kind=gemma4")
+    assert result.exit_code == 0, result.stderr
+    encoder = yaml.safe_load(result.stdout)["encoder"]
+    demo = yaml.safe_load((ROOT / "configs/encoder/demo.yaml").read_text())
+    assert encoder["train"]["steps"] == demo["train"]["steps"] and encoder["model"]["hidden_size"] == demo["model"]["hidden_size"]
+    result = cli("config", "resolve", "pipeline", "-c", "configs/pipeline/real_speech.yaml", "--set", "encoder=configs/encoder/none.yaml")
+    assert result.exit_code == 2 and "configs/encoder/none.yaml not found" in result.stderr

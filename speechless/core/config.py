@@ -166,7 +166,7 @@ def load_config(schema: type[Schema], path: str | os.PathLike | None, overrides:
     where = str(path) if path is not None else "defaults"
     if overrides:
         _check_keys(schema, apply_overrides({}, overrides), "--set")
-        data = apply_overrides(data, overrides)
+        data = expand_includes(schema, apply_overrides(data, overrides), f"{where} with --set")  # --set stage1=F.yaml too
         where += " with --set"
     return validate(schema, data, where)
 
