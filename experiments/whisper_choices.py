@@ -84,7 +84,8 @@ def main() -> None:
     parser.add_argument("--max", type=int, default=150)
     parser.add_argument("--out", default="runs/experiments/whisper_choices.json")
     args = parser.parse_args()
-    entries = [e for e in read_manifest(args.manifest) if e.language == args.language and len(e.text.split()) >= args.min_words]
+    entries = [e for e in read_manifest(args.manifest) if e.language == args.language and len(e.text.split()) >= args.min_words
+               and e.duration <= 29.0]  # one Whisper window each (stage 1 splits longer audio into windows)
     entries = sorted(entries, key=lambda e: e.id)[: args.max]
     audio = [load_audio(e.audio_filepath) for e in entries]
     hours = sum(len(a) for a in audio) / SAMPLE_RATE / 3600

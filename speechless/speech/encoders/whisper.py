@@ -166,6 +166,8 @@ class WhisperEncoder(LoadedEncoder):
 
     def encode_batch(self, audio: list[np.ndarray], padded: int, lengths: list[int], cfg: EncoderConfig) -> list[torch.Tensor]:
         """Each row's states over its own speech, pairs averaged: ceil(samples / 640) vectors (25 per second)."""
+        if max(lengths) > WINDOW_FRAMES * HOP:
+            raise UsageError(f"a window of {max(lengths) / SAMPLE_RATE:.1f} s: Whisper reads at most 30 s; set encoder.max_window_s <= 30")
         states = self._encode(self._features(audio, padded // HOP))
         vectors = []
         for row, length in enumerate(lengths):
