@@ -285,6 +285,16 @@ def write_manifest(path: str | os.PathLike, entries: Iterable[ManifestEntry]) ->
     return path
 
 
+def write_split_manifests(out_dir: str | os.PathLike, entries: list[ManifestEntry], splits: Iterable[str]) -> None:
+    """`<split>.jsonl` for each split (atomically); a split without entries has its stale file removed."""
+    for split in splits:
+        subset = [entry for entry in entries if entry.split == split]
+        if subset:
+            write_manifest(Path(out_dir) / f"{split}.jsonl", subset)
+        else:
+            (Path(out_dir) / f"{split}.jsonl").unlink(missing_ok=True)
+
+
 def manifest_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of the manifest file's bytes (for provenance records)."""
     path = Path(path)

@@ -85,7 +85,7 @@ from speechless.core.errors import RuntimeFailure, UsageError
 from speechless.core.io import atomic_path, write_json, write_jsonl, write_text
 from speechless.core.metrics import probe_text
 from speechless.data.audio import SAMPLE_RATE, SILENCE_PEAK
-from speechless.data.manifest import ManifestEntry, summarize, write_manifest
+from speechless.data.manifest import ManifestEntry, summarize, write_manifest, write_split_manifests
 
 Language = Literal["en", "es", "fr", "it"]
 
@@ -556,12 +556,7 @@ def _write_corpus(cfg: PromptsConfig, out_dir: Path, items: dict[str, _Language]
                   sentences: list[dict], counts: dict[str, Counter], read: dict[str, Transcript],
                   groups: dict[str, str]) -> Path:
     """The split manifests, sentences.jsonl, import_report.json, the resolved config, and all.jsonl last."""
-    for split in SPLITS:
-        subset = [entry for entry in entries if entry.split == split]
-        if subset:
-            write_manifest(out_dir / f"{split}.jsonl", subset)
-        else:
-            (out_dir / f"{split}.jsonl").unlink(missing_ok=True)
+    write_split_manifests(out_dir, entries, SPLITS)
     write_jsonl(out_dir / "sentences.jsonl", sentences)
     report = build_report(cfg, items, entries, counts, read, groups)
     write_json(out_dir / "import_report.json", report)

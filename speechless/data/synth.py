@@ -46,7 +46,7 @@ from speechless.core.config import Section, to_yaml
 from speechless.core.errors import RuntimeFailure, UsageError
 from speechless.core.io import atomic_path, write_jsonl, write_text
 from speechless.data.audio import SAMPLE_RATE, written_duration
-from speechless.data.manifest import ManifestEntry, summarize, write_manifest
+from speechless.data.manifest import ManifestEntry, summarize, write_manifest, write_split_manifests
 
 ESPEAK = "espeak-ng"
 SPLITS = ("train", "dev", "test")
@@ -529,12 +529,7 @@ def _synthesize_jobs(binary: str, cfg: SynthConfig, sentences: list[Sentence], j
 def _write_corpus(out_dir: Path, cfg: SynthConfig, entries: list[ManifestEntry], sentences: list[Sentence],
                   sentence_ids: list[str], split_of: list[str]) -> Path:
     """Write the split manifests, sentences.jsonl, the resolved config and all.jsonl; return all.jsonl."""
-    for split in SPLITS:
-        subset = [entry for entry in entries if entry.split == split]
-        if subset:
-            write_manifest(out_dir / f"{split}.jsonl", subset)
-        else:
-            (out_dir / f"{split}.jsonl").unlink(missing_ok=True)
+    write_split_manifests(out_dir, entries, SPLITS)
     write_jsonl(
         out_dir / "sentences.jsonl",
         [{"sentence_id": sentence_ids[i], "split": split_of[i], **asdict(sentence)} for i, sentence in enumerate(sentences)],
