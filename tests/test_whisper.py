@@ -220,3 +220,11 @@ def test_a_compute_type_ctranslate2_lacks_here_is_a_usage_error():
         return
     with pytest.raises(UsageError, match=f"encoder.dtype {missing[0]}"):
         load_encoder(EncoderConfig(kind="whisper", source=SOURCE, dtype=missing[0], device="cpu"))
+
+
+def test_a_gemma4_audio_base_refuses_a_whisper_stage1():
+    from speechless.llm.base import BaseConfig
+    from speechless.llm.model import load_speech_lm
+
+    with pytest.raises(UsageError, match="text_lm"):
+        load_speech_lm(BaseConfig(kind="gemma4_audio"), EncoderConfig(kind="whisper", source=SOURCE), None)
