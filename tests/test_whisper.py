@@ -228,3 +228,20 @@ def test_a_gemma4_audio_base_refuses_a_whisper_stage1():
 
     with pytest.raises(UsageError, match="text_lm"):
         load_speech_lm(BaseConfig(kind="gemma4_audio"), EncoderConfig(kind="whisper", source=SOURCE), None)
+
+
+def test_with_judge_whisper_the_report_reads_the_stage2_bar_on_whispers_decoder(tmp_path):
+    from speechless.core.report import summary_rows
+
+    def interval(value):
+        return {"value": value, "low": value * 0.8, "high": value * 1.2, "n": 40}
+
+    judge = {f"{m}_{r}": interval(v) for m in ("wer", "cer") for r, v in (("continuous", 0.1), ("real", 0.2), ("generated", 0.22))}
+    judge["cer_stage2_cost"] = {"n": 40, "difference": interval(0.02), "ratio": {"value": 1.1, "low": 0.9, "high": 1.4}}
+    (tmp_path / "stage2").mkdir()
+    for choice, expected in (("whisper", "Whisper's decoder: CER on stage-2 tokens 0.220 (1.10 x real"), ("both", "CER on stage-2 tokens 0.500")):
+        metrics = {"eval": {"judge": choice, "whisper": judge, "probe_cer_real": 0.4, "probe_cer_generated": 0.5, "probe_cer_ratio": 1.25}}
+        (tmp_path / "stage2" / "metrics.json").write_text(json.dumps(metrics))
+        rows = {row[0]: row for row in summary_rows(tmp_path)}
+        assert rows["stage 2 round trip"][1].startswith(expected), rows["stage 2 round trip"]
+    assert rows["stage 2 round trip"][3] == "meets"  # 'both': the probe's 1.25 x real

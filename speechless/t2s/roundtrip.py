@@ -47,9 +47,11 @@ class EvalConfig(Section):
     speakers: Literal["each", "default"] = "each"
     """'each': generate every held-out utterance's text in that utterance's speaker (like-for-like with the real
     tokens); 'default': all in `generate.speaker`."""
-    judge: Literal["probe", "both"] = "probe"
-    """'probe': the CTC probe reads the tokens back (every encoder). 'both': Whisper's own decoder also reads the
-    continuous states, real tokens and generated tokens (WER/CER with intervals; stage 1 must sit on a Whisper encoder)."""
+    judge: Literal["probe", "whisper", "both"] = "probe"
+    """'probe': the CTC probe reads the tokens back (every encoder). 'whisper' or 'both': Whisper's own decoder also
+    reads the continuous states, real tokens and generated tokens (WER/CER with intervals; stage 1 must sit on a
+    Whisper encoder); with 'whisper' the stage-2 bar is read on its CER. The probe is trained and read in every case:
+    the CTC alignment and stage 3's choice among draws need it."""
     judge_language: str | None = None
     """Whisper language code the judge decodes in (en, fr, sw, ...); None = each utterance's manifest `language`."""
 
@@ -188,7 +190,7 @@ def round_trip(model: T2SModel, probe: CTCProbe, rows: list[dict], speakers: dic
     gen_errors, _ = edit_counts(texts, hyp_gen, "char")
     metrics["probe_cer_generated_interval"] = rate_interval(gen_errors, lengths)
     metrics["probe_cer_ratio_interval"] = paired_rate_comparison(errors, gen_errors, lengths)["ratio"]
-    if ev.judge == "both":
+    if ev.judge in ("whisper", "both"):
         from speechless.t2s.judge import whisper_judge
 
         log.info(f"Whisper judge: decoding {len(rows)} held-out utterances three ways (continuous, real, generated)")
