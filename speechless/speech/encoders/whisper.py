@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +151,7 @@ class WhisperEncoder(LoadedEncoder):
 
     def padded_samples(self, samples: int, cfg: EncoderConfig) -> int:
         wanted = bucketed(samples + int(cfg.whisper_pad_s * SAMPLE_RATE), cfg.length_bucket_s, 4 * HOP)
-        return max(min(wanted, WINDOW_FRAMES * HOP), -(-samples // (4 * HOP)) * 4 * HOP)
+        return min(wanted, WINDOW_FRAMES * HOP)  # a longer window is refused in encode_batch
 
     def _features(self, audio: list[np.ndarray], frames: int) -> np.ndarray:
         """Log-mel features of each row (Whisper's own normalisation over its 30-s window) cut to `frames`."""
@@ -188,12 +187,11 @@ class WhisperEncoder(LoadedEncoder):
         import ctranslate2
 
         silence = self.silence_states()
-        known = set(self.model_languages())
         pieces, owner = [], []
         for index, (v, language) in enumerate(zip(vectors, languages)):
-            if language not in known:
-                raise UsageError(f"judge language {language!r}: not one of Whisper's ({', '.join(sorted(known)[:12])}, ...); "
-                                 "set the manifest's `language` to a Whisper code")
+            if self.tokenizer.token_to_id(f"<|{language}|>") is None:
+                raise UsageError(f"judge language {language!r}: Whisper has no such language token; set the manifest's "
+                                 "`language` (or eval.judge_language) to a Whisper code: en, fr, es, it, sw, ...")
             states = np.repeat(v.float().numpy(), 2, axis=0)
             for start in range(0, max(len(states), 1), len(silence)):
                 chunk = states[start:start + len(silence)]
@@ -209,12 +207,6 @@ class WhisperEncoder(LoadedEncoder):
                 i = owner[start + k]
                 texts[i] = (texts[i] + " " + self.tokenizer.decode(result.sequences_ids[0])).strip()
         return texts
-
-    def model_languages(self) -> list[str]:
-        config = json.loads((self.folder / "config.json").read_text()) if (self.folder / "config.json").is_file() else {}
-        ids = config.get("lang_ids") or []
-        names = [self.tokenizer.id_to_token(i) for i in ids]
-        return [n.strip("<|>") for n in names if n]
 
 
 def load_whisper(cfg: EncoderConfig) -> WhisperEncoder:
